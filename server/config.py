@@ -1,0 +1,104 @@
+"""Settings, read once from the environment (and the command line).
+
+Every setting has an environment variable; README.md lists them. Values that
+cannot be parsed stop the server at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+__all__ = ["Settings"]
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 0 or 1, not {raw!r}")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, not {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db_path: str = "./data/dac.db"
+    coalesce_enabled: bool = True
+    stream_fanout_enabled: bool = True
+    #: how long a failed flight answers identical requests with its error
+    error_ttl_s: float = 2.0
+    #: how long a finished flight answers identical requests with its result
+    result_ttl_s: float = 60.0
+    #: finished flights kept for the result TTL, at most this many ...
+    cache_max_entries: int = 1024
+    #: ... and at most this many bytes of answer text
+    cache_max_bytes: int = 64 * 1024 * 1024
+    #: a flight nobody listens to (mode 3, before its EventSource opens) is cancelled after this
+    attach_timeout_s: float = 10.0
+    #: after the last listener leaves, wait this long for a new one before aborting upstream
+    cancel_grace_s: float = 0.05
+    #: events kept per flight for replay; older deltas are replaced by a snapshot
+    ring_size: int = 4096
+    #: keep-alive comment interval on SSE responses
+    ping_interval_s: float = 15.0
+    #: a waiting flight gives up on a provider slot after this long (503 + Retry-After)
+    queue_timeout_s: float = 30.0
+    #: request bodies larger than this are refused with 413
+    max_body_bytes: int = 1024 * 1024
+    default_provider: str = "mock"
+    default_model: str = ""
+    #: TOML file declaring extra providers (see README)
+    providers_file: str | None = None
+    #: requests kept for /api/metrics/performance
+    perf_window: int = 10_000
+    env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        d = cls()
+        return cls(
+            host=env.get("DAC_HOST") or d.host,
+            port=int(_number(env, "DAC_PORT", d.port)),
+            db_path=env.get("DAC_DB") or d.db_path,
+            coalesce_enabled=_flag(env, "COALESCE_ENABLED", d.coalesce_enabled),
+            stream_fanout_enabled=_flag(env, "STREAM_FANOUT_ENABLED", d.stream_fanout_enabled),
+            error_ttl_s=_number(env, "DAC_ERROR_TTL_S", d.error_ttl_s),
+            result_ttl_s=_number(env, "DAC_RESULT_TTL_S", d.result_ttl_s),
+            cache_max_entries=int(_number(env, "DAC_CACHE_MAX_ENTRIES", d.cache_max_entries)),
+            cache_max_bytes=int(_number(env, "DAC_CACHE_MAX_BYTES", d.cache_max_bytes)),
+            attach_timeout_s=_number(env, "DAC_ATTACH_TIMEOUT_S", d.attach_timeout_s),
+            cancel_grace_s=_number(env, "DAC_CANCEL_GRACE_MS", d.cancel_grace_s * 1000) / 1000,
+            ring_size=int(_number(env, "DAC_RING_SIZE", d.ring_size, minimum=1)),
+            ping_interval_s=_number(env, "DAC_PING_INTERVAL_S", d.ping_interval_s, minimum=0.01),
+            queue_timeout_s=_number(env, "DAC_QUEUE_TIMEOUT_S", d.queue_timeout_s),
+            max_body_bytes=int(_number(env, "DAC_MAX_BODY_BYTES", d.max_body_bytes, minimum=1024)),
+            default_provider=env.get("DAC_DEFAULT_PROVIDER") or d.default_provider,
+            default_model=env.get("DAC_DEFAULT_MODEL") or d.default_model,
+            providers_file=env.get("DAC_PROVIDERS_FILE") or None,
+            perf_window=int(_number(env, "DAC_PERF_WINDOW", d.perf_window, minimum=1)),
+            env=env,
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,156 @@
+"""Every error the gateway reports, as one hierarchy.
+
+Each class carries the HTTP status, the machine-readable ``type`` and whether a
+client may retry. Routes turn any of them into ``{"error": {"type", "message"}}``;
+flights turn them into an SSE ``error`` event with ``retryable``.
+
+::
+
+    GatewayError                      500 internal_error
+    ├── BadRequest                    400 invalid_request
+    │   └── ProviderNotConfigured     400 provider_not_configured
+    ├── Unauthorized                  401 unauthorized
+    ├── NotFound                      404 not_found
+    ├── PayloadTooLarge               413 payload_too_large
+    ├── QueueFull                     503 queue_full          (Retry-After)
+    ├── ShuttingDown                  503 shutting_down       (retryable)
+    ├── NoListeners                   499 cancelled           (flight aborted)
+    └── UpstreamError                 502 upstream_error      (retryable)
+        ├── ProviderAuthError         502 provider_auth
+        ├── RateLimited               429 rate_limited        (Retry-After)
+        ├── UpstreamTimeout           504 upstream_timeout    (retryable)
+        └── UpstreamProtocolError     502 upstream_protocol
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BadRequest",
+    "GatewayError",
+    "NoListeners",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProviderAuthError",
+    "ProviderNotConfigured",
+    "QueueFull",
+    "RateLimited",
+    "ShuttingDown",
+    "Unauthorized",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamTimeout",
+]
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: str | None = None,
+        status: int | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if type is not None:
+            self.type = type
+        if status is not None:
+            self.status = status
+        if retryable is not None:
+            self.retryable = retryable
+        self.retry_after = retry_after
+        self.param = param
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``error`` object of the JSON body and of the SSE ``error`` event."""
+        body: dict[str, Any] = {
+            "type": self.type,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        return body
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request"
+
+
+class ProviderNotConfigured(BadRequest):
+    type = "provider_not_configured"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "unauthorized"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "payload_too_large"
+
+
+class QueueFull(GatewayError):
+    status = 503
+    type = "queue_full"
+    retryable = True
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    type = "shutting_down"
+    retryable = True
+
+
+class NoListeners(GatewayError):
+    """The flight was aborted because its last listener left."""
+
+    status = 499
+    type = "cancelled"
+    retryable = True
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    retryable = True
+
+
+class ProviderAuthError(UpstreamError):
+    type = "provider_auth"
+    retryable = False
+
+
+class RateLimited(UpstreamError):
+    status = 429
+    type = "rate_limited"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "upstream_timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    type = "upstream_protocol"

@@ -1,0 +1,133 @@
+"""The built-in ``mock`` provider: deterministic answers, no network.
+
+Model ``mock`` streams an answer derived from the last user message. Model
+``mock:ttft=MS,itl=MS,n=TOKENS,fail=0|1,failat=K`` sets its timing and failure:
+
+- ``ttft``: milliseconds before the first token (default 100)
+- ``itl``: milliseconds between tokens (default 20)
+- ``n``: number of tokens (default 24)
+- ``fail=1``: fail with ``upstream_error`` before the first token
+- ``failat=K``: fail after K tokens (a stream cut mid-way)
+
+The same prompt and model always give the same text, so coalesced and direct
+answers can be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..errors import BadRequest, UpstreamError
+from .base import Chunk, Provider, ProviderRequest
+
+__all__ = ["MockProvider", "MockSpec", "mock_answer"]
+
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima "
+    "mike november oscar papa quebec romeo sierra tango uniform victor whiskey "
+    "xray yankee zulu"
+).split()
+
+
+@dataclass(frozen=True, slots=True)
+class MockSpec:
+    ttft_ms: float = 100.0
+    itl_ms: float = 20.0
+    n: int = 24
+    fail: bool = False
+    fail_at: int | None = None
+
+    @classmethod
+    def parse(cls, model: str) -> MockSpec:
+        """Parse ``mock`` or ``mock:ttft=..,itl=..,n=..,fail=..,failat=..``."""
+        name, _, options = model.partition(":")
+        if name != "mock":
+            raise BadRequest(f"unknown mock model {model!r}; use 'mock' or 'mock:ttft=MS,itl=MS,n=N'")
+        values: dict[str, str] = {}
+        for part in filter(None, options.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise BadRequest(f"mock option {part!r} must be key=value")
+            values[key.strip()] = value.strip()
+        unknown = set(values) - {"ttft", "itl", "n", "fail", "failat"}
+        if unknown:
+            raise BadRequest(f"unknown mock option(s): {', '.join(sorted(unknown))}")
+        try:
+            spec = cls(
+                ttft_ms=float(values.get("ttft", cls.ttft_ms)),
+                itl_ms=float(values.get("itl", cls.itl_ms)),
+                n=int(values.get("n", cls.n)),
+                fail=values.get("fail", "0") not in ("0", "", "false"),
+                fail_at=int(values["failat"]) if "failat" in values else None,
+            )
+        except ValueError as exc:
+            raise BadRequest(f"bad mock option in {model!r}: {exc}") from None
+        if spec.ttft_ms < 0 or spec.itl_ms < 0 or not 0 <= spec.n <= 100_000:
+            raise BadRequest(f"mock options out of range in {model!r}")
+        if spec.ttft_ms > 600_000 or spec.itl_ms > 60_000:
+            raise BadRequest(f"mock timings too long in {model!r}")
+        return spec
+
+
+def _last_user_text(request: ProviderRequest) -> str:
+    for message in reversed(request.messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            return content if isinstance(content, str) else str(content)
+    return ""
+
+
+def mock_answer(prompt: str, n: int) -> list[str]:
+    """The ``n`` tokens the mock streams for ``prompt``."""
+    digest = hashlib.sha1(prompt.encode()).digest()
+    tokens = []
+    for i in range(n):
+        word = _WORDS[(digest[i % len(digest)] + i * 7) % len(_WORDS)]
+        tokens.append(word if i == 0 else " " + word)
+    return tokens
+
+
+class MockProvider(Provider):
+    kind = "mock"
+
+    def __init__(self, *, name: str = "mock", max_concurrency: int = 64) -> None:
+        self.name = name
+        self.max_concurrency = max_concurrency
+        self.default_model = "mock"
+        #: upstream calls started; tests and benchmarks read it.
+        self.calls = 0
+        #: streams currently open (incremented on start, decremented when closed).
+        self.open_streams = 0
+
+    def validate_model(self, model: str) -> None:
+        MockSpec.parse(model)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+        spec = MockSpec.parse(request.model)
+        self.calls += 1
+        self.open_streams += 1
+        try:
+            prompt = _last_user_text(request)
+            await asyncio.sleep(spec.ttft_ms / 1000)
+            if spec.fail:
+                raise UpstreamError("mock provider failed as asked (fail=1)")
+            tokens = mock_answer(prompt, spec.n)
+            for i, token in enumerate(tokens):
+                if i and spec.itl_ms:
+                    await asyncio.sleep(spec.itl_ms / 1000)
+                if spec.fail_at is not None and i == spec.fail_at:
+                    raise UpstreamError(f"mock stream cut after {i} tokens (failat={spec.fail_at})")
+                yield Chunk(text=token)
+            yield Chunk(
+                finish_reason="stop",
+                usage={
+                    "prompt_tokens": len(prompt.split()),
+                    "completion_tokens": len(tokens),
+                    "total_tokens": len(prompt.split()) + len(tokens),
+                },
+            )
+        finally:
+            self.open_streams -= 1
