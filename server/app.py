@@ -90,7 +90,7 @@ async def _on_shutdown(app: web.Application) -> None:
 
 def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | None = None) -> web.Application:
     """Build the app. ``providers`` replaces the configured registry (tests use it)."""
-    from .routes import api, ops
+    from .routes import api, openai_compat, ops
 
     settings = settings or Settings.from_env()
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_middleware])
@@ -102,6 +102,7 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
     app.on_shutdown.append(_on_shutdown)
     api.setup(app)
     ops.setup(app)
+    openai_compat.setup(app)
     if STATIC_DIR.is_dir():
         index = STATIC_DIR / "index.html"
 

@@ -107,6 +107,17 @@ class EventLog:
             return frames, cursor, True
         return frames, cursor, False
 
+    def texts(self, cursor: int) -> tuple[list[str], int, bool]:
+        """Delta texts from ``cursor`` on, for readers that frame them their own way (/v1).
+
+        Every text is kept, not only the ring's, so nothing is ever replaced by
+        a snapshot. Returns ``(texts, new_cursor, finished)``; ``finished``
+        means the log is closed and ``texts`` reach its end.
+        """
+        last = self.last_seq
+        texts = self._parts[cursor - 1 : last] if cursor <= last else []
+        return texts, max(cursor, last + 1), self.final is not None
+
     async def wait(self, cursor: int) -> None:
         """Return once there is something at ``cursor`` or the log is closed."""
         while cursor > self.last_seq and self.final is None:

@@ -1,0 +1,488 @@
+"""``/v1``: OpenAI's chat completions and models API, so the official SDKs work unchanged.
+
+Point a client at ``base_url=http://host:8000/v1`` and its requests become
+flights of the hub like any other: identical concurrent requests share one
+upstream call, and every subscriber replays the answer from its first token.
+
+- **Models** are named ``provider/model`` (``mock/mock``, ``perplexity/sonar``);
+  a name whose prefix is not a provider goes to the default provider as it is,
+  so ``meta-llama/Llama-3-8b`` still reaches a vLLM default.
+- **Org**: with ``DAC_API_KEYS`` set (comma-separated), ``Authorization:
+  Bearer <key>`` must be one of them and the org is ``key_`` plus the first 16
+  hex digits of the key's sha256 (``x-org-id`` is then ignored); without keys,
+  ``x-org-id`` or ``default``.
+- **Coalesce key**: org, thread, provider, model and a sha1 of the normalised
+  messages and sampling parameters; ``Idempotency-Key`` replaces it. Requests
+  with ``tools`` or ``functions`` never share a flight.
+- **Stateless** unless ``x-thread-id`` names a thread of the org: then the
+  last user message and the answer are written to it as one turn.
+- **Wire format**: only ``data:`` lines and ``: ping`` comments, never ``id:``,
+  ``retry:`` or an empty ``data:`` (the official clients break on them). The
+  status line is held back until the first token, the end of the flight, or
+  one keep-alive interval, whichever comes first, so errors before the answer
+  starts (queue full, upstream 429 or 502) leave with their own status; an
+  error after that is one ``data: {"error": ...}`` event, then the end.
+- **Errors** anywhere under ``/v1`` (404 and 405 included) leave as
+  ``{"error": {"message", "type", "param", "code"}}``; ``code`` is the
+  gateway's error type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE
+from ..errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, Unauthorized
+from ..hub import Flight, TurnRequest
+from ..metrics import RequestRecord
+from ..providers import Provider, ProviderRegistry
+from .api import ORG_RE, SEND_TIMEOUT_S, coalesce_key, read_json
+
+__all__ = ["API_KEYS", "setup"]
+
+#: the org of requests that name none (no keys configured, no ``x-org-id``)
+DEFAULT_ORG = "default"
+#: response header telling how the request was served: leader, follower or cache
+COALESCE_HEADER = "x-dac-coalesce"
+#: request body fields the gateway handles itself; every other field goes upstream as a parameter
+OWN_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "n"})
+#: message roles accepted, and what they become upstream (``developer`` is OpenAI's new ``system``)
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+         "tool": "tool", "function": "function"}
+#: message fields kept beside role and content, for tool-calling conversations
+TOOL_FIELDS = ("name", "tool_calls", "tool_call_id", "function_call")
+#: sampling parameters checked here, so bad values never reach a provider: name -> (low, high)
+RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0),
+          "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
+#: vendor extras kept beside the text that OpenAI-style clients know how to read
+EXTRAS = ("citations", "search_results")
+
+#: the configured API keys (empty: no keys, orgs come from ``x-org-id``)
+API_KEYS = web.AppKey("v1_api_keys", tuple)
+#: when the surface started; the ``created`` of listed models
+STARTED = web.AppKey("v1_started", int)
+
+
+# -- errors -------------------------------------------------------------------
+
+
+def _error_body(error: GatewayError) -> dict[str, Any]:
+    if error.status == 429:
+        kind = "rate_limit_error"
+    elif error.status >= 500:
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.type}}
+
+
+def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(error: GatewayError) -> web.Response:
+    return _json(_error_body(error), status=error.status, headers=error.headers())
+
+
+@web.middleware
+async def openai_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error under /v1 leaves in OpenAI's shape, routing errors included."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(PayloadTooLarge(f"request body too large (limit {exc.max_size} bytes)"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            error = GatewayError(f"no route for {request.method} {request.path}", type="not_found", status=404)
+        else:
+            error = GatewayError(exc.reason, type="method_not_allowed" if exc.status == 405 else "http_error",
+                                 status=exc.status)
+        response = error_response(error)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+
+
+# -- who is asking ------------------------------------------------------------
+
+
+def _org(request: web.Request) -> str:
+    keys: tuple[bytes, ...] = request.app[API_KEYS]
+    if keys:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", type="invalid_api_key")
+        given = token.encode()
+        # compare with every key, so the time taken says nothing about which one nearly matched
+        if not sum(hmac.compare_digest(given, key) for key in keys):
+            raise Unauthorized("incorrect API key", type="invalid_api_key")
+        return "key_" + hashlib.sha256(given).hexdigest()[:16]
+    org = request.headers.get("x-org-id") or DEFAULT_ORG
+    if not ORG_RE.match(org):
+        raise BadRequest("x-org-id must be 1-128 letters, digits or _.:@-", param="x-org-id")
+    return org
+
+
+def _resolve_model(providers: ProviderRegistry, name: str, default: str) -> tuple[Provider, str]:
+    """``provider/model`` -> (provider, model); a name without a known prefix goes to the default."""
+    prefix, sep, rest = name.partition("/")
+    if sep and prefix in providers:
+        provider_name, model = prefix, rest
+    else:
+        provider_name, model = default, name
+    if not model:
+        raise BadRequest(f"model {name!r} names no model after the provider", param="model")
+    try:
+        provider = providers.get(provider_name)
+    except BadRequest as exc:
+        if exc.type != "invalid_request":  # known but not configured: that message names the variable
+            raise
+        raise NotFound(f"the model {name!r} does not exist: {exc.message}",
+                       type="model_not_found", param="model") from None
+    try:
+        provider.validate_model(model)
+    except BadRequest as exc:
+        raise NotFound(f"the model {name!r} does not exist: {exc.message}",
+                       type="model_not_found", param="model") from None
+    return provider, model
+
+
+# -- the request body -----------------------------------------------------------
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content as one string; the array form may hold text parts only."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"{where}[{i}] must be a text part {{'type': 'text', 'text': '...'}}: "
+                                 "only text is supported", param=where)
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise BadRequest(f"{where} must be a string or an array of text parts", param=where)
+
+
+def _messages(raw: Any) -> list[dict[str, Any]]:
+    """The conversation, normalised: ``{"role", "content": str}`` plus tool-call fields."""
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("'messages' is required: a non-empty array of messages", param="messages")
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"{where} must be an object with 'role' and 'content'", param=where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}, not {role!r}",
+                             param=f"{where}.role")
+        content = message.get("content")
+        # an assistant turn that only calls tools has no content
+        if content is None and role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            text = ""
+        else:
+            text = _text(content, f"{where}.content")
+        normal: dict[str, Any] = {"role": ROLES[role], "content": text}
+        normal.update((k, message[k]) for k in TOOL_FIELDS if message.get(k) is not None)
+        out.append(normal)
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _params(body: dict[str, Any]) -> dict[str, Any]:
+    """What goes upstream beside the messages; absent and null are the same."""
+    params = {k: v for k, v in body.items() if k not in OWN_FIELDS and v is not None}
+    for name, (low, high) in RANGES.items():
+        if name in params:
+            value = params[name]
+            if not _is_number(value) or not low <= value <= high:
+                raise BadRequest(f"'{name}' must be a number from {low:g} to {high:g}", param=name)
+            params[name] = float(value)  # 1 and 1.0 ask for the same thing
+    for name in ("max_tokens", "max_completion_tokens"):
+        if name in params and (not isinstance(params[name], int) or isinstance(params[name], bool)
+                               or params[name] < 1):
+            raise BadRequest(f"'{name}' must be a whole number of at least 1", param=name)
+    if "seed" in params and (not isinstance(params["seed"], int) or isinstance(params["seed"], bool)):
+        raise BadRequest("'seed' must be a whole number", param="seed")
+    if "stop" in params:
+        stop = params["stop"]
+        if not (isinstance(stop, str) or isinstance(stop, list) and len(stop) <= 4
+                and all(isinstance(s, str) for s in stop)):
+            raise BadRequest("'stop' must be a string or an array of up to 4 strings", param="stop")
+    for name in ("tools", "functions"):
+        if name in params and not isinstance(params[name], list):
+            raise BadRequest(f"'{name}' must be an array", param=name)
+    if params.get("logprobs") or params.get("top_logprobs"):
+        raise BadRequest("logprobs are not supported by this gateway", param="logprobs")
+    params.pop("logprobs", None)
+    params.pop("top_logprobs", None)
+    return params
+
+
+@dataclass(slots=True, kw_only=True)
+class _Call:
+    """One parsed /v1/chat/completions request."""
+
+    turn: TurnRequest
+    model: str  # as the client named it; echoed in every response
+    stream: bool
+    include_usage: bool
+
+
+async def _parse(request: web.Request, org: str) -> _Call:
+    cfg = request.config_dict
+    settings = cfg[SETTINGS]
+    body = await read_json(request)
+    model_name = body.get("model")
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise BadRequest("'model' is required: a string such as 'mock/mock'", param="model")
+    messages = _messages(body.get("messages"))
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", param="stream_options")
+    include_usage = (options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise BadRequest("'stream_options.include_usage' must be true or false", param="stream_options")
+    n = body.get("n")
+    if n is not None and (n != 1 or isinstance(n, bool)):
+        raise BadRequest("'n' must be 1: this gateway answers with one choice", param="n")
+    params = _params(body)
+    provider, model = _resolve_model(cfg[PROVIDERS], model_name.strip(), settings.default_provider)
+
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    content = users[-1] if users else ""
+    thread_id = request.headers.get("x-thread-id") or None
+    if thread_id is not None:
+        if not users:
+            raise BadRequest("with x-thread-id the messages must hold a user message to write to the thread",
+                             param="messages")
+        if await cfg[STORE].get_thread(org, thread_id) is None:
+            raise NotFound("thread not found (x-thread-id)", param="x-thread-id")
+
+    idempotent = not params.get("tools") and not params.get("functions")
+    key = None
+    if idempotent and settings.coalesce_enabled and (settings.stream_fanout_enabled or not stream):
+        idem = request.headers.get("Idempotency-Key")
+        if idem:
+            key = coalesce_key("v1-idem", org, idem)
+        else:
+            digest = hashlib.sha1(orjson.dumps({"messages": messages, "params": params},
+                                               option=orjson.OPT_SORT_KEYS)).hexdigest()
+            key = coalesce_key("v1", org, thread_id or "", provider.name, model, digest)
+    turn = TurnRequest(
+        org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
+        messages=messages, params=params, key=key,
+        no_cache=not idempotent or "no-cache" in request.headers.get("Cache-Control", "").lower(),
+    )
+    return _Call(turn=turn, model=model_name, stream=bool(stream), include_usage=include_usage)
+
+
+# -- the answer -----------------------------------------------------------------
+
+
+def _usage(flight: Flight) -> dict[str, Any]:
+    usage = dict(flight.usage or {})
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    usage.setdefault("total_tokens", prompt + completion)
+    return {**usage, "prompt_tokens": prompt, "completion_tokens": completion}
+
+
+def _extras(flight: Flight) -> dict[str, Any]:
+    meta = flight.message["meta"] if flight.message else {}
+    return {k: meta[k] for k in EXTRAS if k in meta}
+
+
+def _frame(data: Any) -> bytes:
+    """One SSE event: a single ``data:`` line (orjson never emits newlines)."""
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class _Completion:
+    """The id, created and model that every object of one response shares.
+
+    The id comes from the flight's assistant message, so coalesced clients see
+    the same completion id (and with ``x-thread-id`` it names the stored row).
+    """
+
+    __slots__ = ("id", "created", "model")
+
+    def __init__(self, *, flight: Flight, model: str) -> None:
+        assert flight.message is not None
+        self.id = "chatcmpl-" + flight.message["message_id"].removeprefix("msg_")
+        self.created = int(datetime.fromisoformat(flight.message["created_at"]).timestamp())
+        self.model = model
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, **extras: Any) -> bytes:
+        return _frame({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            **extras,
+        })
+
+    def usage_chunk(self, usage: dict[str, Any]) -> bytes:
+        return _frame({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "system_fingerprint": None, "choices": [], "usage": usage,
+        })
+
+    def completion(self, text: str, flight: Flight) -> dict[str, Any]:
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": _usage(flight),
+            **_extras(flight),
+        }
+
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+async def _stream(request: web.Request, flight: Flight, call: _Call, coalesce: str,
+                  started: float) -> tuple[web.StreamResponse, float | None]:
+    """Write the flight as chunk objects; returns the response and the time to first text."""
+    settings = request.config_dict[SETTINGS]
+    log_ = flight.log
+    # Hold the status line until there is something to say: an error before the
+    # first token then leaves with its own status (429, 502, 503...).
+    try:
+        async with asyncio.timeout(settings.ping_interval_s):
+            await log_.wait(1)
+    except TimeoutError:
+        pass
+    await flight.ready.wait()
+    if flight.message is None or (log_.closed and flight.error is not None):
+        assert flight.error is not None
+        raise flight.error
+    answer = _Completion(flight=flight, model=call.model)
+    resp = EventSourceResponse(sep="\n", allow_all_methods=True, ping_interval=settings.ping_interval_s,
+                               headers={COALESCE_HEADER: coalesce})
+    await resp.prepare(request)
+    ttft: float | None = None
+    try:
+        frames = [answer.chunk({"role": "assistant", "content": "", "refusal": None})]
+        cursor = 1
+        while True:
+            texts, cursor, finished = log_.texts(cursor)
+            if texts:
+                # whatever arrived since the last write goes as one chunk
+                frames.append(answer.chunk({"content": "".join(texts)}))
+            if finished:
+                if flight.error is not None:
+                    frames.append(_frame(_error_body(flight.error)))
+                else:
+                    frames.append(answer.chunk({}, "stop", **_extras(flight)))
+                    if call.include_usage:
+                        frames.append(answer.usage_chunk(_usage(flight)))
+                    frames.append(DONE)
+            if frames:
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await resp.write(b"".join(frames))
+                if ttft is None and texts:
+                    ttft = time.perf_counter() - started
+                frames = []
+            if finished:
+                break
+            await log_.wait(cursor)
+        await resp.write_eof()
+    finally:
+        resp.stop_streaming()
+    return resp, ttft
+
+
+# -- handlers -------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    cfg = request.config_dict
+    call = await _parse(request, _org(request))
+    flight, coalesce = cfg[HUB].submit(call.turn, listen=True)
+    ttft: float | None = None
+    error: str | None = None
+    try:
+        if call.stream:
+            resp, ttft = await _stream(request, flight, call, coalesce, started)
+            if flight.error is not None:
+                error = flight.error.type
+            return resp
+        message = await flight.result()
+        answer = _Completion(flight=flight, model=call.model)
+        return _json(answer.completion(message["content"], flight), headers={COALESCE_HEADER: coalesce})
+    except GatewayError as exc:
+        error = exc.type
+        raise
+    finally:
+        flight.remove_listener()
+        cfg[METRICS].record(RequestRecord(
+            route="v1", mode="sse" if call.stream else "json", coalesce=coalesce,
+            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error,
+            queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None,
+        ))
+
+
+def _model_object(name: str, owner: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": owner}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    _org(request)
+    created = request.app[STARTED]
+    data = [
+        _model_object(f"{provider.name}/{model}", provider.name, created)
+        for provider in request.config_dict[PROVIDERS]
+        if provider.configured()
+        for model in provider.models()
+    ]
+    return _json({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    _org(request)
+    name = request.match_info["model"]
+    settings = request.config_dict[SETTINGS]
+    provider, _ = _resolve_model(request.config_dict[PROVIDERS], name, settings.default_provider)
+    return _json(_model_object(name, provider.name, request.app[STARTED]))
+
+
+def setup(app: web.Application) -> None:
+    """Mount /v1 as a sub-application with its own error middleware."""
+    keys = app[SETTINGS].env.get("DAC_API_KEYS", "")
+    v1 = web.Application(middlewares=[openai_errors])
+    v1[API_KEYS] = tuple(k.strip().encode() for k in keys.split(",") if k.strip())
+    v1[STARTED] = int(time.time())
+    v1.router.add_post("/chat/completions", chat_completions)
+    v1.router.add_get("/models", list_models)
+    v1.router.add_get("/models/{model:.+}", get_model)
+    app.add_subapp("/v1", v1)
