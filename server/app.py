@@ -52,8 +52,9 @@ async def errors_middleware(
         return await handler(request)
     except GatewayError as exc:
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(PayloadTooLarge(f"request body too large (limit {exc.max_size} bytes)"))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].max_body_bytes
+        return error_response(PayloadTooLarge(f"request body too large (limit {limit} bytes)"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
