@@ -199,3 +199,17 @@ async def test_sse_stream_done_matches_stored_message(gateway) -> None:
     stored = (await gateway.thread(tid))["messages"][-1]
     assert events[-1].data["message"] == stored
     assert events[0].data["user_message_id"] == (await gateway.thread(tid))["messages"][0]["message_id"]
+
+
+async def test_idle_stream_gets_keepalive_comments(gateway_factory) -> None:
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), ping_interval_s=0.05)
+    tid = await gw.new_thread()
+    async with gw.open_stream(tid, {"content": "slow", "provider": "scripted", "model": "scripted"}) as resp:
+        call = await scripted.next_call()
+        seen = b""
+        while b": ping" not in seen:
+            seen += await within(resp.content.readline(), 5, "a keep-alive comment")
+        call.finish()
+        rest = await within(resp.content.read(), 5, "the end of the stream")
+    assert b"event: done" in rest

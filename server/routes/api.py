@@ -29,7 +29,7 @@ ORG_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_CONTENT_CHARS = 200_000
 MAX_TITLE_CHARS = 200
 #: a write that a client does not take within this long ends its stream
-SEND_TIMEOUT_S = 60.0
+SEND_TIMEOUT_S = EventSourceResponse.DEFAULT_SEND_TIMEOUT or 120.0
 
 
 def json_response(data: Any, *, status: int = 200) -> web.Response:
@@ -247,6 +247,67 @@ async def stream_flight(
             sep="\n", allow_all_methods=True, ping_interval=request.app[SETTINGS].ping_interval_s,
         )
         await resp.prepare(request)
+        async with resp:  # stops the keep-alive pings however the stream ends
+            await send(resp, encode_event("meta", {
+                "stream_id": flight.stream_id,
+                "thread_id": flight.turn.thread_id,
+                "user_message_id": flight.user_message["message_id"] if flight.user_message else None,
+                "coalesce": coalesce,
+                "provider": flight.turn.provider.name,
+                "model": flight.turn.model,
+            }))
+            async for frames in flight.frames(cursor):
+                if ttft is None and (b"event: delta" in frames or b"event: snapshot" in frames):
+                    ttft = time.perf_counter() - started
+                await send(resp, frames)
+        if flight.error is not None:
+            error = flight.error.type
+        return resp
+    finally:
+        flight.remove_listener()
+    metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
+                                 latency_s=time.perf_counter() - started,
+                                 queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
+    return json_response(
+        {"thread_id": thread_id, "user_message": flight.user_message, "message": message,
+         "coalesce": coalesce}
+    )
+
+
+# -- streams ----------------------------------------------------------------
+
+
+async def stream_flight(
+    request: web.Request,
+    flight: Flight,
+    *,
+    coalesce: str,
+    started: float,
+    route: str,
+    listening: bool,
+    cursor: int = 1,
+) -> web.StreamResponse:
+    """Answer with the flight's SSE stream from delta ``cursor``; the caller is a listener.
+
+    With ``listening`` the caller was already counted (``Hub.submit``);
+    otherwise it is counted here. Either way it is uncounted when the stream
+    ends or the client leaves (the handler is cancelled then, idle or not).
+    """
+    if not listening:
+        flight.add_listener()
+    metrics = request.app[METRICS]
+    ttft: float | None = None
+    error: str | None = None
+    try:
+        await flight.ready.wait()
+        if flight.stream_id is None:  # failed before any row was written: a plain error
+            assert flight.error is not None
+            error = flight.error.type
+            raise flight.error
+        resp = EventSourceResponse(
+            sep="\n", allow_all_methods=True, ping_interval=request.app[SETTINGS].ping_interval_s,
+        )
+        await resp.prepare(request)
         meta = {
             "stream_id": flight.stream_id,
             "thread_id": flight.turn.thread_id,
@@ -272,6 +333,16 @@ async def stream_flight(
             latency_s=time.perf_counter() - started, ttft_s=ttft, error=error,
             queue_wait_s=flight.queue_wait_s if coalesce == "leader" and route == "messages" else None,
         ))
+
+
+async def send(resp: EventSourceResponse, frames: bytes) -> None:
+    """Write pre-encoded SSE bytes; a client that takes none for SEND_TIMEOUT_S is dropped."""
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            await resp.write(frames)
+    except TimeoutError:
+        resp.stop_streaming()
+        raise
 
 
 def _last_event_id(request: web.Request) -> int:
@@ -302,22 +373,23 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         raise NotFound("stream not found")
     resp = EventSourceResponse(sep="\n", allow_all_methods=True)
     await resp.prepare(request)
-    await resp.write(encode_event("meta", {
-        "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": None,
-        "coalesce": "cache", "provider": message["provider"], "model": message["model"],
-    }))
-    if message["status"] == "complete":
-        await resp.write(encode_event("done", {"message": message}))
-    else:
-        stored = message["meta"].get("error") if isinstance(message["meta"], dict) else None
-        status = message["status"]
-        error = stored or {
-            "type": "cancelled" if status == "cancelled" else "interrupted",
-            "message": f"this answer ended {status}" + (" (the server restarted)" if status != "cancelled" else ""),
-            "retryable": True,
-        }
-        await resp.write(encode_event("error", {"error": error}))
-    await resp.write_eof()
+    async with resp:
+        await send(resp, encode_event("meta", {
+            "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": None,
+            "coalesce": "cache", "provider": message["provider"], "model": message["model"],
+        }))
+        if message["status"] == "complete":
+            await send(resp, encode_event("done", {"message": message}))
+        else:
+            stored = message["meta"].get("error") if isinstance(message["meta"], dict) else None
+            status = message["status"]
+            error = stored or {
+                "type": "cancelled" if status == "cancelled" else "interrupted",
+                "message": f"this answer ended {status}"
+                + (" (the server restarted)" if status != "cancelled" else ""),
+                "retryable": True,
+            }
+            await send(resp, encode_event("error", {"error": error}))
     return resp
 
 
