@@ -47,7 +47,7 @@ from ..errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, Unauth
 from ..hub import Flight, TurnRequest
 from ..metrics import RequestRecord
 from ..providers import Provider, ProviderRegistry
-from .api import ORG_RE, SEND_TIMEOUT_S, coalesce_key, read_json
+from .api import ORG_RE, coalesce_key, read_json, send
 
 __all__ = ["API_KEYS", "setup"]
 
@@ -105,8 +105,9 @@ async def openai_errors(
         return await handler(request)
     except GatewayError as exc:
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(PayloadTooLarge(f"request body too large (limit {exc.max_size} bytes)"))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.config_dict[SETTINGS].max_body_bytes
+        return error_response(PayloadTooLarge(f"request body too large (limit {limit} bytes)"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -390,7 +391,7 @@ async def _stream(request: web.Request, flight: Flight, call: _Call, coalesce: s
                                headers={COALESCE_HEADER: coalesce})
     await resp.prepare(request)
     ttft: float | None = None
-    try:
+    async with resp:  # stops the keep-alive pings however the stream ends
         frames = [answer.chunk({"role": "assistant", "content": "", "refusal": None})]
         cursor = 1
         while True:
@@ -407,17 +408,13 @@ async def _stream(request: web.Request, flight: Flight, call: _Call, coalesce: s
                         frames.append(answer.usage_chunk(_usage(flight)))
                     frames.append(DONE)
             if frames:
-                async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await resp.write(b"".join(frames))
+                await send(resp, b"".join(frames))
                 if ttft is None and texts:
                     ttft = time.perf_counter() - started
                 frames = []
             if finished:
                 break
             await log_.wait(cursor)
-        await resp.write_eof()
-    finally:
-        resp.stop_streaming()
     return resp, ttft
 
 
