@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk

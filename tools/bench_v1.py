@@ -174,7 +174,9 @@ async def measure(args: argparse.Namespace, fake_url: str, gateway_url: str, mod
 
 
 def report(args: argparse.Namespace, result: dict[str, Any], calls: int | None) -> None:
-    ms = lambda v: f"{v * 1000:7.2f}"  # noqa: E731
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1000:7.2f}"
+
     print(f"upstream={args.upstream} concurrency={args.concurrency} runs={args.runs} "
           f"fake ttft={args.ttft:g}ms itl={args.itl:g}ms tokens={args.tokens}")
     print(f"{'':18}{'p50 ms':>8}{'p95 ms':>8}")

@@ -333,7 +333,7 @@ class _Completion:
     the same completion id (and with ``x-thread-id`` it names the stored row).
     """
 
-    __slots__ = ("id", "created", "model")
+    __slots__ = ("created", "id", "model")
 
     def __init__(self, *, flight: Flight, model: str) -> None:
         assert flight.message is not None
@@ -366,7 +366,6 @@ class _Completion:
         }
 
 
-
 DONE = b"data: [DONE]\n\n"
 
 
@@ -376,7 +375,8 @@ async def _stream(request: web.Request, flight: Flight, call: _Call, coalesce: s
     settings = request.config_dict[SETTINGS]
     log_ = flight.log
     # Hold the status line until there is something to say: an error before the
-    # first token then leaves with its own status (429, 502, 503...).
+    # first token then leaves with its own status (429, 502, 503...). After one
+    # keep-alive interval without a token the stream starts anyway and pings.
     try:
         async with asyncio.timeout(settings.ping_interval_s):
             await log_.wait(1)
