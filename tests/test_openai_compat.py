@@ -414,7 +414,9 @@ async def test_key_covers_org_messages_and_sampling_parameters(gateway_factory) 
         assert await ask(a, user("q"), temperature=0.3) == "leader"
         assert await ask(a, [{"role": "system", "content": "terse"}, *user("q")], temperature=0.2) == "leader"
         assert await ask(b, user("q"), temperature=0.2) == "leader"
-    assert mock.calls == 4
+        # no-cache skips the finished result (it would still join a running flight)
+        assert await ask(a, user("q"), temperature=0.2, extra_headers={"Cache-Control": "no-cache"}) == "leader"
+    assert mock.calls == 5
 
 
 async def test_tools_are_never_coalesced(gateway_factory) -> None:
