@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from ..config import Settings
 from ..errors import BadRequest, ProviderNotConfigured
 from .base import Chunk, Provider, ProviderRequest
 from .mock import MockProvider
 
-__all__ = ["Chunk", "MockProvider", "Provider", "ProviderRegistry", "ProviderRequest"]
+__all__ = ["Chunk", "MockProvider", "Provider", "ProviderRegistry", "ProviderRequest", "build_registry"]
 
 
 class ProviderRegistry:
@@ -46,3 +47,8 @@ class ProviderRegistry:
     async def aclose(self) -> None:
         for provider in self._providers.values():
             await provider.aclose()
+
+
+async def build_registry(settings: Settings) -> ProviderRegistry:
+    """The providers the settings declare; ``mock`` is always there."""
+    return ProviderRegistry([MockProvider()], default=settings.default_provider)

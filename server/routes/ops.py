@@ -1,0 +1,49 @@
+"""Operations: liveness, readiness, Prometheus metrics and the performance summary."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..app import METRICS, STORE
+from ..errors import BadRequest
+from .api import json_response
+
+__all__ = ["setup"]
+
+MAX_LAST_N = 100_000
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    store = request.app.get(STORE)
+    if store is None or not store.is_open:
+        return json_response({"status": "starting"}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def performance(request: web.Request) -> web.Response:
+    raw = request.query.get("last_n", "100")
+    try:
+        last_n = int(raw)
+    except ValueError:
+        raise BadRequest("last_n must be a whole number", param="last_n") from None
+    if not 1 <= last_n <= MAX_LAST_N:
+        raise BadRequest(f"last_n must be between 1 and {MAX_LAST_N}", param="last_n")
+    return json_response(request.app[METRICS].performance(last_n))
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", prometheus)
+    r.add_get("/api/metrics/performance", performance)

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.config import Settings
+from server.providers import ProviderRegistry
+
+from .helpers import Gateway, start_gateway
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Start gateways on 127.0.0.1 with a fresh SQLite file each; all closed at the end.
+
+    ``await gateway_factory(providers=registry(...), coalesce_enabled=False, ...)``:
+    keyword arguments other than ``providers`` and ``db_path`` are Settings fields.
+    """
+    started: list[Gateway] = []
+
+    async def make(providers: ProviderRegistry | None = None, db_path: str | None = None,
+                   **settings: Any) -> Gateway:
+        base = Settings.from_env({})
+        s = base.with_(db_path=db_path or str(tmp_path / f"dac{len(started)}.db"), **settings)
+        gw = await start_gateway(s, providers)
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in reversed(started):
+        await gw.close()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory) -> Gateway:
+    return await gateway_factory()

@@ -1,0 +1,242 @@
+"""Shared test parts: a server on a real socket, a scripted provider, an SSE reader.
+
+Everything here talks to 127.0.0.1 only, and every wait has a timeout whose
+failure says what arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from server.app import HUB, METRICS, STORE, make_app
+from server.config import Settings
+from server.errors import GatewayError
+from server.providers import Chunk, MockProvider, Provider, ProviderRegistry, ProviderRequest
+
+DEFAULT_TIMEOUT = 10.0
+
+
+async def within(awaitable: Any, timeout: float = DEFAULT_TIMEOUT, what: str = "") -> Any:
+    """Await with a timeout whose failure names what was awaited."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what or awaitable!r}") from None
+
+
+# -- a provider the test drives step by step ---------------------------------
+
+
+@dataclass(eq=False)
+class ScriptedCall:
+    request: ProviderRequest
+    items: asyncio.Queue[str | BaseException | None] = field(default_factory=asyncio.Queue)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    closed_at: float | None = None
+    yielded: int = 0
+
+    def send(self, *texts: str) -> None:
+        for text in texts:
+            self.items.put_nowait(text)
+
+    def finish(self) -> None:
+        self.items.put_nowait(None)
+
+    def fail(self, error: BaseException) -> None:
+        self.items.put_nowait(error)
+
+
+class ScriptedProvider(Provider):
+    """Each upstream call waits for the test to send it tokens, a finish or an error."""
+
+    kind = "mock"
+
+    def __init__(self, name: str = "scripted", *, max_concurrency: int = 16) -> None:
+        self.name = name
+        self.default_model = "scripted"
+        self.max_concurrency = max_concurrency
+        self.calls: list[ScriptedCall] = []
+        self._new: asyncio.Queue[ScriptedCall] = asyncio.Queue()
+
+    async def next_call(self, timeout: float = DEFAULT_TIMEOUT) -> ScriptedCall:
+        return await within(self._new.get(), timeout, f"an upstream call to {self.name}")
+
+    @property
+    def open_calls(self) -> int:
+        return sum(1 for c in self.calls if not c.closed.is_set())
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+        call = ScriptedCall(request)
+        self.calls.append(call)
+        self._new.put_nowait(call)
+        try:
+            while True:
+                item = await call.items.get()
+                if item is None:
+                    yield Chunk(finish_reason="stop", usage={"prompt_tokens": 1, "completion_tokens": call.yielded})
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                call.yielded += 1
+                yield Chunk(text=item)
+        finally:
+            call.closed_at = time.perf_counter()
+            call.closed.set()
+
+
+# -- SSE ----------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    event: str
+    data: Any
+    id: int | None = None
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Event]:
+    """Parse an SSE response into events (comments skipped)."""
+    event, data, eid = "message", [], None
+    while True:
+        raw = await resp.content.readline()
+        if not raw:
+            return
+        line = raw.decode().rstrip("\r\n")
+        if line == "":
+            if data:
+                yield Event(event, orjson.loads("\n".join(data)), eid)
+            event, data, eid = "message", [], None
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id":
+                eid = int(value)
+
+
+async def collect(resp: aiohttp.ClientResponse, timeout: float = DEFAULT_TIMEOUT) -> list[Event]:
+    """Every event of a stream until it ends."""
+    events: list[Event] = []
+
+    async def run() -> None:
+        async for ev in sse_events(resp):
+            events.append(ev)
+
+    try:
+        async with asyncio.timeout(timeout):
+            await run()
+    except TimeoutError:
+        raise AssertionError(f"stream did not end within {timeout}s; got {events!r}") from None
+    return events
+
+
+def text_of(events: list[Event]) -> str:
+    """The answer as a client would rebuild it: deltas appended, snapshots replacing."""
+    text = ""
+    for ev in events:
+        if ev.event == "delta":
+            text += ev.data["text"]
+        elif ev.event == "snapshot":
+            text = ev.data["text"]
+    return text
+
+
+# -- a gateway on a real socket ---------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+    session: aiohttp.ClientSession
+    settings: Settings
+
+    @property
+    def hub(self):  # noqa: ANN201
+        return self.app[HUB]
+
+    @property
+    def store(self):  # noqa: ANN201
+        return self.app[STORE]
+
+    @property
+    def metrics(self):  # noqa: ANN201
+        return self.app[METRICS]
+
+    def h(self, org: str = "org_a", **extra: str) -> dict[str, str]:
+        return {"x-org-id": org, **extra}
+
+    async def new_thread(self, org: str = "org_a", title: str = "test") -> str:
+        async with self.session.post(f"{self.url}/api/threads/", json={"title": title},
+                                     headers=self.h(org)) as resp:
+            assert resp.status == 201, await resp.text()
+            return (await resp.json())["thread_id"]
+
+    async def thread(self, thread_id: str, org: str = "org_a") -> dict[str, Any]:
+        async with self.session.get(f"{self.url}/api/threads/{thread_id}", headers=self.h(org)) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+    async def post(self, thread_id: str, body: dict[str, Any], *, org: str = "org_a",
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """A non-stream message; returns (status, JSON body)."""
+
+        async def send() -> tuple[int, Any]:
+            async with self.session.post(f"{self.url}/api/threads/{thread_id}/messages", json=body,
+                                         headers={**self.h(org), **(headers or {})}) as resp:
+                return resp.status, await resp.json(content_type=None)
+
+        return await within(send(), what="POST messages")
+
+    def open_stream(self, thread_id: str, body: dict[str, Any], *, org: str = "org_a",
+                    headers: dict[str, str] | None = None) -> Any:
+        """A streaming POST (mode 2); use as ``async with``."""
+        return self.session.post(f"{self.url}/api/threads/{thread_id}/messages", json=body,
+                                 headers={**self.h(org), "Accept": "text/event-stream", **(headers or {})})
+
+    async def performance(self, last_n: int = 1000) -> dict[str, Any]:
+        async with self.session.get(f"{self.url}/api/metrics/performance?last_n={last_n}") as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.runner.cleanup()
+
+
+def registry(*providers: Provider, default: str = "mock") -> ProviderRegistry:
+    names = {p.name for p in providers}
+    extra = [] if "mock" in names else [MockProvider()]
+    return ProviderRegistry([*extra, *providers], default=default)
+
+
+async def start_gateway(settings: Settings, providers: ProviderRegistry | None = None,
+                        *, connections: int = 100) -> Gateway:
+    app = make_app(settings, providers=providers)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                    timeout=aiohttp.ClientTimeout(total=60))
+    return Gateway(f"http://{host}:{port}", app, runner, session, settings)
+
+
+
+
