@@ -226,9 +226,12 @@ class Stream {
   }
 
   open() {
+    // EventSource sends no custom headers: the org and the resume point go in the query.
+    const params = [];
+    if (!/[?&]org=/.test(this.url)) params.push(`org=${encodeURIComponent(this.org)}`);
+    if (this.seq > 0) params.push(`last_event_id=${this.seq}`);
     const sep = this.url.includes('?') ? '&' : '?';
-    let url = `${this.url}${sep}org=${encodeURIComponent(this.org)}`;
-    if (this.seq > 0) url += `&last_event_id=${this.seq}`;
+    const url = params.length ? `${this.url}${sep}${params.join('&')}` : this.url;
     const es = new EventSource(url);
     this.es = es;
     const on = (name, fn) => es.addEventListener(name, (event) => {
