@@ -50,9 +50,16 @@ export async function until(fn, { timeout = 15_000, interval = 100, what = 'a co
   }
 }
 
-/** Records every distinct text the (single) answer on the page has shown, in order. */
+/**
+ * Records every distinct text the last answer on the page has shown, in
+ * order, and adds up the page's layout shifts (with or without input).
+ */
 function recordAnswerTexts() {
   window.__texts = [];
+  window.__shift = 0;
+  new PerformanceObserver((list) => {
+    for (const entry of list.getEntries()) window.__shift += entry.value;
+  }).observe({ type: 'layout-shift', buffered: true });
   const start = () => {
     const log = document.getElementById('messages');
     new MutationObserver(() => {

@@ -4,7 +4,7 @@
 // each other's threads. The mock provider needs no key.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { launch } from './browser.mjs';
+import { launch, PHONE } from './browser.mjs';
 import {
   answer, answerText, api, getThread, metric, openPage, send, startDropProxy,
   threadIdOf, uniqueOrg, until, waitForWords,
@@ -30,9 +30,10 @@ function assertNeverDuplicated(seen, final) {
 
 test('a message is sent and its answer streams in', { timeout: TEST_TIMEOUT }, async () => {
   const org = uniqueOrg('send');
-  const { context, page, errors } = await openPage(browser, org);
+  // On a phone, with an answer longer than the screen.
+  const { context, page, errors } = await openPage(browser, org, { form: PHONE });
   try {
-    await send(page, 'How does coalescing work?', 'mock:ttft=300,itl=40,n=30');
+    await send(page, 'How does coalescing work?', 'mock:ttft=300,itl=25,n=150');
     await page.locator('#messages article.assistant[aria-busy="true"]').waitFor();
     await page.locator('#stop:enabled').waitFor();
     await page.locator('#messages article.assistant[data-status="complete"]').waitFor();
@@ -42,18 +43,30 @@ test('a message is sent and its answer streams in', { timeout: TEST_TIMEOUT }, a
     const [user, assistant] = thread.messages;
     assert.equal(user.content, 'How does coalescing work?');
     assert.equal(assistant.status, 'complete');
-    assert.equal(words(assistant.content), 30);
+    assert.equal(words(assistant.content), 150);
     assert.equal(await answerText(page), assistant.content);
     assert.equal(await page.locator('#messages article.user .msg-body').textContent(), user.content);
 
     const seen = await texts(page);
     assertNeverDuplicated(seen, assistant.content);
     assert.ok(seen.filter(Boolean).length >= 3, `the answer grew in steps, not at once: ${JSON.stringify(seen)}`);
+    const shift = await page.evaluate(() => window.__shift);
+    assert.ok(shift < 0.01, `nothing moved while the answer streamed (layout shift ${shift})`);
+    // Kept in view: the end of the answer is on screen.
+    assert.ok(await page.evaluate(() => {
+      const log = document.getElementById('messages');
+      return log.scrollHeight > log.clientHeight && log.scrollHeight - log.scrollTop - log.clientHeight < 4;
+    }), 'the message log overflows and is scrolled to its end');
 
     assert.equal(await page.inputValue('#composer-input'), '');
     assert.ok(await page.locator('#send').isEnabled());
     assert.ok(await page.locator('#stop').isDisabled());
+    // The phone's thread drawer lists the new thread; Escape closes it.
+    await page.click('#threads-toggle');
     await page.locator('#thread-list a[aria-current="page"]', { hasText: 'How does coalescing work?' }).waitFor();
+    await page.keyboard.press('Escape');
+    await page.locator('#sidebar').waitFor({ state: 'hidden' });
+    assert.equal(await page.getAttribute('#threads-toggle', 'aria-expanded'), 'false');
 
     await page.reload();
     await page.locator('#messages article.assistant[data-status="complete"]').waitFor();
