@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE
+from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE, STREAM_STARTED
 from ..errors import BadRequest, GatewayError, NotFound, Unauthorized
 from ..eventlog import encode_event
 from ..hub import Flight, TurnRequest
@@ -244,6 +244,7 @@ async def stream_flight(
             sep="\n", allow_all_methods=True, ping_interval=request.app[SETTINGS].ping_interval_s,
         )
         await resp.prepare(request)
+        request[STREAM_STARTED] = True
         async with resp:  # stops the keep-alive pings however the stream ends
             await send(resp, encode_event("meta", {
                 "stream_id": flight.stream_id,
@@ -307,6 +308,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         raise NotFound("stream not found")
     resp = EventSourceResponse(sep="\n", allow_all_methods=True)
     await resp.prepare(request)
+    request[STREAM_STARTED] = True
     async with resp:
         await send(resp, encode_event("meta", {
             "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": None,
