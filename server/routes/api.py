@@ -202,6 +202,10 @@ async def post_message(request: web.Request) -> web.StreamResponse:
                                      latency_s=time.perf_counter() - started, error=exc.type,
                                      queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
         raise
+    except asyncio.CancelledError:  # the client left before the answer was complete
+        metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
+                                     latency_s=time.perf_counter() - started, client_left=True))
+        raise
     finally:
         flight.remove_listener()
     metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
@@ -237,6 +241,7 @@ async def stream_flight(
     metrics = request.app[METRICS]
     ttft: float | None = None
     error: str | None = None
+    left = False
     try:
         await flight.ready.wait()
         if flight.stream_id is None:  # failed before any row was written: a plain error
@@ -265,11 +270,14 @@ async def stream_flight(
             error = flight.error.type
         await resp.write_eof()
         return resp
+    except asyncio.CancelledError:  # the client left (its handler is cancelled, idle or not)
+        left = True
+        raise
     finally:
         flight.remove_listener()
         metrics.record(RequestRecord(
             route=route, mode="sse", coalesce=coalesce if route == "messages" else None,
-            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error,
+            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error, client_left=left,
             queue_wait_s=flight.queue_wait_s if coalesce == "leader" and route == "messages" else None,
         ))
 
