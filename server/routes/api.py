@@ -165,6 +165,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     )
     metrics = app[METRICS]
     error: str | None = None
+    left = False  # the client went away before its answer
 
     if sse:
         flight, coalesce = app[HUB].submit(turn, listen=True)
@@ -200,13 +201,12 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         error = exc.type
         raise
     except asyncio.CancelledError:  # the client left before the answer was complete
-        metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
-                                     latency_s=time.perf_counter() - started, client_left=True))
+        left = True
         raise
     finally:
         flight.remove_listener()
         metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
-                                     latency_s=time.perf_counter() - started, error=error,
+                                     latency_s=time.perf_counter() - started, error=error, client_left=left,
                                      queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
     return json_response(
         {"thread_id": thread_id, "user_message": flight.user_message, "message": message,
