@@ -163,8 +163,9 @@ async def abandoned_stream(gw: Gateway, provider: ScriptedProvider, thread_id: s
     assert flight.state == "cancelled", flight.state
 
 
-async def mixed_workload(gw: Gateway, provider: ScriptedProvider, thread_id: str, tag: str) -> None:
-    """What a dashboard shows: 10 coalesced streams, a cache hit, an error, a cancel."""
+async def mixed_workload(gw: Gateway, provider: ScriptedProvider, thread_id: str, tag: str) -> int:
+    """What a dashboard shows: 10 coalesced streams, a cache hit, an error, a cancel.
+    Returns how many chat requests it made (each has a coalesce role)."""
     content = f"the coalesced question {tag}"
     results = await coalesced_streams(gw, provider, thread_id, content)
     assert sorted(r.role for r in results) == ["follower"] * 9 + ["leader"]
@@ -172,3 +173,4 @@ async def mixed_workload(gw: Gateway, provider: ScriptedProvider, thread_id: str
     assert status == 200 and body["coalesce"] == "cache", body
     await failed_request(gw, provider, thread_id, f"the failing question {tag}")
     await abandoned_stream(gw, provider, thread_id, f"the abandoned question {tag}")
+    return len(results) + 3
