@@ -18,7 +18,7 @@ Errors are counted once per answered request: :meth:`Metrics.record` counts
 the error of a chat request (which may travel inside an SSE stream), and
 :meth:`Metrics.count_error` counts any other error answer (bad input, unknown
 thread, ...). Inside :meth:`Metrics.request_scope` the second skips a request
-whose error the first already counted.
+whose outcome the first already recorded: its error, or its client leaving.
 """
 
 from __future__ import annotations
@@ -85,12 +85,13 @@ class RequestRecord:
 
 
 class RequestScope:
-    """Marks whether the current HTTP request's error has been counted."""
+    """Marks whether the current HTTP request's outcome is counted already: its
+    error, or the client's leaving (whose exception is then no error of ours)."""
 
-    __slots__ = ("error_counted",)
+    __slots__ = ("settled",)
 
     def __init__(self) -> None:
-        self.error_counted = False
+        self.settled = False
 
 
 _SCOPE: ContextVar[RequestScope | None] = ContextVar("dac_request_scope", default=None)
@@ -228,9 +229,9 @@ class Metrics:
         """Count an error answer, unless this request's error was counted already."""
         scope = scope or _SCOPE.get()
         if scope is not None:
-            if scope.error_counted:
+            if scope.settled:
                 return
-            scope.error_counted = True
+            scope.settled = True
         self.errors.labels(error_type).inc()
 
     def record(self, record: RequestRecord) -> None:
@@ -240,6 +241,8 @@ class Metrics:
             self.coalesce.labels(record.coalesce).inc()
         if record.error:
             self.count_error(record.error)
+        elif record.client_left and (scope := _SCOPE.get()) is not None:
+            scope.settled = True
 
     def performance(self, last_n: int) -> dict[str, Any]:
         """Figures over the last ``last_n`` requests (each HTTP request is one record)."""

@@ -123,11 +123,16 @@ def test_an_error_is_counted_once_per_request_scope() -> None:
         m.count_error("upstream_error", scope)  # the answer's middleware sees the same error
     with m.request_scope() as scope:
         m.count_error("invalid_request", scope)
+    with m.request_scope() as scope:
+        m.record(rec("follower", client_left=True))
+        m.count_error("internal_error", scope)  # the exception of a connection gone is no error
     m.count_error("not_found")  # outside any request: counted as it comes
     s = exposed(m)
     assert s.value("dac_errors_total", type="upstream_error") == 1
     assert s.value("dac_errors_total", type="invalid_request") == 1
     assert s.value("dac_errors_total", type="not_found") == 1
+    assert s.value("dac_errors_total", type="internal_error") == 0
+    assert s.value("dac_request_duration_seconds_count", outcome="client_left") == 1
 
 
 def test_upstream_calls_and_token_usage() -> None:

@@ -211,7 +211,7 @@ async def test_a_client_leaving_is_a_cancel_with_its_latency(gateway_factory: Ga
 
 async def test_errors_are_counted_once_by_type(gateway_factory: GatewayFactory) -> None:
     provider = ScriptedProvider()
-    gw = await gateway_factory(providers=registry(provider))
+    gw = await gateway_factory(providers=registry(provider), max_body_bytes=2048)
     thread = await gw.new_thread()
 
     await failed_request(gw, provider, thread, "this one fails")
@@ -237,13 +237,17 @@ async def test_errors_are_counted_once_by_type(gateway_factory: GatewayFactory) 
         assert resp.status == 401
     async with gw.session.get(f"{gw.url}/no/such/route") as resp:
         assert resp.status == 404
+    async with gw.session.post(f"{gw.url}/api/threads/{thread}/messages", headers=gw.h(),
+                               json={"content": "x" * 4096, "provider": "scripted"}) as resp:
+        assert resp.status == 413
 
     s = await scrape(gw)
     assert s.value("dac_errors_total", type="upstream_error") == 3
     assert s.value("dac_errors_total", type="invalid_request") == 1
     assert s.value("dac_errors_total", type="not_found") == 2
     assert s.value("dac_errors_total", type="unauthorized") == 1
-    assert s.value("dac_errors_total") == 7
+    assert s.value("dac_errors_total", type="payload_too_large") == 1
+    assert s.value("dac_errors_total") == 8
     perf = await gw.performance()
     assert perf["requests"] == 3  # chat requests that reached a flight
     assert perf["errors"] == 3 and perf["error_rate"] == 1.0

@@ -265,7 +265,9 @@ async def stream_flight(
         if flight.error is not None:
             error = flight.error.type
         return resp
-    except asyncio.CancelledError:  # the client left (its handler is cancelled, idle or not)
+    except (asyncio.CancelledError, ConnectionResetError, TimeoutError):
+        # the client left (its handler is cancelled, idle or not; or a write found the
+        # connection gone), or took nothing for SEND_TIMEOUT_S and was dropped
         left = True
         raise
     finally:
