@@ -209,6 +209,24 @@ async def test_a_client_leaving_is_a_cancel_with_its_latency(gateway_factory: Ga
     assert perf["error_rate"] == 0
 
 
+async def test_a_json_client_leaving_is_recorded_as_such(gateway_factory: GatewayFactory) -> None:
+    provider = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(provider))
+    thread = await gw.new_thread()
+    pending = asyncio.ensure_future(gw.post(thread, {"content": "too slow", "provider": "scripted"}))
+    call = await provider.next_call()
+    pending.cancel()  # the client gives up: its connection closes
+    await within(call.closed.wait(), what="the upstream call to close")
+    s = await scrape_until(gw, lambda s: s.value("dac_cancels_total") >= 1
+                           and s.value("dac_request_duration_seconds_count") >= 1, "the cancel recorded")
+    assert s.value("dac_request_duration_seconds_count", mode="json", outcome="client_left") == 1
+    assert s.value("dac_cancel_latency_seconds_count") == 1
+    assert s.value("dac_errors_total") == 0
+    assert s.value("dac_active_listeners") == 0
+    perf = await gw.performance()
+    assert perf["client_left"] == 1 and perf["error_rate"] == 0
+
+
 async def test_errors_are_counted_once_by_type(gateway_factory: GatewayFactory) -> None:
     provider = ScriptedProvider()
     gw = await gateway_factory(providers=registry(provider), max_body_bytes=2048)
