@@ -165,6 +165,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     )
     metrics = app[METRICS]
     error: str | None = None
+    left = False  # the client went away before its answer
 
     if sse:
         flight, coalesce = app[HUB].submit(turn, listen=True)
@@ -199,10 +200,13 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     except GatewayError as exc:
         error = exc.type
         raise
+    except asyncio.CancelledError:  # the client left before the answer was complete
+        left = True
+        raise
     finally:
         flight.remove_listener()
         metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
-                                     latency_s=time.perf_counter() - started, error=error,
+                                     latency_s=time.perf_counter() - started, error=error, client_left=left,
                                      queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
     return json_response(
         {"thread_id": thread_id, "user_message": flight.user_message, "message": message,
@@ -234,6 +238,7 @@ async def stream_flight(
     metrics = request.app[METRICS]
     ttft: float | None = None
     error: str | None = None
+    left = False
     try:
         await flight.ready.wait()
         if flight.stream_id is None:  # failed before any row was written: a plain error
@@ -261,11 +266,16 @@ async def stream_flight(
         if flight.error is not None:
             error = flight.error.type
         return resp
+    except (asyncio.CancelledError, ConnectionResetError, TimeoutError):
+        # the client left (its handler is cancelled, idle or not; or a write found the
+        # connection gone), or took nothing for SEND_TIMEOUT_S and was dropped
+        left = True
+        raise
     finally:
         flight.remove_listener()
         metrics.record(RequestRecord(
             route=route, mode="sse", coalesce=coalesce if route == "messages" else None,
-            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error,
+            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error, client_left=left,
             queue_wait_s=flight.queue_wait_s if coalesce == "leader" and route == "messages" else None,
         ))
 
