@@ -267,6 +267,36 @@ async def test_raw_errors_have_openai_shape_and_status(gateway_factory) -> None:
     assert stored_messages(gw) == 0
 
 
+async def test_errors_are_counted_once_by_the_gateway_type(gateway) -> None:
+    async with sdk(gateway) as client:
+        with pytest.raises(openai.BadRequestError):
+            await within(client.chat.completions.create(model=FAST, messages=[]))
+        with pytest.raises(openai.NotFoundError):
+            await within(client.chat.completions.create(model="nope/x", messages=user("hi")))
+        with pytest.raises(openai.InternalServerError):
+            await within(client.chat.completions.create(model="mock:ttft=0,fail=1", messages=user("hi")))
+
+    def count(kind: str) -> float:
+        return gateway.metrics.registry.get_sample_value("dac_errors_total", {"type": kind}) or 0.0
+
+    assert (count("invalid_request"), count("model_not_found"), count("upstream_error")) == (1, 1, 1)
+    assert count("invalid_request_error") == count("server_error") == 0
+
+
+class BrokenProvider(ScriptedProvider):
+    def validate_model(self, model: str) -> None:
+        raise RuntimeError("a bug in the adapter")
+
+
+async def test_an_unexpected_failure_is_a_500_in_openai_shape(gateway_factory) -> None:
+    gw = await gateway_factory(providers=registry(BrokenProvider("broken")))
+    async with sdk(gw) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await within(client.chat.completions.create(model="broken/x", messages=user("hi"), stream=True))
+    assert caught.value.status_code == 500
+    assert caught.value.body["code"] == "internal_error" and "logged" in caught.value.body["message"]
+
+
 async def test_api_keys_decide_who_may_call_and_which_org_it_is(gateway_factory) -> None:
     gw = await gateway_factory(env={"DAC_API_KEYS": "key-one, key-two"})
     org_one = "key_" + hashlib.sha256(b"key-one").hexdigest()[:16]
@@ -513,3 +543,8 @@ async def test_client_leaving_mid_stream_aborts_the_upstream_call(gateway_factor
         await stream.close()
         await within(call.closed.wait(), 5, "the upstream call to close")
     assert call.closed_at is not None and call.closed_at - left < 1.0
+    # recorded as a client that left, not as an error
+    labels = {"route": "v1", "mode": "sse", "outcome": "client_left"}
+    await until(lambda: gw.metrics.registry.get_sample_value("dac_request_duration_seconds_count", labels) == 1,
+                "the request to be recorded as client_left")
+    assert not [r for r in gw.metrics.records if r.error]

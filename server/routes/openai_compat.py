@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE
+from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE, STREAM_STARTED
 from ..errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, Unauthorized
 from ..hub import Flight, TurnRequest
 from ..metrics import RequestRecord
@@ -50,6 +51,8 @@ from ..providers import Provider, ProviderRegistry
 from .api import ORG_RE, coalesce_key, read_json, send
 
 __all__ = ["API_KEYS", "setup"]
+
+log = logging.getLogger(__name__)
 
 #: the org of requests that name none (no keys configured, no ``x-org-id``)
 DEFAULT_ORG = "default"
@@ -100,14 +103,18 @@ def error_response(error: GatewayError) -> web.Response:
 async def openai_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every error under /v1 leaves in OpenAI's shape, routing errors included."""
+    """Every error under /v1 leaves in OpenAI's shape, routing errors included.
+
+    The error is counted here by the gateway's type (the body's ``type`` is
+    OpenAI's); a request whose record counted it already is not counted twice.
+    """
     try:
         return await handler(request)
     except GatewayError as exc:
-        return error_response(exc)
+        error = exc
     except web.HTTPRequestEntityTooLarge:
         limit = request.config_dict[SETTINGS].max_body_bytes
-        return error_response(PayloadTooLarge(f"request body too large (limit {limit} bytes)"))
+        error = PayloadTooLarge(f"request body too large (limit {limit} bytes)")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -119,7 +126,15 @@ async def openai_errors(
         response = error_response(error)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
+        request.config_dict[METRICS].count_error(error.type)
         return response
+    except Exception:
+        if request.get(STREAM_STARTED):
+            raise  # the status line is gone: aiohttp closes the connection
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        error = GatewayError("internal server error; the failure was logged")
+    request.config_dict[METRICS].count_error(error.type)
+    return error_response(error)
 
 
 # -- who is asking ------------------------------------------------------------
@@ -390,6 +405,7 @@ async def _stream(request: web.Request, flight: Flight, call: _Call, coalesce: s
     resp = EventSourceResponse(sep="\n", allow_all_methods=True, ping_interval=settings.ping_interval_s,
                                headers={COALESCE_HEADER: coalesce})
     await resp.prepare(request)
+    request[STREAM_STARTED] = True
     ttft: float | None = None
     async with resp:  # stops the keep-alive pings however the stream ends
         frames = [answer.chunk({"role": "assistant", "content": "", "refusal": None})]
@@ -428,6 +444,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     flight, coalesce = cfg[HUB].submit(call.turn, listen=True)
     ttft: float | None = None
     error: str | None = None
+    left = False  # the client went away before its answer ended
     try:
         if call.stream:
             resp, ttft = await _stream(request, flight, call, coalesce, started)
@@ -440,11 +457,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except GatewayError as exc:
         error = exc.type
         raise
+    except (asyncio.CancelledError, ConnectionResetError, TimeoutError):
+        # the client left (its handler is cancelled, idle or not; or a write found the
+        # connection gone), or took nothing for SEND_TIMEOUT_S and was dropped
+        left = True
+        raise
     finally:
         flight.remove_listener()
         cfg[METRICS].record(RequestRecord(
             route="v1", mode="sse" if call.stream else "json", coalesce=coalesce,
-            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error,
+            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error, client_left=left,
             queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None,
         ))
 
