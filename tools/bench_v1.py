@@ -4,6 +4,8 @@ The same official ``openai`` client streams the same prompts two ways, in
 alternating order run by run: straight to a fake upstream, and through the
 gateway. Each side runs in its own process (fake, gateway, this client), all
 on 127.0.0.1. TTFT is the time from ``create()`` to the first content chunk.
+The fake is the test suite's (``python -m tests.fake_upstream``) when it is
+there, else a minimal one in this file (``--fake own``).
 
 - ``--upstream openai``: the gateway's ``openai`` provider points at the fake
   (``OPENAI_BASE_URL``), so the gateway path is client -> gateway -> fake.
@@ -25,6 +27,7 @@ import asyncio
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,6 +49,7 @@ DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 5
 START_TIMEOUT_S = 20.0
 LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
+CALLS = re.compile(r"fake upstream: (\d+) calls")
 
 
 # -- the fake upstream (its own process) ---------------------------------------------
@@ -86,22 +90,24 @@ def fake_app(*, ttft_ms: float, itl_ms: float, n: int) -> web.Application:
         await resp.write_eof()
         return resp
 
-    async def count(_: web.Request) -> web.Response:
-        return web.json_response({"calls": calls})
-
     app.router.add_post("/v1/chat/completions", completions)
-    app.router.add_get("/calls", count)
+    app["calls"] = lambda: calls
     return app
 
 
 async def serve_fake(args: argparse.Namespace) -> None:
-    runner = web.AppRunner(fake_app(ttft_ms=args.ttft, itl_ms=args.itl, n=args.tokens), access_log=None)
+    app = fake_app(ttft_ms=args.ttft, itl_ms=args.itl, n=args.tokens)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
     print(f"fake upstream listening on http://{host}:{port}", flush=True)
-    await asyncio.Event().wait()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    print(f"fake upstream: {app['calls']()} calls", flush=True)
+    await runner.cleanup()
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -121,6 +127,21 @@ def start(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], s
             return proc, match.group(1)
     proc.kill()
     raise SystemExit(f"{' '.join(cmd)} did not start")
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, then what the process printed on its way out."""
+    proc.terminate()
+    out, _ = proc.communicate(timeout=10)
+    return out or ""
+
+
+def fake_command(args: argparse.Namespace) -> list[str]:
+    if args.fake == "shared":
+        return [sys.executable, "-m", "tests.fake_upstream", "--port", "0", "--api-key", "",
+                "--ttft-ms", str(args.ttft), "--itl-ms", str(args.itl), "--tokens", str(args.tokens)]
+    return [sys.executable, str(Path(__file__).resolve()), "--serve-fake", "--ttft", str(args.ttft),
+            "--itl", str(args.itl), "--tokens", str(args.tokens)]
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -177,49 +198,51 @@ def report(args: argparse.Namespace, result: dict[str, Any], calls: int | None) 
     def ms(seconds: float) -> str:
         return f"{seconds * 1000:7.2f}"
 
-    print(f"upstream={args.upstream} concurrency={args.concurrency} runs={args.runs} "
-          f"fake ttft={args.ttft:g}ms itl={args.itl:g}ms tokens={args.tokens}")
+    print(f"fake={args.fake} upstream={args.upstream} concurrency={args.concurrency} runs={args.runs} "
+          f"ttft={args.ttft:g}ms itl={args.itl:g}ms tokens={args.tokens}")
     print(f"{'':18}{'p50 ms':>8}{'p95 ms':>8}")
     for side in ("direct", "gateway"):
         values = result["samples"][side]
         print(f"{side + ' TTFT':18}{ms(pct(values, 50))} {ms(pct(values, 95))}")
     paired = result["paired"]
     print(f"{'added (paired)':18}{ms(pct(paired, 50))} {ms(pct(paired, 95))}")
-    if calls is not None:
-        streams = (args.warmup + args.runs) * args.concurrency
-        print(f"fake upstream calls: {calls} for {streams} direct and {streams} gateway streams")
+    streams = (args.warmup + args.runs) * args.concurrency
+    via = f", {args.warmup + args.runs} expected from the gateway" if args.upstream == "openai" else ""
+    print(f"fake upstream calls: {calls if calls is not None else '?'} "
+          f"({streams} direct streams{via}; {streams} gateway streams)")
 
 
 async def bench(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    fake_cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-fake", "--ttft", str(args.ttft),
-                "--itl", str(args.itl), "--tokens", str(args.tokens)]
-    fake, fake_url = start(fake_cmd, env)
-    with tempfile.TemporaryDirectory() as tmp:
-        gw_env = {**env, "DAC_DB": str(Path(tmp) / "bench.db"), "DAC_PORT": "0"}
-        if args.upstream == "openai":
-            gw_env |= {"OPENAI_BASE_URL": fake_url + "/v1", "OPENAI_API_KEY": "bench"}
-            model = "openai/bench-model"
-        else:
-            model = f"mock/mock:ttft={args.ttft:g},itl={args.itl:g},n={args.tokens}"
-        gateway, gateway_url = start([sys.executable, "-m", "server"], gw_env)
-        try:
-            result = await measure(args, fake_url, gateway_url, model)
-            import aiohttp
-
-            async with aiohttp.ClientSession() as session, session.get(fake_url + "/calls") as resp:
-                calls = (await resp.json())["calls"]
-        finally:
-            gateway.terminate()
-            fake.terminate()
-            gateway.wait(10)
-            fake.wait(10)
+    fake, fake_url = start(fake_command(args), env)
+    calls: int | None = None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            gw_env = {**env, "DAC_DB": str(Path(tmp) / "bench.db"), "DAC_PORT": "0"}
+            if args.upstream == "openai":
+                gw_env |= {"OPENAI_BASE_URL": fake_url + "/v1", "OPENAI_API_KEY": "bench"}
+                model = "openai/bench-model"
+            else:
+                model = f"mock/mock:ttft={args.ttft:g},itl={args.itl:g},n={args.tokens}"
+            gateway, gateway_url = start([sys.executable, "-m", "server"], gw_env)
+            try:
+                result = await measure(args, fake_url, gateway_url, model)
+            finally:
+                stop(gateway)
+    finally:
+        match = CALLS.search(stop(fake))
+        calls = int(match.group(1)) if match else None
     report(args, result, calls)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--upstream", choices=("openai", "mock"), default="openai")
+    adapter = (ROOT / "server" / "providers" / "openai.py").is_file()
+    parser.add_argument("--upstream", choices=("openai", "mock"), default="openai" if adapter else "mock",
+                        help="what the gateway calls: its openai provider pointed at the fake, or its mock")
+    parser.add_argument("--fake", choices=("shared", "own"),
+                        default="shared" if (ROOT / "tests" / "fake_upstream.py").is_file() else "own",
+                        help="the test suite's fake upstream, or the minimal one in this file")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
     parser.add_argument("--concurrency", type=int, default=1)
