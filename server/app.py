@@ -69,11 +69,11 @@ async def errors_middleware(
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    if PROVIDERS not in app:  # first: a bad providers setting stops the start before the store opens
+        app[PROVIDERS] = await build_registry(settings)
     store = Store(settings.db_path)
     await store.open()
     app[STORE] = store
-    if PROVIDERS not in app:
-        app[PROVIDERS] = await build_registry(settings)
     app[PACER] = Pacer(queue_timeout_s=settings.queue_timeout_s)
     app[HUB] = Hub(settings=settings, store=store, pacer=app[PACER], metrics=app[METRICS])
     try:
@@ -130,14 +130,14 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the announcement: a signal right after it is ours
+        loop.add_signal_handler(sig, stop.set)
     if announce:
         for address in runner.addresses:
             host, port = address[0], address[1]
             print(f"DAC gateway listening on http://{host}:{port} (db {settings.db_path})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
