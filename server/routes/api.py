@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE
+from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE, STREAM_STARTED
 from ..errors import BadRequest, GatewayError, NotFound, Unauthorized
 from ..eventlog import encode_event
 from ..hub import Flight, TurnRequest
@@ -164,6 +164,8 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         no_cache=not idempotent or "no-cache" in request.headers.get("Cache-Control", "").lower(),
     )
     metrics = app[METRICS]
+    error: str | None = None
+    left = False  # the client went away before its answer
 
     if sse:
         flight, coalesce = app[HUB].submit(turn, listen=True)
@@ -176,13 +178,11 @@ async def post_message(request: web.Request) -> web.StreamResponse:
             await flight.ready.wait()
             if flight.stream_id is None:
                 assert flight.error is not None
+                error = flight.error.type
                 raise flight.error
-        except GatewayError as exc:
+        finally:
             metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
-                                         latency_s=time.perf_counter() - started, error=exc.type))
-            raise
-        metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
-                                     latency_s=time.perf_counter() - started))
+                                         latency_s=time.perf_counter() - started, error=error))
         return json_response(
             {
                 "stream_id": flight.stream_id,
@@ -198,15 +198,16 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     try:
         message = await flight.result()
     except GatewayError as exc:
-        metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
-                                     latency_s=time.perf_counter() - started, error=exc.type,
-                                     queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
+        error = exc.type
+        raise
+    except asyncio.CancelledError:  # the client left before the answer was complete
+        left = True
         raise
     finally:
         flight.remove_listener()
-    metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
-                                 latency_s=time.perf_counter() - started,
-                                 queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
+        metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
+                                     latency_s=time.perf_counter() - started, error=error, client_left=left,
+                                     queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
     return json_response(
         {"thread_id": thread_id, "user_message": flight.user_message, "message": message,
          "coalesce": coalesce}
@@ -237,6 +238,7 @@ async def stream_flight(
     metrics = request.app[METRICS]
     ttft: float | None = None
     error: str | None = None
+    left = False
     try:
         await flight.ready.wait()
         if flight.stream_id is None:  # failed before any row was written: a plain error
@@ -247,6 +249,7 @@ async def stream_flight(
             sep="\n", allow_all_methods=True, ping_interval=request.app[SETTINGS].ping_interval_s,
         )
         await resp.prepare(request)
+        request[STREAM_STARTED] = True
         async with resp:  # stops the keep-alive pings however the stream ends
             await send(resp, encode_event("meta", {
                 "stream_id": flight.stream_id,
@@ -263,74 +266,16 @@ async def stream_flight(
         if flight.error is not None:
             error = flight.error.type
         return resp
-    finally:
-        flight.remove_listener()
-    metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
-                                 latency_s=time.perf_counter() - started,
-                                 queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
-    return json_response(
-        {"thread_id": thread_id, "user_message": flight.user_message, "message": message,
-         "coalesce": coalesce}
-    )
-
-
-# -- streams ----------------------------------------------------------------
-
-
-async def stream_flight(
-    request: web.Request,
-    flight: Flight,
-    *,
-    coalesce: str,
-    started: float,
-    route: str,
-    listening: bool,
-    cursor: int = 1,
-) -> web.StreamResponse:
-    """Answer with the flight's SSE stream from delta ``cursor``; the caller is a listener.
-
-    With ``listening`` the caller was already counted (``Hub.submit``);
-    otherwise it is counted here. Either way it is uncounted when the stream
-    ends or the client leaves (the handler is cancelled then, idle or not).
-    """
-    if not listening:
-        flight.add_listener()
-    metrics = request.app[METRICS]
-    ttft: float | None = None
-    error: str | None = None
-    try:
-        await flight.ready.wait()
-        if flight.stream_id is None:  # failed before any row was written: a plain error
-            assert flight.error is not None
-            error = flight.error.type
-            raise flight.error
-        resp = EventSourceResponse(
-            sep="\n", allow_all_methods=True, ping_interval=request.app[SETTINGS].ping_interval_s,
-        )
-        await resp.prepare(request)
-        meta = {
-            "stream_id": flight.stream_id,
-            "thread_id": flight.turn.thread_id,
-            "user_message_id": flight.user_message["message_id"] if flight.user_message else None,
-            "coalesce": coalesce,
-            "provider": flight.turn.provider.name,
-            "model": flight.turn.model,
-        }
-        await resp.write(encode_event("meta", meta))
-        async for frames in flight.frames(cursor):
-            if ttft is None and (b"event: delta" in frames or b"event: snapshot" in frames):
-                ttft = time.perf_counter() - started
-            async with asyncio.timeout(SEND_TIMEOUT_S):
-                await resp.write(frames)
-        if flight.error is not None:
-            error = flight.error.type
-        await resp.write_eof()
-        return resp
+    except (asyncio.CancelledError, ConnectionResetError, TimeoutError):
+        # the client left (its handler is cancelled, idle or not; or a write found the
+        # connection gone), or took nothing for SEND_TIMEOUT_S and was dropped
+        left = True
+        raise
     finally:
         flight.remove_listener()
         metrics.record(RequestRecord(
             route=route, mode="sse", coalesce=coalesce if route == "messages" else None,
-            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error,
+            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error, client_left=left,
             queue_wait_s=flight.queue_wait_s if coalesce == "leader" and route == "messages" else None,
         ))
 
@@ -373,6 +318,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         raise NotFound("stream not found")
     resp = EventSourceResponse(sep="\n", allow_all_methods=True)
     await resp.prepare(request)
+    request[STREAM_STARTED] = True
     async with resp:
         await send(resp, encode_event("meta", {
             "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": None,
