@@ -142,10 +142,6 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # before the announcement: a signal right after it is ours
-        loop.add_signal_handler(sig, stop.set)
     if announce:
         for address in runner.addresses:
             host, port = address[0], address[1]
