@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,7 @@ async def test_closing_the_stream_closes_the_connection_and_complete_calls_reuse
     assert len(fake.connections) == 1  # read to the end: the connection went back to the pool
     fake.script(Script(n=5, hold_after=2))
     stream = provider.stream(ask("three"))
+    assert isinstance(stream, AsyncGenerator)  # closable: how a flight aborts its call
     assert (await anext(stream)).text and (await anext(stream)).text
     call = fake.calls[-1]
     await stream.aclose()

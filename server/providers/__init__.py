@@ -14,6 +14,7 @@ the hub has cancelled every flight.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import aiohttp
 
@@ -108,11 +109,11 @@ async def build_registry(settings: Settings) -> ProviderRegistry:
             mock = MockProvider(name=spec.name, max_concurrency=spec.max_concurrency)
             providers.append(mock)
             continue
-        common = dict(name=spec.name, base_url=r.base_url, session=session, api_key=r.api_key,
-                      api_key_env=spec.api_key_env, key_required=spec.key_required,
-                      max_concurrency=spec.max_concurrency, timeouts=spec.timeouts,
-                      default_model=spec.default_model, models=spec.models, headers=spec.headers,
-                      unusable=r.unusable)
+        common: dict[str, Any] = dict(name=spec.name, base_url=r.base_url, session=session, api_key=r.api_key,
+                                      api_key_env=spec.api_key_env, key_required=spec.key_required,
+                                      max_concurrency=spec.max_concurrency, timeouts=spec.timeouts,
+                                      default_model=spec.default_model, models=spec.models,
+                                      headers=spec.headers, unusable=r.unusable)
         if spec.kind == "anthropic":
             extra = {} if spec.max_tokens is None else {"max_tokens": spec.max_tokens}
             providers.append(AnthropicProvider(**common, **extra))

@@ -164,10 +164,10 @@ class _EventParser(StreamParser):
         u = self._usage
         if not u:
             return None
-        prompt = sum(u.get(k) or 0 for k in ("input_tokens", "cache_creation_input_tokens",
-                                              "cache_read_input_tokens")
-                     if isinstance(u.get(k), int))
-        completion = u.get("output_tokens") if isinstance(u.get("output_tokens"), int) else 0
+        counts = [u.get(k) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
+        prompt = sum(c for c in counts if isinstance(c, int))
+        output = u.get("output_tokens")
+        completion = output if isinstance(output, int) else 0
         return {**u, "prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
