@@ -229,6 +229,7 @@ async def test_leaving_before_the_response_headers_closes_the_connection(
     assert call.connection.closed_at is not None
     elapsed = call.connection.closed_at - left
     record_property("upstream_close_ms", round(elapsed * 1000, 1))
+    print(f"{b.name} before headers: upstream connection closed {elapsed * 1000:.1f} ms after the listener left")
     assert elapsed < 1.0, f"closed {elapsed * 1000:.0f} ms after the listener left"
     await wait_status(b.gw, b.tid, "cancelled")
 
