@@ -17,6 +17,7 @@ from server.errors import RateLimited, UpstreamError
 from server.providers import MockProvider
 from server.providers.mock import mock_answer
 
+from .fake_upstream import FakeUpstream, Script
 from .helpers import ScriptedProvider, registry, within
 
 FAST = "mock:ttft=0,itl=0,n=6"
@@ -548,3 +549,47 @@ async def test_client_leaving_mid_stream_aborts_the_upstream_call(gateway_factor
     await until(lambda: gw.metrics.registry.get_sample_value("dac_request_duration_seconds_count", labels) == 1,
                 "the request to be recorded as client_left")
     assert not [r for r in gw.metrics.records if r.error]
+
+
+# -- through a real adapter: the fake OpenAI-compatible upstream ---------------------------------
+
+
+async def test_twenty_sdk_streams_through_the_openai_provider_make_one_upstream_call(gateway_factory) -> None:
+    async with FakeUpstream.start() as fake:
+        fake.script(Script(n=6))
+        fake.script(Script(n=6, hold_first=True), times=1)  # the gateway's call waits for all 20
+        gw = await gateway_factory(env=fake.env("openai"))
+        async with sdk(gw) as client:
+            tasks = [asyncio.create_task(streamed(client, model="openai/gpt-4o-mini", messages=user("fan out"),
+                                                  temperature=0.5))
+                     for _ in range(20)]
+            call = await fake.next_call()
+            await within(call.paused.wait(), 10, "the upstream call to be held before its first token")
+            await until(lambda: listeners(gw) == 20, "twenty listeners")
+            call.release()
+            results = [await within(t, 10, "a stream") for t in tasks]
+        async with openai.AsyncOpenAI(base_url=fake.openai_url, api_key=fake.api_key, max_retries=0) as direct:
+            straight = await streamed(direct, model="gpt-4o-mini", messages=user("fan out"))
+        assert len(fake.calls) == 2  # one for the twenty gateway streams, one direct
+    expected = "".join(mock_answer("fan out", 6))
+    assert [text_of(chunks) for chunks in results] == [expected] * 20
+    assert text_of(straight) == expected
+    assert call.body["model"] == "gpt-4o-mini" and call.body["temperature"] == 0.5
+    assert call.body["messages"] == user("fan out")
+
+
+async def test_upstream_statuses_through_the_openai_provider_reach_the_sdk(gateway_factory) -> None:
+    async with FakeUpstream.start() as fake:
+        fake.script(Script(status=429, retry_after="7"), model="busy")
+        fake.script(Script(status=500), model="broken")
+        gw = await gateway_factory(env=fake.env("openai"))
+        async with sdk(gw) as client:
+            for stream in (False, True):
+                with pytest.raises(openai.RateLimitError) as limited:
+                    await within(client.chat.completions.create(
+                        model="openai/busy", messages=user(f"a {stream}"), stream=stream))
+                assert limited.value.response.headers["retry-after"] == "7"
+                with pytest.raises(openai.InternalServerError) as broken:
+                    await within(client.chat.completions.create(
+                        model="openai/broken", messages=user(f"b {stream}"), stream=stream))
+                assert broken.value.status_code == 502

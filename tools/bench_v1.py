@@ -4,8 +4,7 @@ The same official ``openai`` client streams the same prompts two ways, in
 alternating order run by run: straight to a fake upstream, and through the
 gateway. Each side runs in its own process (fake, gateway, this client), all
 on 127.0.0.1. TTFT is the time from ``create()`` to the first content chunk.
-The fake is the test suite's (``python -m tests.fake_upstream``) when it is
-there, else a minimal one in this file (``--fake own``).
+The fake is the test suite's (``python -m tests.fake_upstream``).
 
 - ``--upstream openai``: the gateway's ``openai`` provider points at the fake
   (``OPENAI_BASE_URL``), so the gateway path is client -> gateway -> fake.
@@ -27,7 +26,6 @@ import asyncio
 import math
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import orjson
-from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TTFT_MS = 50.0
@@ -50,64 +46,6 @@ DEFAULT_WARMUP = 5
 START_TIMEOUT_S = 20.0
 LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 CALLS = re.compile(r"fake upstream: (\d+) calls")
-
-
-# -- the fake upstream (its own process) ---------------------------------------------
-
-
-def fake_app(*, ttft_ms: float, itl_ms: float, n: int) -> web.Application:
-    """OpenAI's streaming chat completions: role chunk, content chunks, finish, usage, [DONE]."""
-    app = web.Application()
-    calls = 0
-
-    def frame(data: Any) -> bytes:
-        return b"data: " + orjson.dumps(data) + b"\n\n"
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        nonlocal calls
-        calls += 1
-        body = await request.json()
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": body["model"], "system_fingerprint": None}
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            return frame({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                               "finish_reason": finish}]})
-
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        await resp.write(chunk({"role": "assistant", "content": ""}))
-        await asyncio.sleep(ttft_ms / 1000)
-        for i in range(n):
-            if i and itl_ms:
-                await asyncio.sleep(itl_ms / 1000)
-            await resp.write(chunk({"content": f" token{i}" if i else "token0"}))
-        await resp.write(chunk({}, "stop"))
-        if (body.get("stream_options") or {}).get("include_usage"):
-            await resp.write(frame({**base, "choices": [],
-                                    "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}}))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    app.router.add_post("/v1/chat/completions", completions)
-    app["calls"] = lambda: calls
-    return app
-
-
-async def serve_fake(args: argparse.Namespace) -> None:
-    app = fake_app(ttft_ms=args.ttft, itl_ms=args.itl, n=args.tokens)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    print(f"fake upstream listening on http://{host}:{port}", flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    print(f"fake upstream: {app['calls']()} calls", flush=True)
-    await runner.cleanup()
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -137,11 +75,8 @@ def stop(proc: subprocess.Popen[str]) -> str:
 
 
 def fake_command(args: argparse.Namespace) -> list[str]:
-    if args.fake == "shared":
-        return [sys.executable, "-m", "tests.fake_upstream", "--port", "0", "--api-key", "",
-                "--ttft-ms", str(args.ttft), "--itl-ms", str(args.itl), "--tokens", str(args.tokens)]
-    return [sys.executable, str(Path(__file__).resolve()), "--serve-fake", "--ttft", str(args.ttft),
-            "--itl", str(args.itl), "--tokens", str(args.tokens)]
+    return [sys.executable, "-m", "tests.fake_upstream", "--port", "0", "--api-key", "",
+            "--ttft-ms", str(args.ttft), "--itl-ms", str(args.itl), "--tokens", str(args.tokens)]
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -198,7 +133,7 @@ def report(args: argparse.Namespace, result: dict[str, Any], calls: int | None) 
     def ms(seconds: float) -> str:
         return f"{seconds * 1000:7.2f}"
 
-    print(f"fake={args.fake} upstream={args.upstream} concurrency={args.concurrency} runs={args.runs} "
+    print(f"upstream={args.upstream} concurrency={args.concurrency} runs={args.runs} "
           f"ttft={args.ttft:g}ms itl={args.itl:g}ms tokens={args.tokens}")
     print(f"{'':18}{'p50 ms':>8}{'p95 ms':>8}")
     for side in ("direct", "gateway"):
@@ -237,21 +172,16 @@ async def bench(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    adapter = (ROOT / "server" / "providers" / "openai.py").is_file()
-    parser.add_argument("--upstream", choices=("openai", "mock"), default="openai" if adapter else "mock",
+    parser.add_argument("--upstream", choices=("openai", "mock"), default="openai",
                         help="what the gateway calls: its openai provider pointed at the fake, or its mock")
-    parser.add_argument("--fake", choices=("shared", "own"),
-                        default="shared" if (ROOT / "tests" / "fake_upstream.py").is_file() else "own",
-                        help="the test suite's fake upstream, or the minimal one in this file")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--ttft", type=float, default=DEFAULT_TTFT_MS, help="fake's first-token delay, ms")
     parser.add_argument("--itl", type=float, default=DEFAULT_ITL_MS, help="fake's gap between tokens, ms")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
-    parser.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    asyncio.run(serve_fake(args) if args.serve_fake else bench(args))
+    asyncio.run(bench(args))
 
 
 if __name__ == "__main__":
