@@ -246,6 +246,17 @@ async def test_unknown_model_is_not_found(gateway) -> None:
             assert model in caught.value.body["message"]
 
 
+async def test_a_provider_without_its_key_is_a_bad_request_naming_the_variable(gateway) -> None:
+    async with sdk(gateway) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await within(client.chat.completions.create(model="openai/gpt-4o-mini", messages=user("hi")))
+        listed = [m.id for m in (await within(client.models.list())).data]
+    assert "OPENAI_API_KEY" in caught.value.message
+    assert caught.value.body["code"] == "provider_not_configured"
+    # only providers that can answer are listed (ollama needs no key)
+    assert "mock/mock" in listed and not [m for m in listed if m.startswith(("openai/", "perplexity/"))]
+
+
 async def test_raw_errors_have_openai_shape_and_status(gateway_factory) -> None:
     gw = await gateway_factory(max_body_bytes=4096)
     url = f"{gw.url}/v1/chat/completions"

@@ -108,6 +108,7 @@ async def openai_errors(
     The error is counted here by the gateway's type (the body's ``type`` is
     OpenAI's); a request whose record counted it already is not counted twice.
     """
+    allow: str | None = None
     try:
         return await handler(request)
     except GatewayError as exc:
@@ -123,18 +124,17 @@ async def openai_errors(
         else:
             error = GatewayError(exc.reason, type="method_not_allowed" if exc.status == 405 else "http_error",
                                  status=exc.status)
-        response = error_response(error)
-        if "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        request.config_dict[METRICS].count_error(error.type)
-        return response
+        allow = exc.headers.get("Allow")
     except Exception:
         if request.get(STREAM_STARTED):
             raise  # the status line is gone: aiohttp closes the connection
         log.exception("unexpected error on %s %s", request.method, request.path)
         error = GatewayError("internal server error; the failure was logged")
     request.config_dict[METRICS].count_error(error.type)
-    return error_response(error)
+    response = error_response(error)
+    if allow is not None:
+        response.headers["Allow"] = allow
+    return response
 
 
 # -- who is asking ------------------------------------------------------------
