@@ -26,7 +26,7 @@ import abc
 import asyncio
 import email.utils
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -391,7 +391,7 @@ class HTTPProvider(Provider):
     def _secrets(self) -> tuple[str | None, ...]:
         return (self._api_key,)
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[Chunk, None]:
         deadlines = Deadlines(provider=self.name, timeouts=self.timeouts)
         payload = orjson.dumps(self.body(request))
         resp = await deadlines.run(self._session.post(
