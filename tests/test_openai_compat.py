@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import openai
@@ -14,7 +14,7 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from server.errors import RateLimited, UpstreamError
-from server.providers import MockProvider
+from server.providers import Chunk, MockProvider, ProviderRequest
 from server.providers.mock import mock_answer
 
 from .fake_upstream import FakeUpstream, Script
@@ -136,6 +136,28 @@ async def test_text_parts_and_developer_role_are_normalised_for_the_provider(gat
                                      {"role": "user", "content": "part one\npart two"}]
     assert call.request.params == {"temperature": 1.0, "max_tokens": 50, "stop": ["\n\n"], "seed": 7,
                                    "search_recency_filter": "week"}
+
+
+class TruncatingProvider(MockProvider):
+    """Answers two words, then says the answer was cut at its token limit, as adapters do."""
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+        yield Chunk(text="cut")
+        yield Chunk(text=" short")
+        yield Chunk(meta={"finish_reason": "length", "citations": ["https://example.org/a"]})
+
+
+async def test_finish_reason_and_vendor_extras_come_from_the_upstream(gateway_factory) -> None:
+    gw = await gateway_factory(providers=registry(TruncatingProvider(name="short")))
+    async with sdk(gw) as client:
+        chunks = await streamed(client, model="short/mock", messages=user("long question"), max_tokens=2)
+        whole = await within(client.chat.completions.create(model="short/mock", messages=user("another"),
+                                                            max_tokens=2))
+    assert text_of(chunks) == "cut short" and chunks[-1].choices[0].finish_reason == "length"
+    assert whole.choices[0].finish_reason == "length" and whole.choices[0].message.content == "cut short"
+    # Perplexity-style extras ride at the top level, where OpenAI-style clients look for them
+    assert chunks[-1].model_extra == {"citations": ["https://example.org/a"]}
+    assert whole.model_extra == {"citations": ["https://example.org/a"]}
 
 
 async def test_a_model_name_without_a_provider_prefix_goes_to_the_default_provider(gateway_factory) -> None:

@@ -331,6 +331,12 @@ def _usage(flight: Flight) -> dict[str, Any]:
     return {**usage, "prompt_tokens": prompt, "completion_tokens": completion}
 
 
+def _finish_reason(flight: Flight) -> str:
+    """What ended the answer; adapters keep the upstream's in the message meta (``length``...)."""
+    reason = flight.message["meta"].get("finish_reason") if flight.message else None
+    return reason if isinstance(reason, str) and reason else "stop"
+
+
 def _extras(flight: Flight) -> dict[str, Any]:
     meta = flight.message["meta"] if flight.message else {}
     return {k: meta[k] for k in EXTRAS if k in meta}
@@ -375,7 +381,7 @@ class _Completion:
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": "stop"}],
+                         "logprobs": None, "finish_reason": _finish_reason(flight)}],
             "usage": _usage(flight),
             **_extras(flight),
         }
@@ -419,7 +425,7 @@ async def _stream(request: web.Request, flight: Flight, call: _Call, coalesce: s
                 if flight.error is not None:
                     frames.append(_frame(_error_body(flight.error)))
                 else:
-                    frames.append(answer.chunk({}, "stop", **_extras(flight)))
+                    frames.append(answer.chunk({}, _finish_reason(flight), **_extras(flight)))
                     if call.include_usage:
                         frames.append(answer.usage_chunk(_usage(flight)))
                     frames.append(DONE)
