@@ -103,3 +103,14 @@ async def test_cancelled_waiter_does_not_break_others() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         EventLog(capacity=0)
+
+
+def test_texts_reads_every_delta_even_past_the_ring() -> None:
+    log = EventLog(capacity=2)
+    for t in "abcd":
+        log.append(t)
+    assert log.texts(1) == (["a", "b", "c", "d"], 5, False)  # no snapshot: all texts are kept
+    assert log.texts(4) == (["d"], 5, False)
+    assert log.texts(5) == ([], 5, False)
+    log.close(encode_event("done", {}, 5), seq=5)
+    assert log.texts(5) == ([], 5, True)
