@@ -52,8 +52,9 @@ async def errors_middleware(
         return await handler(request)
     except GatewayError as exc:
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(PayloadTooLarge(f"request body too large (limit {exc.max_size} bytes)"))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].max_body_bytes
+        return error_response(PayloadTooLarge(f"request body too large (limit {limit} bytes)"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -119,6 +120,10 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
     """Run until SIGINT or SIGTERM, then shut down cleanly."""
     import asyncio
 
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     app = make_app(settings)
     runner = web.AppRunner(
         app,
@@ -133,10 +138,6 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
         for address in runner.addresses:
             host, port = address[0], address[1]
             print(f"DAC gateway listening on http://{host}:{port} (db {settings.db_path})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:

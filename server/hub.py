@@ -319,6 +319,10 @@ class Hub:
                 raise
             except LookupError:
                 raise NotFound("thread not found (it was deleted)") from None
+            except Exception as exc:
+                log.exception("could not write the turn of thread %s", turn.thread_id)
+                raise GatewayError(f"could not save the message ({exc.__class__.__name__})",
+                                   type="store_error") from None
         self._opened(flight, user, assistant)
         return messages
 

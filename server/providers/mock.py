@@ -32,11 +32,16 @@ _WORDS = (
 ).split()
 
 
+DEFAULT_TTFT_MS = 100.0
+DEFAULT_ITL_MS = 20.0
+DEFAULT_TOKENS = 24
+
+
 @dataclass(frozen=True, slots=True)
 class MockSpec:
-    ttft_ms: float = 100.0
-    itl_ms: float = 20.0
-    n: int = 24
+    ttft_ms: float = DEFAULT_TTFT_MS
+    itl_ms: float = DEFAULT_ITL_MS
+    n: int = DEFAULT_TOKENS
     fail: bool = False
     fail_at: int | None = None
 
@@ -57,9 +62,9 @@ class MockSpec:
             raise BadRequest(f"unknown mock option(s): {', '.join(sorted(unknown))}")
         try:
             spec = cls(
-                ttft_ms=float(values.get("ttft", cls.ttft_ms)),
-                itl_ms=float(values.get("itl", cls.itl_ms)),
-                n=int(values.get("n", cls.n)),
+                ttft_ms=float(values.get("ttft", DEFAULT_TTFT_MS)),
+                itl_ms=float(values.get("itl", DEFAULT_ITL_MS)),
+                n=int(values.get("n", DEFAULT_TOKENS)),
                 fail=values.get("fail", "0") not in ("0", "", "false"),
                 fail_at=int(values["failat"]) if "failat" in values else None,
             )

@@ -29,7 +29,7 @@ ORG_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_CONTENT_CHARS = 200_000
 MAX_TITLE_CHARS = 200
 #: a write that a client does not take within this long ends its stream
-SEND_TIMEOUT_S = 60.0
+SEND_TIMEOUT_S = EventSourceResponse.DEFAULT_SEND_TIMEOUT or 120.0
 
 
 def json_response(data: Any, *, status: int = 200) -> web.Response:
@@ -164,6 +164,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         no_cache=not idempotent or "no-cache" in request.headers.get("Cache-Control", "").lower(),
     )
     metrics = app[METRICS]
+    error: str | None = None
 
     if sse:
         flight, coalesce = app[HUB].submit(turn, listen=True)
@@ -176,13 +177,11 @@ async def post_message(request: web.Request) -> web.StreamResponse:
             await flight.ready.wait()
             if flight.stream_id is None:
                 assert flight.error is not None
+                error = flight.error.type
                 raise flight.error
-        except GatewayError as exc:
+        finally:
             metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
-                                         latency_s=time.perf_counter() - started, error=exc.type))
-            raise
-        metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
-                                     latency_s=time.perf_counter() - started))
+                                         latency_s=time.perf_counter() - started, error=error))
         return json_response(
             {
                 "stream_id": flight.stream_id,
@@ -198,15 +197,13 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     try:
         message = await flight.result()
     except GatewayError as exc:
-        metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
-                                     latency_s=time.perf_counter() - started, error=exc.type,
-                                     queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
+        error = exc.type
         raise
     finally:
         flight.remove_listener()
-    metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
-                                 latency_s=time.perf_counter() - started,
-                                 queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
+        metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
+                                     latency_s=time.perf_counter() - started, error=error,
+                                     queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
     return json_response(
         {"thread_id": thread_id, "user_message": flight.user_message, "message": message,
          "coalesce": coalesce}
@@ -247,23 +244,21 @@ async def stream_flight(
             sep="\n", allow_all_methods=True, ping_interval=request.app[SETTINGS].ping_interval_s,
         )
         await resp.prepare(request)
-        meta = {
-            "stream_id": flight.stream_id,
-            "thread_id": flight.turn.thread_id,
-            "user_message_id": flight.user_message["message_id"] if flight.user_message else None,
-            "coalesce": coalesce,
-            "provider": flight.turn.provider.name,
-            "model": flight.turn.model,
-        }
-        await resp.write(encode_event("meta", meta))
-        async for frames in flight.frames(cursor):
-            if ttft is None and (b"event: delta" in frames or b"event: snapshot" in frames):
-                ttft = time.perf_counter() - started
-            async with asyncio.timeout(SEND_TIMEOUT_S):
-                await resp.write(frames)
+        async with resp:  # stops the keep-alive pings however the stream ends
+            await send(resp, encode_event("meta", {
+                "stream_id": flight.stream_id,
+                "thread_id": flight.turn.thread_id,
+                "user_message_id": flight.user_message["message_id"] if flight.user_message else None,
+                "coalesce": coalesce,
+                "provider": flight.turn.provider.name,
+                "model": flight.turn.model,
+            }))
+            async for frames in flight.frames(cursor):
+                if ttft is None and (b"event: delta" in frames or b"event: snapshot" in frames):
+                    ttft = time.perf_counter() - started
+                await send(resp, frames)
         if flight.error is not None:
             error = flight.error.type
-        await resp.write_eof()
         return resp
     finally:
         flight.remove_listener()
@@ -272,6 +267,16 @@ async def stream_flight(
             latency_s=time.perf_counter() - started, ttft_s=ttft, error=error,
             queue_wait_s=flight.queue_wait_s if coalesce == "leader" and route == "messages" else None,
         ))
+
+
+async def send(resp: EventSourceResponse, frames: bytes) -> None:
+    """Write pre-encoded SSE bytes; a client that takes none for SEND_TIMEOUT_S is dropped."""
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            await resp.write(frames)
+    except TimeoutError:
+        resp.stop_streaming()
+        raise
 
 
 def _last_event_id(request: web.Request) -> int:
@@ -302,22 +307,23 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         raise NotFound("stream not found")
     resp = EventSourceResponse(sep="\n", allow_all_methods=True)
     await resp.prepare(request)
-    await resp.write(encode_event("meta", {
-        "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": None,
-        "coalesce": "cache", "provider": message["provider"], "model": message["model"],
-    }))
-    if message["status"] == "complete":
-        await resp.write(encode_event("done", {"message": message}))
-    else:
-        stored = message["meta"].get("error") if isinstance(message["meta"], dict) else None
-        status = message["status"]
-        error = stored or {
-            "type": "cancelled" if status == "cancelled" else "interrupted",
-            "message": f"this answer ended {status}" + (" (the server restarted)" if status != "cancelled" else ""),
-            "retryable": True,
-        }
-        await resp.write(encode_event("error", {"error": error}))
-    await resp.write_eof()
+    async with resp:
+        await send(resp, encode_event("meta", {
+            "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": None,
+            "coalesce": "cache", "provider": message["provider"], "model": message["model"],
+        }))
+        if message["status"] == "complete":
+            await send(resp, encode_event("done", {"message": message}))
+        else:
+            stored = message["meta"].get("error") if isinstance(message["meta"], dict) else None
+            status = message["status"]
+            error = stored or {
+                "type": "cancelled" if status == "cancelled" else "interrupted",
+                "message": f"this answer ended {status}"
+                + (" (the server restarted)" if status != "cancelled" else ""),
+                "retryable": True,
+            }
+            await send(resp, encode_event("error", {"error": error}))
     return resp
 
 

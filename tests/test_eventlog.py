@@ -1,0 +1,105 @@
+"""The replay ring: absolute sequence numbers, encoded once, snapshots for laggards."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from server.eventlog import EventLog, encode_event
+
+from .helpers import within
+
+
+def parse(frames: list[bytes]) -> list[tuple[str, int | None, dict]]:
+    out = []
+    for frame in b"".join(frames).split(b"\n\n"):
+        if not frame:
+            continue
+        fields = dict(line.split(b": ", 1) for line in frame.split(b"\n"))
+        eid = int(fields[b"id"]) if b"id" in fields else None
+        out.append((fields[b"event"].decode(), eid, orjson.loads(fields[b"data"])))
+    return out
+
+
+def test_encode_event_is_sse() -> None:
+    assert encode_event("delta", {"text": "a\nb"}, 3) == b'id: 3\nevent: delta\ndata: {"text":"a\\nb"}\n\n'
+    assert encode_event("error", {"x": 1}) == b'event: error\ndata: {"x":1}\n\n'
+
+
+def test_replay_from_first_and_resume_after_n() -> None:
+    log = EventLog(capacity=8)
+    for t in ["a", "b", "c"]:
+        log.append(t)
+    frames, cursor, finished = log.read(1)
+    assert [(e, i, d["text"]) for e, i, d in parse(frames)] == [("delta", 1, "a"), ("delta", 2, "b"), ("delta", 3, "c")]
+    assert (cursor, finished) == (4, False)
+    frames, cursor, _ = log.read(3)  # Last-Event-ID: 2
+    assert [i for _, i, _ in parse(frames)] == [3]
+
+
+def test_each_event_is_encoded_once_and_shared() -> None:
+    log = EventLog(capacity=4)
+    log.append("x")
+    a, _, _ = log.read(1)
+    b, _, _ = log.read(1)
+    assert a[0] is b[0]  # the same bytes object for every subscriber
+
+
+def test_laggard_gets_snapshot_then_continues() -> None:
+    log = EventLog(capacity=3)
+    for t in "abcdef":
+        log.append(t)
+    assert log.first_seq == 4
+    frames, cursor, _ = log.read(2)
+    assert parse(frames) == [("snapshot", 6, {"text": "abcdef"})]
+    assert cursor == 7
+    log.append("g")
+    frames, cursor, _ = log.read(cursor)
+    assert parse(frames) == [("delta", 7, {"text": "g"})]
+
+
+def test_close_ends_every_reader_and_refuses_appends() -> None:
+    log = EventLog(capacity=4)
+    log.append("a")
+    log.close(encode_event("done", {"message": {}}, 2), seq=2)
+    frames, _, finished = log.read(1)
+    assert finished and [e for e, _, _ in parse(frames)] == ["delta", "done"]
+    frames, _, finished = log.read(5)  # resuming after done still gets done
+    assert finished and [e for e, _, _ in parse(frames)] == ["done"]
+    with pytest.raises(RuntimeError):
+        log.append("late")
+
+
+async def test_wait_wakes_every_waiter_on_append() -> None:
+    log = EventLog(capacity=4)
+    woke = 0
+
+    async def waiter() -> None:
+        nonlocal woke
+        await log.wait(1)
+        woke += 1
+
+    tasks = [asyncio.create_task(waiter()) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert woke == 0
+    log.append("a")
+    await within(asyncio.gather(*tasks), 2, "waiters to wake")
+    assert woke == 5
+
+
+async def test_cancelled_waiter_does_not_break_others() -> None:
+    log = EventLog(capacity=4)
+    doomed = asyncio.create_task(log.wait(1))
+    other = asyncio.create_task(log.wait(1))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    log.append("a")
+    await within(other, 2, "the surviving waiter")
+    assert doomed.cancelled()
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        EventLog(capacity=0)
