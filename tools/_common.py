@@ -45,6 +45,7 @@ __all__ = [
     "SseEvent",
     "cpu_split",
     "free_port",
+    "http_open",
     "markdown_table",
     "metric_sum",
     "ms",
@@ -67,6 +68,13 @@ DEFAULT_STOP_TIMEOUT_S = 15.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: Linux encodes a process's CPU clock as ~pid << 3 | 2 (CPUCLOCK_SCHED, whole process)
 _CPUCLOCK_SCHED = 2
+#: plain HTTP to 127.0.0.1: never through a proxy from the environment
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_open(request: str | urllib.request.Request, *, timeout: float = 60.0) -> Any:
+    """``urlopen`` without proxies, for the few blocking calls the tools make to local servers."""
+    return _OPENER.open(request, timeout=timeout)
 
 
 def progress(message: str) -> None:
@@ -139,11 +147,18 @@ def pin(pid: int, cores: set[int] | None) -> bool:
 
 
 class ServerProcess:
-    """``python -m server`` on a free 127.0.0.1 port with a fresh database; a context manager."""
+    """A server in a child process on a free 127.0.0.1 port; a context manager.
+
+    By default the gateway, ``python -m server``, with a fresh database;
+    ``command`` runs something else (``{port}`` in it is replaced), ready when
+    ``ready_path`` answers 200.
+    """
 
     def __init__(
         self,
         *,
+        command: Sequence[str] | None = None,
+        ready_path: str = "/readyz",
         env: Mapping[str, str] | None = None,
         port: int | None = None,
         db: str | None = None,
@@ -154,12 +169,21 @@ class ServerProcess:
         self.port = port or free_port()
         self.db = db or str(Path(self._tmp.name) / "dac.db")
         self.url = f"http://127.0.0.1:{self.port}"
+        if command is None:
+            command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "{port}", "--db", self.db]
+        self.command = [part.replace("{port}", str(self.port)) for part in command]
+        self.ready_path = ready_path
         self.env = {**os.environ, **(env or {})}
         self.cores = cores
         self.pinned = False
         self.ready_timeout_s = ready_timeout_s
         self.log_path = Path(self._tmp.name) / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def workdir(self) -> Path:
+        """A temporary folder that lives as long as this object (config files go here)."""
+        return Path(self._tmp.name)
 
     @property
     def pid(self) -> int:
@@ -169,24 +193,24 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         log = self.log_path.open("wb")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), "--db", self.db],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
         self.pinned = pin(self._proc.pid, self.cores)
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self._proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.command[0]} exited with {self._proc.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as resp:
+                with http_open(f"{self.url}{self.ready_path}", timeout=1) as resp:
                     if resp.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the server did not get ready in {self.ready_timeout_s} s:\n{self.log_tail()}")
+                raise RuntimeError(f"{' '.join(self.command[:3])} did not get ready in "
+                                   f"{self.ready_timeout_s} s:\n{self.log_tail()}")
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 30) -> str:
