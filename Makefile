@@ -7,6 +7,8 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
+NODE_STAMP = node_modules/.package-lock.json
+
 .PHONY: run test validate install clean
 
 $(PY):
@@ -22,11 +24,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m server
 
-test: $(STAMP)
+# The browser tests drive Debian's Chromium with playwright-core from npm; without npm
+# (or without /usr/bin/chromium) they skip and say why.
+$(NODE_STAMP): package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --no-audit --no-fund; \
+	else echo "npm not found: browser tests will be skipped"; fi
+
+test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 validate: $(STAMP)
 	$(PY) tools/validate.py --serve $(VALIDATE_ARGS)
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) data .pytest_cache node_modules

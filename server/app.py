@@ -33,6 +33,9 @@ PACER = web.AppKey("pacer", Pacer)
 PROVIDERS = web.AppKey("providers", ProviderRegistry)
 HUB = web.AppKey("hub", Hub)
 
+#: set on a request once its streaming response has been prepared
+STREAM_STARTED = "dac.stream_started"
+
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
@@ -65,6 +68,11 @@ async def errors_middleware(
         if exc.status == 405 and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    except Exception:
+        if request.get(STREAM_STARTED):
+            raise  # the status line is gone: aiohttp closes the connection
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(GatewayError("internal server error; the failure was logged"))
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -101,6 +101,7 @@ class Flight:
         self.queue_wait_s: float | None = None
         self.ttft_s: float | None = None
         self.called_upstream = False
+        self.upstream_started: float | None = None  # perf_counter when the provider was asked
         self.created = time.perf_counter()
         self.finished_at: float | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -179,6 +180,7 @@ class Hub:
         self._cache_bytes = 0
         self._live: dict[asyncio.Task[None], Flight] = {}  # leader tasks not yet finished
         self.closing = False
+        metrics.watch_cache(entries=lambda: len(self._cache), size_bytes=lambda: self._cache_bytes)
 
     # -- joining ---------------------------------------------------------
 
@@ -342,7 +344,7 @@ class Hub:
         deltas = metrics.deltas.labels(provider.name)
         request = ProviderRequest(model=turn.model, messages=messages, params=dict(turn.params))
         flight.called_upstream = True
-        started = last = time.perf_counter()
+        started = last = flight.upstream_started = time.perf_counter()
         stream = provider.stream(request)
         try:
             async with aclosing(stream):
@@ -383,14 +385,12 @@ class Hub:
                 except Exception:
                     log.exception("could not save message %s", flight.message["message_id"])
         if flight.usage:
-            for kind in ("prompt_tokens", "completion_tokens"):
-                value = flight.usage.get(kind)
-                if isinstance(value, int | float):
-                    self.metrics.tokens.labels(provider, kind.removesuffix("_tokens")).inc(value)
-        if flight.called_upstream:
-            outcome = {"complete": "complete", "error": "error"}.get(status, "cancelled")
-            model_label = self.metrics.model_label(provider, turn.model)
-            self.metrics.upstream_calls.labels(provider, model_label, outcome).inc()
+            self.metrics.token_usage(provider, flight.usage)
+        if flight.called_upstream and flight.upstream_started is not None:
+            self.metrics.upstream_finished(
+                provider=provider, model=turn.model,
+                outcome={"complete": "complete", "error": "error"}.get(status, "cancelled"),
+                duration_s=time.perf_counter() - flight.upstream_started)
         if flight.cancel_reason is not None:
             self.metrics.cancels.labels(provider, flight.cancel_reason).inc()
         flight.error = error
@@ -411,7 +411,7 @@ class Hub:
         if flight.state == DONE:
             ttl = self.settings.result_ttl_s
             self._cache[id(flight)] = flight
-            self._cache_bytes += len(flight.message["content"]) if flight.message else 0
+            self._cache_bytes += _answer_bytes(flight)
             self._evict()
         elif flight.state == ERROR:
             ttl = self.settings.error_ttl_s
@@ -430,7 +430,7 @@ class Hub:
         s = self.settings
         while self._cache and (len(self._cache) > s.cache_max_entries or self._cache_bytes > s.cache_max_bytes):
             _, oldest = self._cache.popitem(last=False)
-            self._cache_bytes -= len(oldest.message["content"]) if oldest.message else 0
+            self._cache_bytes -= _answer_bytes(oldest)
             self._remove(oldest)
 
     def _remove(self, flight: Flight) -> None:
@@ -439,7 +439,7 @@ class Hub:
         if flight.stream_id is not None and self._streams.get(flight.stream_id) is flight:
             del self._streams[flight.stream_id]
         if self._cache.pop(id(flight), None) is not None:
-            self._cache_bytes -= len(flight.message["content"]) if flight.message else 0
+            self._cache_bytes -= _answer_bytes(flight)
 
     # -- shutdown ----------------------------------------------------------
 
@@ -451,3 +451,8 @@ class Hub:
             flight._abort("shutdown")
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+
+
+def _answer_bytes(flight: Flight) -> int:
+    """What a kept flight counts against ``cache_max_bytes``: its answer's UTF-8 size."""
+    return len(flight.message["content"].encode()) if flight.message else 0

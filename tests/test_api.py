@@ -213,3 +213,15 @@ async def test_idle_stream_gets_keepalive_comments(gateway_factory) -> None:
         call.finish()
         rest = await within(resp.content.read(), 5, "the end of the stream")
     assert b"event: done" in rest
+
+
+async def test_an_unexpected_failure_is_a_json_500(gateway, monkeypatch) -> None:
+    async def broken(*_: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(gateway.store, "list_threads", broken)
+    async with gateway.session.get(f"{gateway.url}/api/threads/", headers=gateway.h()) as resp:
+        assert resp.status == 500
+        body = await resp.json()
+    assert body["error"]["type"] == "internal_error"
+    assert "disk on fire" not in body["error"]["message"]  # internals stay in the log

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE
+from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE, STREAM_STARTED
 from ..errors import BadRequest, GatewayError, NotFound, Unauthorized
 from ..eventlog import encode_event
 from ..hub import Flight, TurnRequest
@@ -165,6 +165,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     )
     metrics = app[METRICS]
     error: str | None = None
+    left = False  # the client went away before its answer
 
     if sse:
         flight, coalesce = app[HUB].submit(turn, listen=True)
@@ -199,10 +200,13 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     except GatewayError as exc:
         error = exc.type
         raise
+    except asyncio.CancelledError:  # the client left before the answer was complete
+        left = True
+        raise
     finally:
         flight.remove_listener()
         metrics.record(RequestRecord(route="messages", mode="json", coalesce=coalesce,
-                                     latency_s=time.perf_counter() - started, error=error,
+                                     latency_s=time.perf_counter() - started, error=error, client_left=left,
                                      queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None))
     return json_response(
         {"thread_id": thread_id, "user_message": flight.user_message, "message": message,
@@ -234,6 +238,7 @@ async def stream_flight(
     metrics = request.app[METRICS]
     ttft: float | None = None
     error: str | None = None
+    left = False
     try:
         await flight.ready.wait()
         if flight.stream_id is None:  # failed before any row was written: a plain error
@@ -244,6 +249,7 @@ async def stream_flight(
             sep="\n", allow_all_methods=True, ping_interval=request.app[SETTINGS].ping_interval_s,
         )
         await resp.prepare(request)
+        request[STREAM_STARTED] = True
         async with resp:  # stops the keep-alive pings however the stream ends
             await send(resp, encode_event("meta", {
                 "stream_id": flight.stream_id,
@@ -260,11 +266,16 @@ async def stream_flight(
         if flight.error is not None:
             error = flight.error.type
         return resp
+    except (asyncio.CancelledError, ConnectionResetError, TimeoutError):
+        # the client left (its handler is cancelled, idle or not; or a write found the
+        # connection gone), or took nothing for SEND_TIMEOUT_S and was dropped
+        left = True
+        raise
     finally:
         flight.remove_listener()
         metrics.record(RequestRecord(
             route=route, mode="sse", coalesce=coalesce if route == "messages" else None,
-            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error,
+            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error, client_left=left,
             queue_wait_s=flight.queue_wait_s if coalesce == "leader" and route == "messages" else None,
         ))
 
@@ -307,6 +318,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         raise NotFound("stream not found")
     resp = EventSourceResponse(sep="\n", allow_all_methods=True)
     await resp.prepare(request)
+    request[STREAM_STARTED] = True
     async with resp:
         await send(resp, encode_event("meta", {
             "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": None,
