@@ -393,6 +393,8 @@ class Target:
     #: for "dac": the provider and model to name; model None means the mock mirroring the fake
     provider: str = "openai"
     model: str | None = FAKE_MODEL
+    #: for "openai": the bearer token the column wants
+    api_key: str = FAKE_KEY
     rss_idle: int | None = None
     rss_peak: dict[str, int] = field(default_factory=dict)
 
@@ -463,7 +465,7 @@ class Bench:
         if target.kind == "openai":
             body: dict[str, Any] = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": content}],
                                     "stream": stream}
-            headers = {"Authorization": f"Bearer {FAKE_KEY}"}
+            headers = {"Authorization": f"Bearer {target.api_key}"}
             if stream:
                 headers["Accept"] = "text/event-stream"
             return f"{target.base}/chat/completions", body, headers
@@ -575,6 +577,8 @@ async def section_ttft(bench: Bench, *, rounds: int) -> dict[str, Any]:
         ("failed runs", *[str(errors[t.name]) for t in bench.targets]),
     ]
     return {"title": f"1. TTFT of one stream, {rounds} alternating runs (upstream: first token after 50 ms)",
+            "note": "A new question every run, so nothing is served from a cache; the gateway column posts to "
+                    "a fresh thread (made before the clock starts) with `Accept: text/event-stream`.",
             "columns": cols, "rows": rows}
 
 
@@ -683,7 +687,15 @@ async def section_cancel(bench: Bench, *, trials: int) -> dict[str, Any]:
         ("... ratio to direct (median)", *[_fmt_ratio(cols[t.name]["ratio_median"]) for t in bench.targets]),
         ("trials not closed upstream", *[str(len(bad[t.name])) for t in bench.targets]),
     ]
+    grace = os.environ.get("DAC_CANCEL_GRACE_MS", "50")
     return {"title": f"3. Cancel latency, {trials} alternating trial(s): the client closes its socket after 3 tokens",
+            "note": f"Measured from the client's close to the moment the upstream saw its connection close "
+                    f"(both on CLOCK_MONOTONIC). The gateway waits DAC_CANCEL_GRACE_MS ({grace} ms here) for "
+                    f"another listener before it aborts the upstream call; the rest is noticing the close and "
+                    f"closing the upstream socket."
+                    + ("" if all(t.via_fake for t in bench.targets) else
+                       " The gateway's column, whose mock has no socket, is measured until the message reads "
+                       "`cancelled`."),
             "columns": cols, "rows": rows}
 
 
@@ -749,6 +761,9 @@ async def section_throughput(bench: Bench, *, requests: int, concurrency: int, r
     ]
     return {"title": f"4. Throughput: {requests} distinct non-stream requests, {concurrency} at a time, "
                      f"{rounds} alternating round(s) (upstream answers at once, 20 tokens)",
+            "note": "The gateway column is the thread API: every request stores a user and an assistant message "
+                    "in SQLite (one fresh thread per request, made before the clock starts) and streams from "
+                    "the upstream. Server CPU is the server process's user+system time over the requests.",
             "columns": cols, "rows": rows}
 
 
@@ -819,11 +834,16 @@ def find_litellm(choice: str) -> list[str] | None:
     return None
 
 
-def start_litellm(command: list[str], fake_url: str, cores: set[int] | None) -> ServerProcess:
+def start_litellm(command: list[str], fake_url: str, cores: set[int] | None) -> tuple[ServerProcess, str]:
+    """LiteLLM's proxy routing ``fake-model`` to the fake upstream; returns it and its master key."""
+    import secrets
+
+    master_key = "sk-bench-" + secrets.token_hex(16)
     proc = ServerProcess(
         command=[*command, "--host", "127.0.0.1", "--port", "{port}", "--config", "CONFIG"],
         ready_path="/health/liveliness", cores=cores, ready_timeout_s=LITELLM_READY_TIMEOUT_S,
-        env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR"},
+        env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
+             "LITELLM_MASTER_KEY": master_key},
     )
     config = proc.workdir / "litellm.yaml"
     # JSON is YAML: one model routed to the fake upstream on the loopback.
@@ -833,7 +853,7 @@ def start_litellm(command: list[str], fake_url: str, cores: set[int] | None) -> 
         "litellm_settings": {"telemetry": False, "drop_params": True},
     }))
     proc.command = [str(config) if part == "CONFIG" else part for part in proc.command]
-    return proc.start()
+    return proc.start(), master_key
 
 
 async def _probe_gateway(session: aiohttp.ClientSession, gateway: Target) -> None:
@@ -996,12 +1016,12 @@ def main(argv: list[str] | None = None, *, fanout_only: bool = False) -> int:
             if litellm_cmd is not None:
                 progress(f"starting LiteLLM's proxy: {' '.join(litellm_cmd)}")
                 try:
-                    litellm_proc = start_litellm(litellm_cmd, fake.url, server_cores)
+                    litellm_proc, master_key = start_litellm(litellm_cmd, fake.url, server_cores)
                     targets.append(Target(name="litellm", kind="openai", base=f"{litellm_proc.url}/v1",
-                                          proc=litellm_proc))
+                                          proc=litellm_proc, api_key=master_key))
                 except RuntimeError as exc:
                     progress(f"LiteLLM's proxy did not start, left out: {exc}")
-                    report["litellm"] = f"failed to start: {str(exc)[:300]}"
+                    report["litellm"] = f"failed to start ({str(exc).splitlines()[0]}; see above)"
             try:
                 import uvloop
 
