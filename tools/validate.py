@@ -115,6 +115,10 @@ def mock_variant(model: str, **options: object) -> str:
     return "mock:" + ",".join(f"{k}={v}" for k, v in values.items())
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def pct(value: float) -> str:
     return f"{value * 100:.1f}%"
 
@@ -194,7 +198,7 @@ class Validator:
                                  "provider_calls": calls, "messages": len(messages)}
         self.add(check="burst", name=f"Burst: {BURST_REQUESTS} requests on {BURST_CONNECTIONS} connections",
                  target=f"{BURST_REQUESTS}/{BURST_REQUESTS} HTTP 200, one answer",
-                 actual=f"{len(ok)}/{BURST_REQUESTS} HTTP 200, {len(texts)} distinct answer(s)",
+                 actual=f"{len(ok)}/{BURST_REQUESTS} HTTP 200, {plural(len(texts), 'distinct answer')}",
                  passed=len(ok) == BURST_REQUESTS and len(texts) == 1, value=len(ok))
         self.add(check="burst", name="Burst: provider calls", target="1 (phase-1 notes: <= 3)",
                  actual=f"{calls}", passed=calls == 1, value=calls)
@@ -227,7 +231,7 @@ class Validator:
         self.add(check="cache", name="Cache hit: identical request after the answer",
                  target="coalesce=cache, same answer, 1 provider call, 2 messages",
                  actual=(f"coalesce={role} in {ms(elapsed)}, {'same' if same else 'different'} answer, "
-                         f"{calls} provider call(s), {len(messages)} messages"),
+                         f"{plural(calls, 'provider call')}, {len(messages)} messages"),
                  passed=role == "cache" and same and calls == 1 and len(messages) == 2, value=elapsed)
 
     # -- streaming fan-out ----------------------------------------------------------
@@ -266,8 +270,8 @@ class Validator:
                  value=ttft_p95)
         self.add(check="fanout", name="Streaming fan-out: one upstream call, same full text",
                  target=f"1 call, {FANOUT_STREAMS}/{FANOUT_STREAMS} done, 1 text",
-                 actual=(f"{'?' if calls is None else calls} call(s), "
-                         f"{done}/{FANOUT_STREAMS} done, {len(texts)} distinct text(s)"),
+                 actual=(f"{'? calls' if calls is None else plural(calls, 'call')}, "
+                         f"{done}/{FANOUT_STREAMS} done, {plural(len(texts), 'distinct text')}"),
                  passed=(calls in (None, 1)) and done == FANOUT_STREAMS and len(texts) == 1 and "" not in texts,
                  value=calls)
 
@@ -323,7 +327,8 @@ class Validator:
                 "end_to_end_s": end_to_end, "server_s": server}
 
     async def cancel(self) -> None:
-        progress(f"cancel: {self.cancel_trials} trial(s) mid-stream and {self.cancel_trials} before the first token")
+        progress(f"cancel: {plural(self.cancel_trials, 'trial')} mid-stream and {self.cancel_trials} "
+                 "before the first token")
         trials = []
         for _ in range(self.cancel_trials):
             for mid_stream in (True, False):
