@@ -88,6 +88,19 @@ def test_sse_ttft_times_one_stream_and_reports_it_as_one_json_line(server: Serve
 
 
 @needs_node
+def test_sse_ttft_opens_a_given_stream_url(server: ServerProcess) -> None:
+    status, thread = api(server.url, "POST", "/api/threads/", {})
+    status, accepted = api(server.url, "POST", f"/api/threads/{thread['thread_id']}/messages",
+                           {"content": "Later", "stream": True, "model": "mock:ttft=100,itl=5,n=7"})
+    assert status == 202
+    out = sse_ttft("--base", server.url, "--stream-url", accepted["stream_url"])
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout)
+    assert (line["status"], line["deltas"], line["stream_id"]) == ("complete", 7, accepted["stream_id"])
+    assert line["text_chars"] == len("".join(mock_answer("Later", 7)))
+
+
+@needs_node
 def test_sse_ttft_cancel_closes_the_stream_and_sees_the_message_cancelled(server: ServerProcess) -> None:
     out = sse_ttft("--base", server.url, "--content", "Cancel me", "--model", "mock:ttft=20,itl=20,n=1000",
                    "--cancel-after-ms", "300")
