@@ -34,7 +34,7 @@ PROVIDERS = web.AppKey("providers", ProviderRegistry)
 HUB = web.AppKey("hub", Hub)
 
 #: set on a request once its streaming response has been prepared
-STREAM_STARTED = "dac.stream_started"
+STREAM_STARTED = web.RequestKey("stream_started", bool)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
