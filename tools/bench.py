@@ -875,9 +875,9 @@ async def run_side_by_side(targets: list[Target], fake_url: str, plan: Plan, sec
     async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
         bench = Bench(session=session, targets=targets, fake_url=fake_url, run_id=uuid.uuid4().hex[:8])
         gateway = next(t for t in targets if t.name == "gateway")
+        await bench.set_upstream(ttft_ms=0, itl_ms=0, tokens=5)
         await _probe_gateway(session, gateway)
         # Warm up every column, then take the idle memory.
-        await bench.set_upstream(ttft_ms=0, itl_ms=0, tokens=5)
         for target in targets:
             thread = await bench.new_thread(target) if target.kind == "dac" else None
             await bench.stream(target, f"warm-up {bench.run_id}", thread=thread)
@@ -917,9 +917,7 @@ async def run_side_by_side(targets: list[Target], fake_url: str, plan: Plan, sec
             out[6] = section_rss(targets)
         for section in out.values():
             section.setdefault("headers", ["", *[t.name for t in targets]])
-        out_meta = {"gateway_upstream": "fake (openai provider)" if gateway.via_fake else "built-in mock"}
-        for section in out.values():
-            section["gateway_upstream"] = out_meta["gateway_upstream"]
+            section["gateway_upstream"] = "fake (openai provider)" if gateway.via_fake else "built-in mock"
     return out
 
 
@@ -1023,10 +1021,11 @@ def main(argv: list[str] | None = None, *, fanout_only: bool = False) -> int:
             finally:
                 if litellm_proc is not None:
                     litellm_proc.stop()
-        upstream = next(iter(results.values()))["gateway_upstream"] if results else "n/a"
+        via_fake = targets[1].via_fake
+        route = ("its openai provider" if via_fake else
+                 "its built-in mock with the same timings (this gateway has no openai provider)")
         setup.append(f"Upstream: tools/fake_openai.py in its own process (OpenAI chat.completions wire format); "
-                     f"the gateway reaches it through {'its openai provider' if upstream.startswith('fake') else 'its built-in mock with the same timings (no openai provider on this branch)'}; "
-                     f"LiteLLM: {report['litellm']}.")
+                     f"the gateway reaches it through {route}; LiteLLM: {report['litellm']}.")
         for key, section in results.items():
             section["table"] = markdown_table(section["headers"], section["rows"])
             report["sections"][str(key)] = section
