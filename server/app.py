@@ -77,11 +77,11 @@ async def errors_middleware(
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    if PROVIDERS not in app:  # first: a bad providers setting stops the start before the store opens
+        app[PROVIDERS] = await build_registry(settings)
     store = Store(settings.db_path)
     await store.open()
     app[STORE] = store
-    if PROVIDERS not in app:
-        app[PROVIDERS] = await build_registry(settings)
     app[PACER] = Pacer(queue_timeout_s=settings.queue_timeout_s)
     app[HUB] = Hub(settings=settings, store=store, pacer=app[PACER], metrics=app[METRICS])
     try:

@@ -201,8 +201,6 @@ class Hub:
             self._touch(flight)
         if listen:
             flight.add_listener()
-        elif role == "leader":
-            flight._arm_idle(self.settings.attach_timeout_s, "attach_timeout")
         return flight, role
 
     def _lookup(self, turn: TurnRequest) -> Flight | None:
@@ -256,10 +254,12 @@ class Hub:
         self.metrics.active_flights.inc()
         try:
             try:
-                messages = await self._open_turn(flight)
+                # The slot before the rows: a request the full queue turns away (503) or
+                # whose clients leave while it waits was never accepted, and leaves no turn.
                 async with self.pacer.slot(provider.name, provider.max_concurrency) as waited:
                     flight.queue_wait_s = waited
                     self.metrics.queue_wait.labels(provider.name).observe(waited)
+                    messages = await self._open_turn(flight)
                     await self._pull(flight, messages)
                 status = "complete"
             except asyncio.CancelledError:
@@ -333,6 +333,10 @@ class Hub:
         flight.stream_id = assistant["message_id"]
         self._streams[flight.stream_id] = flight
         flight.ready.set()
+        if flight.listeners == 0 and flight._idle_handle is None and flight.state == RUNNING:
+            # Mode 3: clients can attach only now that the stream has an id (the queue wait
+            # does not count against them); a flight whose listeners left already has its timer.
+            flight._arm_idle(self.settings.attach_timeout_s, "attach_timeout")
 
     async def _pull(self, flight: Flight, messages: list[dict[str, Any]]) -> None:
         turn = flight.turn

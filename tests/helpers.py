@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,6 @@ from aiohttp import web
 
 from server.app import HUB, METRICS, STORE, make_app
 from server.config import Settings
-from server.errors import GatewayError
 from server.providers import Chunk, MockProvider, Provider, ProviderRegistry, ProviderRequest
 
 DEFAULT_TIMEOUT = 10.0
@@ -74,7 +73,7 @@ class ScriptedProvider(Provider):
     def open_calls(self) -> int:
         return sum(1 for c in self.calls if not c.closed.is_set())
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[Chunk, None]:
         call = ScriptedCall(request)
         self.calls.append(call)
         self._new.put_nowait(call)

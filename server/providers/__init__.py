@@ -1,28 +1,71 @@
 """Providers by name.
 
 The registry maps the ``provider`` a request names to a :class:`Provider`.
-Built-ins need no configuration file: ``mock`` always; the OpenAI-compatible
-and Anthropic adapters are added by :func:`build_registry` from the settings.
+:func:`build_registry` fills it from the settings: ``mock`` always, the
+built-in OpenAI-compatible and Anthropic names (see :mod:`.catalog`), and
+whatever ``DAC_PROVIDERS_FILE`` declares. A provider without its key is
+listed but answers ``400`` naming the variable to set.
+
+The HTTP adapters share one ``aiohttp.ClientSession`` (one connection pool,
+one DNS cache); the registry owns it and closes it in :meth:`aclose`, after
+the hub has cancelled every flight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
+
+import aiohttp
 
 from ..config import Settings
 from ..errors import BadRequest, ProviderNotConfigured
+from .anthropic import AnthropicProvider
 from .base import Chunk, Provider, ProviderRequest
+from .catalog import ProviderConfigError, resolve
 from .mock import MockProvider
+from .openai import OpenAIProvider
 
-__all__ = ["Chunk", "MockProvider", "Provider", "ProviderRegistry", "ProviderRequest", "build_registry"]
+__all__ = [
+    "AnthropicProvider",
+    "Chunk",
+    "MockProvider",
+    "OpenAIProvider",
+    "Provider",
+    "ProviderConfigError",
+    "ProviderRegistry",
+    "ProviderRequest",
+    "build_registry",
+    "new_session",
+]
+
+#: bytes aiohttp buffers per read; big enough for a chunk with many search results
+READ_BUFSIZE = 1 << 20
+#: how long an idle pooled connection to an upstream is kept
+KEEPALIVE_TIMEOUT_S = 30.0
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The session the HTTP adapters share.
+
+    No connection limit here: the pacer bounds calls per provider, and a
+    second, hidden limit would only queue calls where nobody measures it.
+    """
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
+                                     keepalive_timeout=KEEPALIVE_TIMEOUT_S)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+                                 read_bufsize=READ_BUFSIZE, raise_for_status=False)
 
 
 class ProviderRegistry:
-    def __init__(self, providers: Iterable[Provider] = (), *, default: str = "mock") -> None:
+    def __init__(self, providers: Iterable[Provider] = (), *, default: str = "mock",
+                 session: aiohttp.ClientSession | None = None) -> None:
         self._providers: dict[str, Provider] = {}
         for provider in providers:
             self.add(provider)
         self.default = default
+        #: closed by aclose(); the HTTP providers' calls run over it
+        self.session = session
 
     def add(self, provider: Provider) -> None:
         self._providers[provider.name] = provider
@@ -47,8 +90,38 @@ class ProviderRegistry:
     async def aclose(self) -> None:
         for provider in self._providers.values():
             await provider.aclose()
+        if self.session is not None:
+            await self.session.close()
 
 
 async def build_registry(settings: Settings) -> ProviderRegistry:
-    """The providers the settings declare; ``mock`` is always there."""
-    return ProviderRegistry([MockProvider()], default=settings.default_provider)
+    """The providers the settings declare; ``mock`` is always there.
+
+    Raises :class:`ProviderConfigError` (a ``ValueError``) naming the variable
+    or the providers file's entry and field when they cannot be used.
+    """
+    resolved = resolve(settings)
+    session = new_session()
+    providers: list[Provider] = [MockProvider()]
+    for r in resolved:
+        spec = r.spec
+        if spec.kind == "mock":
+            mock = MockProvider(name=spec.name, max_concurrency=spec.max_concurrency)
+            providers.append(mock)
+            continue
+        common: dict[str, Any] = dict(name=spec.name, base_url=r.base_url, session=session, api_key=r.api_key,
+                                      api_key_env=spec.api_key_env, key_required=spec.key_required,
+                                      max_concurrency=spec.max_concurrency, timeouts=spec.timeouts,
+                                      default_model=spec.default_model, models=spec.models,
+                                      headers=spec.headers, unusable=r.unusable)
+        if spec.kind == "anthropic":
+            extra = {} if spec.max_tokens is None else {"max_tokens": spec.max_tokens}
+            providers.append(AnthropicProvider(**common, **extra))
+        else:
+            providers.append(OpenAIProvider(**common, meta_keys=spec.meta_keys))
+    registry = ProviderRegistry(providers, default=settings.default_provider, session=session)
+    if settings.default_provider not in registry:
+        await registry.aclose()
+        raise ProviderConfigError(f"DAC_DEFAULT_PROVIDER names {settings.default_provider!r}, which is not a "
+                                  f"provider; known: {', '.join(sorted(p.name for p in registry))}")
+    return registry

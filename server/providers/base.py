@@ -12,7 +12,7 @@ else escaping ``stream`` is reported as an ``upstream_error``.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +71,8 @@ class Provider(abc.ABC):
         return [self.default_model] if self.default_model else []
 
     @abc.abstractmethod
-    def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
-        """Yield the answer chunk by chunk; raise UpstreamError subclasses on failure."""
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[Chunk, None]:
+        """Yield the answer chunk by chunk (an async generator); raise UpstreamError subclasses."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release what the provider holds (called once at shutdown)."""

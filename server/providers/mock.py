@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from ..errors import BadRequest, UpstreamError
@@ -110,7 +110,7 @@ class MockProvider(Provider):
     def validate_model(self, model: str) -> None:
         MockSpec.parse(model)
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[Chunk, None]:
         spec = MockSpec.parse(request.model)
         self.calls += 1
         self.open_streams += 1

@@ -1,0 +1,451 @@
+"""What the HTTP adapters share: timeouts, an SSE decoder, and the mapping of upstream failures.
+
+Every way an upstream call can fail ends in one of :mod:`server.errors`'
+classes, with a message that names the provider and never its key:
+
+=====================================  ==========================================
+upstream                               gateway error
+=====================================  ==========================================
+401, 403                               ``ProviderAuthError`` (``provider_auth``)
+429                                    ``RateLimited``, ``retry_after`` from ``Retry-After``
+408, 409, 5xx, 529 (overloaded)        ``UpstreamError`` (retryable)
+other 4xx (bad model, bad params)      ``UpstreamError`` (not retryable)
+no connection, reset, cut stream       ``UpstreamError`` (retryable)
+a deadline passed                      ``UpstreamTimeout`` (``upstream_timeout``, retryable)
+a body that is not the wire format     ``UpstreamProtocolError``
+=====================================  ==========================================
+
+Four deadlines bound a call (:class:`Timeouts`): connecting, the first
+token (from the request to the first piece of text), the silence between two
+reads once text flows, and the whole call.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import email.utils
+import time
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+
+from ..errors import (
+    BadRequest,
+    ProviderAuthError,
+    RateLimited,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from .base import DEFAULT_MAX_CONCURRENCY, Chunk, Provider, ProviderRequest
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "DEFAULT_FIRST_TOKEN_TIMEOUT_S",
+    "DEFAULT_IDLE_TIMEOUT_S",
+    "DEFAULT_TOTAL_TIMEOUT_S",
+    "Deadlines",
+    "HTTPProvider",
+    "SSEDecoder",
+    "StreamParser",
+    "Timeouts",
+    "client_error",
+    "parse_retry_after",
+    "read_error_body",
+    "scrub",
+    "status_error",
+]
+
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+#: reasoning models may think for a while before their first token
+DEFAULT_FIRST_TOKEN_TIMEOUT_S = 120.0
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_TOTAL_TIMEOUT_S = 600.0
+#: an error body is read up to this many bytes; the rest is dropped
+MAX_ERROR_BODY_BYTES = 64 * 1024
+#: upstream messages quoted in our errors are cut to this length
+MAX_QUOTED_CHARS = 300
+#: an SSE line longer than this is not the wire format we speak
+MAX_SSE_LINE_BYTES = 8 * 1024 * 1024
+REDACTED = "[redacted]"
+#: after the end marker, the rest of the body is awaited this long before the socket is dropped
+DRAIN_TIMEOUT_S = 0.5
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Seconds; each must be positive."""
+
+    connect: float = DEFAULT_CONNECT_TIMEOUT_S
+    first_token: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S
+    idle: float = DEFAULT_IDLE_TIMEOUT_S
+    total: float = DEFAULT_TOTAL_TIMEOUT_S
+
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        """aiohttp enforces the connect deadline; :class:`Deadlines` the others."""
+        return aiohttp.ClientTimeout(total=None, connect=self.connect, sock_connect=self.connect)
+
+
+class Deadlines:
+    """The deadlines of one upstream call.
+
+    ``await deadlines.run(aw)`` awaits ``aw`` until the nearest deadline: the
+    first-token one until :meth:`got_text` is called, then the idle one
+    (restarted by every read that returned), and always the total one.
+    """
+
+    __slots__ = ("_provider", "_timeouts", "_loop", "_total_at", "_first_at", "_last", "_text")
+
+    def __init__(self, *, provider: str, timeouts: Timeouts) -> None:
+        self._provider = provider
+        self._timeouts = timeouts
+        self._loop = asyncio.get_running_loop()
+        start = self._loop.time()
+        self._total_at = start + timeouts.total
+        self._first_at = start + timeouts.first_token
+        self._last = start
+        self._text = False
+
+    def got_text(self) -> None:
+        self._text = True
+
+    def _next(self) -> tuple[float, str]:
+        t = self._timeouts
+        if not self._text and self._first_at < self._total_at:
+            return self._first_at, f"no first token within {t.first_token:g}s"
+        idle_at = self._last + t.idle
+        if self._text and idle_at < self._total_at:
+            return idle_at, f"no data for {t.idle:g}s mid-stream"
+        return self._total_at, f"the answer took longer than {t.total:g}s in total"
+
+    async def run(self, aw: Awaitable[T]) -> T:
+        when, what = self._next()
+        try:
+            async with asyncio.timeout_at(when) as scope:
+                result = await aw
+        except TimeoutError as exc:
+            if scope.expired():
+                raise UpstreamTimeout(f"provider {self._provider!r}: {what}") from None
+            if isinstance(exc, aiohttp.ClientError):  # aiohttp's connect timeout
+                raise client_error(self._provider, exc, self._timeouts) from None
+            raise
+        except aiohttp.ClientError as exc:
+            raise client_error(self._provider, exc, self._timeouts) from None
+        self._last = self._loop.time()
+        return result
+
+
+class SSEDecoder:
+    """Incremental ``text/event-stream`` decoding: bytes in, ``(event, data)`` out.
+
+    Follows the parts of the WHATWG rules that LLM APIs use: ``data:`` lines
+    joined by newlines, ``event:`` names, comments and unknown fields ignored,
+    an empty line dispatching, LF or CRLF line ends.
+    """
+
+    __slots__ = ("_buffer", "_event", "_data")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event = ""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        events: list[tuple[str, bytes]] = []
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            line = buffer[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append((self._event or "message", b"\n".join(self._data)))
+                self._event, self._data = "", []
+            elif line[0] != 0x3A:  # ':' starts a comment
+                name, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if name == b"data":
+                    self._data.append(value)
+                elif name == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        self._buffer = buffer[start:]
+        if len(self._buffer) > MAX_SSE_LINE_BYTES:
+            raise UpstreamProtocolError(f"an event-stream line longer than {MAX_SSE_LINE_BYTES} bytes")
+        return events
+
+
+def scrub(text: str, secrets: Iterable[str | None]) -> str:
+    """``text`` with every secret replaced; upstream messages may echo what was sent."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait, from ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or a date)."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("Retry-After")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:
+    """At most MAX_ERROR_BODY_BYTES of an error answer; nothing if it will not come."""
+    try:
+        return await resp.content.read(MAX_ERROR_BODY_BYTES)
+    except (aiohttp.ClientError, TimeoutError):
+        return b""
+
+
+def _quoted(body: bytes, secrets: Iterable[str | None]) -> str:
+    """The upstream's own words: ``error.message`` of OpenAI's or Anthropic's body, else the text."""
+    message = ""
+    try:
+        parsed: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        message = body.decode("utf-8", "replace")
+    else:
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, dict):
+            message = str(error.get("message") or error.get("type") or "")
+        elif isinstance(error, str):
+            message = error
+        elif isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
+            message = parsed["message"]
+    message = " ".join(scrub(message, secrets).split())
+    if len(message) > MAX_QUOTED_CHARS:
+        message = message[: MAX_QUOTED_CHARS - 1] + "…"
+    return message
+
+
+def status_error(
+    *,
+    provider: str,
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    key_env: str | None,
+    secrets: Iterable[str | None],
+    label: str | None = None,
+) -> UpstreamError:
+    """The gateway error for an upstream answer with a non-2xx ``status``.
+
+    ``label`` replaces ``HTTP {status}`` in the message, for errors that came
+    inside a stream that had started well.
+    """
+    label = label or f"HTTP {status}"
+    if status in (401, 403):
+        # The upstream's words are left out: they may quote part of the key.
+        where = f"; check {key_env}" if key_env else ""
+        return ProviderAuthError(f"provider {provider!r} refused the credentials ({label}){where}")
+    quoted = _quoted(body, secrets)
+    said = f": {quoted}" if quoted else ""
+    if status == 429:
+        return RateLimited(f"provider {provider!r} is rate limiting ({label}){said}",
+                           retry_after=parse_retry_after(headers))
+    if status == 529:
+        return UpstreamError(f"provider {provider!r} is overloaded ({label}){said}")
+    if status >= 500 or status in (408, 409):
+        return UpstreamError(f"provider {provider!r} failed ({label}){said}")
+    return UpstreamError(f"provider {provider!r} rejected the request ({label}){said}", retryable=False)
+
+
+def client_error(provider: str, exc: BaseException, timeouts: Timeouts) -> UpstreamError:
+    """The gateway error for a transport failure (aiohttp's messages may carry URLs, never keys)."""
+    if isinstance(exc, aiohttp.ServerTimeoutError):  # aiohttp raises it for the connect deadline
+        return UpstreamTimeout(f"provider {provider!r}: could not connect within {timeouts.connect:g}s")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError(f"provider {provider!r}: cannot connect to {exc.host}:{exc.port}")
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return UpstreamError(f"provider {provider!r}: the connection closed before the answer was complete")
+    return UpstreamError(f"provider {provider!r}: {exc.__class__.__name__} talking to the upstream")
+
+
+class StreamParser(abc.ABC):
+    """Turns one call's decoded events into chunks; one instance per call."""
+
+    #: the upstream said the answer is complete (``[DONE]``, ``message_stop``)
+    done: bool = False
+
+    @abc.abstractmethod
+    def feed(self, event: str, data: bytes) -> Chunk | None:
+        """The chunk carried by one event, if any; raises UpstreamError for an in-band error."""
+
+    @abc.abstractmethod
+    def complete(self) -> bool:
+        """Whether the answer may end here (asked at the end of the body)."""
+
+
+class HTTPProvider(Provider):
+    """An upstream reached by one streaming POST over the shared ``ClientSession``.
+
+    Subclasses say where to POST, what to send and how to read the events;
+    this class owns the call: the deadlines, the status mapping, and the
+    response's life. The response is closed in a ``finally`` unless the body
+    was read to its end, so an aborted flight (its task cancelled, or its
+    iterator closed) closes the upstream socket at once, idle or mid-stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        key_required: bool = True,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        timeouts: Timeouts = Timeouts(),
+        default_model: str = "",
+        models: Sequence[str] = (),
+        headers: Mapping[str, str] | None = None,
+        unusable: str | None = None,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.max_concurrency = max_concurrency
+        self.timeouts = timeouts
+        self.default_model = default_model
+        self._models = list(models)
+        self._session = session
+        self._api_key = api_key or None  # never logged, never in a message: see scrub()
+        self.api_key_env = api_key_env
+        self._key_required = key_required
+        self._extra_headers = dict(headers or {})
+        self._unusable = unusable
+        self._client_timeout = timeouts.client_timeout()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.base_url}>"
+
+    # -- configuration ----------------------------------------------------------
+
+    def configured(self) -> bool:
+        return self._unusable is None and (self._api_key is not None or not self._key_required)
+
+    def not_configured_reason(self) -> str:
+        if self._unusable is not None:
+            return self._unusable
+        return f"provider {self.name!r} has no API key: set {self.api_key_env}"
+
+    def models(self) -> list[str]:
+        listed = list(self._models)
+        if self.default_model and self.default_model not in listed:
+            listed.insert(0, self.default_model)
+        return listed
+
+    def validate_model(self, model: str) -> None:
+        if not model.strip():
+            raise BadRequest(f"'model' must name a model of provider {self.name!r}", param="model")
+
+    # -- what subclasses say ------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def url(self) -> str:
+        """Where the streaming POST goes."""
+
+    @abc.abstractmethod
+    def headers(self) -> dict[str, str]:
+        """The request's headers, credentials included."""
+
+    @abc.abstractmethod
+    def body(self, request: ProviderRequest) -> dict[str, Any]:
+        """The request's JSON body."""
+
+    @abc.abstractmethod
+    def parser(self) -> StreamParser:
+        """A parser for one call's event stream."""
+
+    def whole(self, answer: Any) -> Chunk:
+        """The chunk for an upstream that answered JSON although a stream was asked for."""
+        raise UpstreamProtocolError(f"provider {self.name!r} answered JSON instead of an event stream")
+
+    # -- the call -------------------------------------------------------------------
+
+    def _secrets(self) -> tuple[str | None, ...]:
+        return (self._api_key,)
+
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[Chunk, None]:
+        deadlines = Deadlines(provider=self.name, timeouts=self.timeouts)
+        payload = orjson.dumps(self.body(request))
+        resp = await deadlines.run(self._session.post(
+            self.url, data=payload, headers=self.headers(), timeout=self._client_timeout))
+        finished = False  # the body was read to its end: the connection may be reused
+        try:
+            if resp.status >= 300:
+                raise status_error(provider=self.name, status=resp.status,
+                                   body=await deadlines.run(read_error_body(resp)), headers=resp.headers,
+                                   key_env=self.api_key_env, secrets=self._secrets())
+            if resp.content_type == "application/json":
+                try:
+                    answer = orjson.loads(await deadlines.run(resp.read()))
+                except orjson.JSONDecodeError:
+                    raise UpstreamProtocolError(f"provider {self.name!r} answered malformed JSON") from None
+                finished = True
+                yield self.whole(answer)
+                return
+            if resp.content_type != "text/event-stream":
+                raise UpstreamProtocolError(
+                    f"provider {self.name!r} answered {resp.content_type or 'no content type'}, "
+                    "not an event stream")
+            decoder, parser = SSEDecoder(), self.parser()
+            while not parser.done:
+                data = await deadlines.run(resp.content.readany())
+                if not data:
+                    finished = True
+                    break
+                for event, payload_ in decoder.feed(data):
+                    chunk = parser.feed(event, payload_)
+                    if chunk is not None:
+                        if chunk.text:
+                            deadlines.got_text()
+                        yield chunk
+                    if parser.done:
+                        break
+            if not parser.complete():
+                raise UpstreamError(
+                    f"provider {self.name!r}: the stream ended before the answer was complete")
+            if not finished:
+                finished = await _drain(resp)
+        finally:
+            if finished:
+                resp.release()
+            else:
+                resp.close()  # closes the socket: the upstream sees the call end now
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> bool:
+    """Read what follows the end marker, briefly, so the connection can be reused."""
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while await resp.content.readany():
+                pass
+    except (TimeoutError, aiohttp.ClientError):
+        return False
+    return True

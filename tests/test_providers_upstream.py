@@ -1,0 +1,112 @@
+"""What the HTTP adapters share: the SSE decoder, Retry-After, status mapping, scrubbing, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+
+import pytest
+
+from server.errors import ProviderAuthError, RateLimited, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from server.providers.upstream import (
+    MAX_SSE_LINE_BYTES,
+    Deadlines,
+    SSEDecoder,
+    Timeouts,
+    parse_retry_after,
+    scrub,
+    status_error,
+)
+
+
+def test_sse_decoder_joins_pieces_split_anywhere() -> None:
+    stream = (b": keep-alive comment\r\n\r\n"
+              b"event: message_start\r\ndata: {\"a\": 1}\r\n\r\n"
+              b"data: line one\ndata: line two\nid: 7\nretry: 10\n\n"
+              b"data:no-space\n\n"
+              b"data: [DONE]\n\n")
+    expected = [("message_start", b'{"a": 1}'), ("message", b"line one\nline two"),
+                ("message", b"no-space"), ("message", b"[DONE]")]
+    for size in (1, 2, 7, len(stream)):
+        decoder = SSEDecoder()
+        events = []
+        for i in range(0, len(stream), size):
+            events += decoder.feed(stream[i:i + size])
+        assert events == expected, size
+
+
+def test_sse_decoder_refuses_an_endless_line() -> None:
+    decoder = SSEDecoder()
+    with pytest.raises(UpstreamProtocolError):
+        decoder.feed(b"data: " + b"x" * (MAX_SSE_LINE_BYTES + 1))
+
+
+def test_retry_after_in_seconds_milliseconds_or_a_date() -> None:
+    assert parse_retry_after({"Retry-After": "7"}) == 7.0
+    assert parse_retry_after({"retry-after-ms": "1500", "Retry-After": "7"}) == 1.5
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    seconds = parse_retry_after({"Retry-After": later})
+    assert seconds is not None and 25 <= seconds <= 31
+    assert parse_retry_after({"Retry-After": "soon"}) is None
+    assert parse_retry_after({}) is None
+
+
+def test_scrub_replaces_every_secret() -> None:
+    assert scrub("key sk-123456 and sk-123456 again", ["sk-123456", None, ""]) == (
+        "key [redacted] and [redacted] again")
+
+
+@pytest.mark.parametrize(("status", "cls", "retryable"), [
+    (401, ProviderAuthError, False), (403, ProviderAuthError, False), (429, RateLimited, True),
+    (408, UpstreamError, True), (409, UpstreamError, True), (500, UpstreamError, True),
+    (502, UpstreamError, True), (529, UpstreamError, True), (400, UpstreamError, False),
+    (404, UpstreamError, False), (422, UpstreamError, False),
+])
+def test_statuses_map_to_gateway_errors(status: int, cls: type[UpstreamError], retryable: bool) -> None:
+    body = b'{"error": {"message": "model gpt-x does not exist; key sk-abcdef", "type": "x"}}'
+    error = status_error(provider="openai", status=status, body=body, headers={"Retry-After": "3"},
+                         key_env="OPENAI_API_KEY", secrets=["sk-abcdef"])
+    assert type(error) is cls
+    assert error.retryable is retryable
+    assert "sk-abcdef" not in error.message and "'openai'" in error.message
+    if cls is ProviderAuthError:
+        assert "OPENAI_API_KEY" in error.message and "gpt-x" not in error.message
+    else:
+        assert "model gpt-x does not exist; key [redacted]" in error.message
+    assert error.retry_after == (3.0 if status == 429 else None)
+
+
+def test_anthropic_error_bodies_and_plain_text_are_quoted() -> None:
+    anthropic = b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}'
+    error = status_error(provider="anthropic", status=529, body=anthropic, headers={}, key_env=None, secrets=[])
+    assert error.message == "provider 'anthropic' is overloaded (HTTP 529): Overloaded"
+    error = status_error(provider="p", status=502, body=b"<html>Bad   gateway</html>" + b"x" * 1000,
+                         headers={}, key_env=None, secrets=[])
+    assert error.message.startswith("provider 'p' failed (HTTP 502): <html>Bad gateway</html>")
+    assert len(error.message) < 400
+
+
+async def test_deadlines_first_token_then_idle_then_total() -> None:
+    never = asyncio.Event()
+    first = Deadlines(provider="p", timeouts=Timeouts(first_token=0.05, idle=10, total=10))
+    with pytest.raises(UpstreamTimeout, match="no first token within 0.05s"):
+        await first.run(never.wait())
+    idle = Deadlines(provider="p", timeouts=Timeouts(first_token=10, idle=0.05, total=10))
+    assert await idle.run(asyncio.sleep(0, "ok")) == "ok"
+    idle.got_text()
+    with pytest.raises(UpstreamTimeout, match="no data for 0.05s mid-stream"):
+        await idle.run(never.wait())
+    total = Deadlines(provider="p", timeouts=Timeouts(first_token=10, idle=10, total=0.05))
+    with pytest.raises(UpstreamTimeout, match="longer than 0.05s in total"):
+        await total.run(never.wait())
+
+
+async def test_a_timeout_raised_inside_is_not_taken_for_a_deadline() -> None:
+    deadlines = Deadlines(provider="p", timeouts=Timeouts())
+
+    async def fails() -> None:
+        raise TimeoutError("from inside")
+
+    with pytest.raises(TimeoutError, match="from inside"):
+        await deadlines.run(fails())
