@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    create .venv if missing, install, start the server on the embedded defaults
 #   make test   the same set-up with the test extras, then the whole suite
+#   make validate  the phase-1 acceptance suite against a fresh server on a free port
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP   = $(VENV)/.installed
 
 NODE_STAMP = node_modules/.package-lock.json
 
-.PHONY: run test install clean
+.PHONY: run test validate install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ $(NODE_STAMP): package-lock.json
 
 test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+validate: $(STAMP)
+	$(PY) tools/validate.py --serve $(VALIDATE_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache node_modules
