@@ -15,7 +15,8 @@ Invariants (the leader task is the only writer):
 
 - ``last_seq`` is the sequence number of the newest delta (0 before any).
 - delta ``s`` is in the ring iff ``first_seq <= s <= last_seq``; it lives in
-  ``_slots[s % capacity]``.
+  ``_slots[(s - 1) % capacity]``. The ring grows to ``capacity`` only as deltas
+  arrive, so a short answer kept for the result TTL holds only its own frames.
 - once ``final`` is set (a ``done`` or ``error`` frame) nothing is appended.
 """
 
@@ -44,7 +45,7 @@ class EventLog:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._slots: list[bytes | None] = [None] * capacity
+        self._slots: list[bytes] = []
         self._parts: list[str] = []
         self.last_seq = 0
         self.final: bytes | None = None
@@ -57,7 +58,11 @@ class EventLog:
         if self.final is not None:
             raise RuntimeError("append after the log was closed")
         seq = self.last_seq + 1
-        self._slots[seq % self.capacity] = encode_event("delta", {"text": text}, seq)
+        frame = encode_event("delta", {"text": text}, seq)
+        if len(self._slots) < self.capacity:
+            self._slots.append(frame)
+        else:
+            self._slots[(seq - 1) % self.capacity] = frame
         self._parts.append(text)
         self.last_seq = seq
         self._notify()
@@ -100,7 +105,7 @@ class EventLog:
                 frames.append(encode_event("snapshot", {"text": self.text(last)}, last))
             else:
                 slots, cap = self._slots, self.capacity
-                frames.extend(slots[s % cap] for s in range(cursor, last + 1))  # type: ignore[misc]
+                frames.extend(slots[(s - 1) % cap] for s in range(cursor, last + 1))
             cursor = last + 1
         if self.final is not None:
             frames.append(self.final)

@@ -105,6 +105,7 @@ class Flight:
         self.created = time.perf_counter()
         self.finished_at: float | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.TimerHandle | None = None  # Hub._finished/_remove only
         self.task: asyncio.Task[None] | None = None
 
     # -- listeners -------------------------------------------------------
@@ -424,7 +425,7 @@ class Hub:
         if ttl <= 0:
             self._remove(flight)
         else:
-            asyncio.get_running_loop().call_later(ttl, self._remove, flight)
+            flight._expiry = asyncio.get_running_loop().call_later(ttl, self._remove, flight)
 
     def _touch(self, flight: Flight) -> None:
         if id(flight) in self._cache:
@@ -438,6 +439,10 @@ class Hub:
             self._remove(oldest)
 
     def _remove(self, flight: Flight) -> None:
+        """Forget a finished flight; its timer goes too, so nothing keeps it alive."""
+        if flight._expiry is not None:
+            flight._expiry.cancel()
+            flight._expiry = None
         if flight.key is not None and self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
         if flight.stream_id is not None and self._streams.get(flight.stream_id) is flight:

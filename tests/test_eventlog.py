@@ -114,3 +114,15 @@ def test_texts_reads_every_delta_even_past_the_ring() -> None:
     assert log.texts(5) == ([], 5, False)
     log.close(encode_event("done", {}, 5), seq=5)
     assert log.texts(5) == ([], 5, True)
+
+
+def test_ring_grows_only_as_deltas_arrive_and_wraps_at_capacity() -> None:
+    log = EventLog(capacity=4096)
+    log.append("a")
+    assert len(log._slots) == 1  # a short kept answer does not hold 4096 slots
+    small = EventLog(capacity=3)
+    for t in "abcde":
+        small.append(t)
+    assert len(small._slots) == 3
+    frames, _, _ = small.read(3)
+    assert [e[2]["text"] for e in parse(frames)] == ["c", "d", "e"]

@@ -411,3 +411,20 @@ async def test_subscriber_behind_the_ring_gets_a_snapshot_then_tails(gateway_fac
     await first.finish()
     assert [(e.event, e.id) for e in late.events[2:]] == [("delta", 7), ("done", 8)]
     assert late.text == first.text == "t1 t2 t3 t4 t5 t6 t7"
+
+
+async def test_evicted_results_are_not_kept_alive_by_their_timers(gateway_factory) -> None:
+    import gc
+    import weakref
+
+    gw = await gateway_factory(cache_max_entries=2)
+    tid = await gw.new_thread()
+    for i in range(5):
+        status, _ = await gw.post(tid, {"content": f"q{i}", "model": "mock:ttft=0,itl=0,n=2"})
+        assert status == 200
+    assert len(gw.hub._cache) == 2 and len(gw.hub._streams) == 2
+    refs = [weakref.ref(f) for f in gw.hub._cache.values()]
+    _, _ = await gw.post(tid, {"content": "q5", "model": "mock:ttft=0,itl=0,n=2"})
+    _, _ = await gw.post(tid, {"content": "q6", "model": "mock:ttft=0,itl=0,n=2"})
+    gc.collect()
+    assert [r() for r in refs] == [None, None]  # evicted flights are freed at once, not after the TTL
