@@ -4,10 +4,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from server.config import Settings
-from server.providers import ProviderRegistry
+from server.providers import ProviderRegistry, new_session
+
+from .fake_upstream import FakeUpstream
 
 from .helpers import Gateway, start_gateway
 
@@ -39,3 +42,18 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
 @pytest.fixture
 async def gateway(gateway_factory: GatewayFactory) -> Gateway:
     return await gateway_factory()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    """A fake upstream on 127.0.0.1 speaking OpenAI's and Anthropic's wire formats."""
+    async with FakeUpstream.start() as f:
+        yield f
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session configured like the one the adapters share."""
+    s = new_session()
+    yield s
+    await s.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +100,6 @@ async def test_providers_have_separate_lanes() -> None:
 
 
 # -- through the gateway, against the fake upstream ---------------------------------------
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream.start() as f:
-        yield f
 
 
 def providers_file(tmp_path: Path, name: str, limit: int) -> str:

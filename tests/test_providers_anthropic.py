@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import aiohttp
 import pytest
 
 from server.errors import GatewayError
-from server.providers import AnthropicProvider, Chunk, ProviderRequest, new_session
+from server.providers import AnthropicProvider, Chunk, ProviderRequest
 from server.providers.anthropic import DEFAULT_MAX_TOKENS
 from server.providers.mock import mock_answer
 
@@ -18,19 +17,6 @@ from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
 from .helpers import collect, text_of, within
 
 KEY = DEFAULT_API_KEY
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream.start() as f:
-        yield f
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = new_session()
-    yield s
-    await s.close()
 
 
 def adapter(fake: FakeUpstream, session: aiohttp.ClientSession, **options: Any) -> AnthropicProvider:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import pytest
 
 from server.app import PROVIDERS
 from server.errors import GatewayError, UpstreamTimeout
-from server.providers import Chunk, OpenAIProvider, ProviderRequest, new_session
+from server.providers import Chunk, OpenAIProvider, ProviderRequest
 from server.providers.mock import mock_answer
 from server.providers.upstream import Timeouts
 
@@ -20,19 +20,6 @@ from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
 from .helpers import collect, text_of, within
 
 KEY = DEFAULT_API_KEY
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream.start() as f:
-        yield f
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    s = new_session()
-    yield s
-    await s.close()
 
 
 def adapter(fake: FakeUpstream, session: aiohttp.ClientSession, **options: Any) -> OpenAIProvider:

@@ -117,12 +117,7 @@ class _EventParser(StreamParser):
 
     def feed(self, event: str, data: bytes) -> Chunk | None:
         p = self._provider
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamProtocolError(f"provider {p.name!r} sent an event that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise UpstreamProtocolError(f"provider {p.name!r} sent an event that is not a JSON object")
+        obj = self.json_object(p.name, data)
         kind = obj.get("type") or event
         if kind == "content_block_delta":
             delta = obj.get("delta") or {}

@@ -100,12 +100,7 @@ class _ChunkParser(StreamParser):
             self.done = True
             return None
         p = self._provider
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamProtocolError(f"provider {p.name!r} sent an event that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise UpstreamProtocolError(f"provider {p.name!r} sent an event that is not a JSON object")
+        obj = self.json_object(p.name, data)
         if obj.get("error"):
             raise _inband_error(p, obj)
         text, finish = "", None

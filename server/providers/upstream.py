@@ -299,6 +299,17 @@ class StreamParser(abc.ABC):
     def complete(self) -> bool:
         """Whether the answer may end here (asked at the end of the body)."""
 
+    @staticmethod
+    def json_object(provider: str, data: bytes) -> dict[str, Any]:
+        """One event's data as a JSON object, or an ``upstream_protocol`` error."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError(f"provider {provider!r} sent an event that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise UpstreamProtocolError(f"provider {provider!r} sent an event that is not a JSON object")
+        return obj
+
 
 class HTTPProvider(Provider):
     """An upstream reached by one streaming POST over the shared ``ClientSession``.
