@@ -49,7 +49,7 @@ from .eventlog import EventLog, encode_event
 from .metrics import Metrics
 from .pacer import Pacer
 from .providers import Provider, ProviderRequest
-from .store import Store, new_id, now_iso
+from .store import Store, draft_turn
 
 __all__ = ["Flight", "Hub", "TurnRequest"]
 
@@ -87,11 +87,20 @@ class Flight:
         self.key = turn.key
         self.log = EventLog(capacity=hub.settings.ring_size)
         self.state = RUNNING
-        self.ready = asyncio.Event()  # message ids known, or the flight failed before
+        self.ready = asyncio.Event()  # the turn's rows are written, or the flight failed before
         self.finished = asyncio.Event()  # outcome known, log closed
-        self.stream_id: str | None = None
-        self.user_message: dict[str, Any] | None = None
+        # Ids and times are fixed at once, so a stream can be named (202, stream_url)
+        # and attached to while the flight still waits for a provider slot.
+        self.user_message, self._draft = draft_turn(
+            thread_id=turn.thread_id, content=turn.content, provider=turn.provider.name,
+            model=turn.model, meta=dict(turn.meta))
+        self.stream_id: str = self._draft["message_id"]
+        #: the assistant message once its row exists (at once when stateless); final at the end
         self.message: dict[str, Any] | None = None
+        #: mode-3 clients told the stream_url and not attached yet, and until when they may attach
+        self.pending_attach = 0
+        self.attach_deadline = 0.0
+        self.forgotten = False  # its thread was deleted: keep nothing once it ends
         self.error: GatewayError | None = None
         self.usage: dict[str, Any] | None = None
         self.extra_meta: dict[str, Any] = {}
@@ -110,7 +119,10 @@ class Flight:
 
     # -- listeners -------------------------------------------------------
 
-    def add_listener(self) -> None:
+    def add_listener(self, *, attaching: bool = False) -> None:
+        """Count a listener; ``attaching``: it opened a stream_url it was given."""
+        if attaching and self.pending_attach > 0:
+            self.pending_attach -= 1
         self.listeners += 1
         self.hub.metrics.active_listeners.inc()
         self.zero_since = None
@@ -122,7 +134,19 @@ class Flight:
         self.listeners -= 1
         self.hub.metrics.active_listeners.dec()
         if self.listeners == 0 and self.state == RUNNING:
-            self._arm_idle(self.hub.settings.cancel_grace_s, "no_listeners")
+            wait_attach = self.attach_deadline - time.monotonic()
+            if self.pending_attach > 0 and wait_attach > 0:
+                self._arm_idle(wait_attach, "attach_timeout")  # a 202'd client may still come
+            else:
+                self._arm_idle(self.hub.settings.cancel_grace_s, "no_listeners")
+
+    def expect_attach(self) -> None:
+        """A client was given the stream_url (mode 3): keep the flight for it a while."""
+        timeout = self.hub.settings.attach_timeout_s
+        self.pending_attach += 1
+        self.attach_deadline = time.monotonic() + timeout
+        if self.listeners == 0 and self.state == RUNNING:
+            self._arm_idle(timeout, "attach_timeout")
 
     def _arm_idle(self, delay: float, reason: str) -> None:
         if self._idle_handle is not None:
@@ -202,6 +226,8 @@ class Hub:
             self._touch(flight)
         if listen:
             flight.add_listener()
+        elif flight.running:
+            flight.expect_attach()
         return flight, role
 
     def _lookup(self, turn: TurnRequest) -> Flight | None:
@@ -228,6 +254,7 @@ class Hub:
             self._flights[turn.key] = flight
         task = asyncio.get_running_loop().create_task(self._lead(flight), name=f"flight:{turn.key}")
         flight.task = task
+        self._streams[flight.stream_id] = flight
         self._live[task] = flight
         task.add_done_callback(self._live.pop)
         return flight
@@ -236,8 +263,12 @@ class Hub:
         return self._streams.get(stream_id)
 
     def forget_thread(self, thread_id: str) -> None:
-        """Drop finished flights of a deleted thread, so nothing answers from it."""
-        for flight in [f for f in self._flights.values() if f.turn.thread_id == thread_id]:
+        """Drop the flights of a deleted thread, so nothing answers from it.
+
+        Running ones carry on for their listeners and are dropped when they finish.
+        """
+        for flight in [f for f in self._streams.values() if f.turn.thread_id == thread_id]:
+            flight.forgotten = True
             if not flight.running:
                 self._remove(flight)
 
@@ -292,52 +323,40 @@ class Hub:
             raise asyncio.CancelledError
 
     async def _open_turn(self, flight: Flight) -> list[dict[str, Any]]:
-        """Write the turn's rows (or make up ids when stateless); returns the conversation."""
+        """Write the turn's rows (nothing when stateless); returns the conversation."""
         turn = flight.turn
         if turn.thread_id is None:
-            messages = turn.messages or [{"role": "user", "content": turn.content}]
-            created = now_iso()
-            base = {"thread_id": None, "provider": turn.provider.name, "model": turn.model,
-                    "usage": None, "meta": dict(turn.meta), "created_at": created}
-            user = {**base, "message_id": new_id("msg"), "role": "user", "content": turn.content,
-                    "status": "complete"}
-            assistant = {**base, "message_id": new_id("msg"), "role": "assistant", "content": "",
-                         "status": "streaming"}
+            self._opened(flight)
+            return turn.messages or [{"role": "user", "content": turn.content}]
+        if turn.messages is not None:
+            messages = turn.messages
         else:
-            if turn.messages is not None:
-                messages = turn.messages
-            else:
-                history = await self.store.history(turn.org_id, turn.thread_id)
-                messages = [*history, {"role": "user", "content": turn.content}]
-            insert = asyncio.ensure_future(
-                self.store.begin_turn(org_id=turn.org_id, thread_id=turn.thread_id,
-                                      content=turn.content, provider=turn.provider.name,
-                                      model=turn.model, meta=dict(turn.meta))
-            )
-            try:
-                user, assistant = await asyncio.shield(insert)
-            except asyncio.CancelledError:
-                user, assistant = await insert  # the rows exist either way: record them
-                self._opened(flight, user, assistant)
-                raise
-            except LookupError:
-                raise NotFound("thread not found (it was deleted)") from None
-            except Exception as exc:
-                log.exception("could not write the turn of thread %s", turn.thread_id)
-                raise GatewayError(f"could not save the message ({exc.__class__.__name__})",
-                                   type="store_error") from None
-        self._opened(flight, user, assistant)
+            history = await self.store.history(turn.org_id, turn.thread_id)
+            messages = [*history, {"role": "user", "content": turn.content}]
+        insert = asyncio.ensure_future(
+            self.store.begin_turn(org_id=turn.org_id, thread_id=turn.thread_id,
+                                  content=turn.content, provider=turn.provider.name,
+                                  model=turn.model, meta=dict(turn.meta),
+                                  drafts=(flight.user_message, flight._draft))
+        )
+        try:
+            await asyncio.shield(insert)
+        except asyncio.CancelledError:
+            await insert  # the rows exist either way: record them
+            self._opened(flight)
+            raise
+        except LookupError:
+            raise NotFound("thread not found (it was deleted)") from None
+        except Exception as exc:
+            log.exception("could not write the turn of thread %s", turn.thread_id)
+            raise GatewayError(f"could not save the message ({exc.__class__.__name__})",
+                               type="store_error") from None
+        self._opened(flight)
         return messages
 
-    def _opened(self, flight: Flight, user: dict[str, Any], assistant: dict[str, Any]) -> None:
-        flight.user_message, flight.message = user, assistant
-        flight.stream_id = assistant["message_id"]
-        self._streams[flight.stream_id] = flight
+    def _opened(self, flight: Flight) -> None:
+        flight.message = flight._draft
         flight.ready.set()
-        if flight.listeners == 0 and flight._idle_handle is None and flight.state == RUNNING:
-            # Mode 3: clients can attach only now that the stream has an id (the queue wait
-            # does not count against them); a flight whose listeners left already has its timer.
-            flight._arm_idle(self.settings.attach_timeout_s, "attach_timeout")
 
     async def _pull(self, flight: Flight, messages: list[dict[str, Any]]) -> None:
         turn = flight.turn
@@ -386,7 +405,8 @@ class Hub:
                 try:
                     await self.store.finish_turn(message_id=flight.message["message_id"], status=status,
                                                  content=flight.message["content"],
-                                                 usage=flight.usage, meta=meta)
+                                                 usage=flight.usage, meta=meta,
+                                                 deltas=flight.log.last_seq)
                 except Exception:
                     log.exception("could not save message %s", flight.message["message_id"])
         if flight.usage:
@@ -413,11 +433,15 @@ class Hub:
     # -- bookkeeping of finished flights -----------------------------------
 
     def _finished(self, flight: Flight) -> None:
-        if flight.state == DONE:
+        if flight.forgotten:
+            ttl = 0.0
+        elif flight.state == DONE:
             ttl = self.settings.result_ttl_s
             self._cache[id(flight)] = flight
             self._cache_bytes += _answer_bytes(flight)
             self._evict()
+            if id(flight) not in self._cache:  # too large for the cache: evicted at once
+                ttl = 0.0
         elif flight.state == ERROR:
             ttl = self.settings.error_ttl_s
         else:
@@ -445,7 +469,7 @@ class Hub:
             flight._expiry = None
         if flight.key is not None and self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
-        if flight.stream_id is not None and self._streams.get(flight.stream_id) is flight:
+        if self._streams.get(flight.stream_id) is flight:
             del self._streams[flight.stream_id]
         if self._cache.pop(id(flight), None) is not None:
             self._cache_bytes -= _answer_bytes(flight)

@@ -21,7 +21,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-__all__ = ["Store", "new_id", "now_iso"]
+__all__ = ["Store", "draft_turn", "new_id", "now_iso"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS threads (
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS messages (
     model      TEXT,
     created_at TEXT NOT NULL,
     usage      TEXT,
-    meta       TEXT NOT NULL DEFAULT '{}'
+    meta       TEXT NOT NULL DEFAULT '{}',
+    deltas     INTEGER NOT NULL DEFAULT 0  -- stream events the answer took (the done event's id - 1)
 );
 CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (thread_id, seq);
 """
@@ -60,6 +61,28 @@ def new_id(prefix: str) -> str:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def draft_turn(
+    *, thread_id: str | None, content: str, provider: str, model: str, meta: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The user message and the ``streaming`` assistant message of a new turn, not yet saved."""
+    created = now_iso()
+    user = {
+        "message_id": new_id("msg"),
+        "thread_id": thread_id,
+        "role": "user",
+        "content": content,
+        "status": "complete",
+        "provider": provider,
+        "model": model,
+        "created_at": created,
+        "usage": None,
+        "meta": meta,
+    }
+    assistant = {**user, "message_id": new_id("msg"), "role": "assistant", "content": "",
+                 "status": "streaming"}
+    return user, assistant
 
 
 def _message(row: aiosqlite.Row | tuple[Any, ...]) -> dict[str, Any]:
@@ -223,6 +246,20 @@ class Store:
             row = await cur.fetchone()
         return None if row is None else _message(row)
 
+    async def get_answer(self, org_id: str, message_id: str) -> tuple[dict[str, Any], str | None, int] | None:
+        """An assistant message, the id of the user message it answers, and its delta count."""
+        async with self._r.execute(
+            f"SELECT {_MESSAGE_COLUMNS}, deltas, (SELECT u.message_id FROM messages u"
+            " WHERE u.thread_id = m.thread_id AND u.seq < m.seq AND u.role = 'user'"
+            " ORDER BY u.seq DESC LIMIT 1) FROM messages m"
+            " WHERE m.org_id = ? AND m.message_id = ? AND m.role = 'assistant'",
+            (org_id, message_id),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return _message(row[:10]), row[11], int(row[10])
+
     async def begin_turn(
         self,
         *,
@@ -232,23 +269,15 @@ class Store:
         provider: str,
         model: str,
         meta: dict[str, Any],
+        drafts: tuple[dict[str, Any], dict[str, Any]] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Insert the user message and the ``streaming`` assistant message together."""
-        created = now_iso()
-        user = {
-            "message_id": new_id("msg"),
-            "thread_id": thread_id,
-            "role": "user",
-            "content": content,
-            "status": "complete",
-            "provider": provider,
-            "model": model,
-            "created_at": created,
-            "usage": None,
-            "meta": meta,
-        }
-        assistant = {**user, "message_id": new_id("msg"), "role": "assistant", "content": "",
-                     "status": "streaming", "created_at": now_iso()}
+        """Insert the user message and the ``streaming`` assistant message together.
+
+        ``drafts`` (from :func:`draft_turn`) fixes the ids and times in advance, so a
+        stream can be named before its rows exist.
+        """
+        user, assistant = drafts or draft_turn(thread_id=thread_id, content=content,
+                                               provider=provider, model=model, meta=meta)
         insert = (
             "INSERT INTO messages (message_id, thread_id, org_id, role, content, status, provider,"
             " model, created_at, usage, meta) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?"
@@ -284,16 +313,19 @@ class Store:
         content: str,
         usage: dict[str, Any] | None,
         meta: dict[str, Any],
+        deltas: int = 0,
     ) -> None:
         await self._transaction(
             [
                 (
-                    "UPDATE messages SET status = ?, content = ?, usage = ?, meta = ? WHERE message_id = ?",
+                    "UPDATE messages SET status = ?, content = ?, usage = ?, meta = ?, deltas = ?"
+                    " WHERE message_id = ?",
                     (
                         status,
                         content,
                         None if usage is None else orjson.dumps(usage).decode(),
                         orjson.dumps(meta).decode(),
+                        deltas,
                         message_id,
                     ),
                 )

@@ -247,7 +247,8 @@ async def test_resume_with_last_event_id_and_finished_stream_from_store(gateway_
     # flight is gone, the stream is answered from the store
     async with gw.session.get(f"{url}?org=org_a&last_event_id=5") as resp:
         events = await collect(resp)
-    assert [e.event for e in events] == ["meta", "done"]
+    assert [(e.event, e.id) for e in events] == [("meta", None), ("done", 6)]  # done keeps its id
+    assert events[0].data["user_message_id"] == s.events[0].data["user_message_id"]
     assert events[-1].data["message"]["content"] == "abcde"
     assert events[-1].data["message"]["status"] == "complete"
 
@@ -272,7 +273,7 @@ async def test_unknown_or_foreign_stream_is_404_json(gateway_factory) -> None:
 
 async def test_failed_flight_shares_its_error_for_the_error_ttl(gateway_factory) -> None:
     scripted = ScriptedProvider()
-    gw = await gateway_factory(providers=registry(scripted), error_ttl_s=0.5)
+    gw = await gateway_factory(providers=registry(scripted), error_ttl_s=1.5)
     tid = await gw.new_thread()
     posts = [asyncio.create_task(gw.post(tid, body())) for _ in range(3)]
     call = await scripted.next_call()
@@ -290,7 +291,7 @@ async def test_failed_flight_shares_its_error_for_the_error_ttl(gateway_factory)
     messages = (await gw.thread(tid))["messages"]
     assert [(m["role"], m["status"], m["content"]) for m in messages] == [
         ("user", "complete", "What is DAC?"), ("assistant", "error", "half an ")]
-    await asyncio.sleep(0.6)  # past the error TTL
+    await asyncio.sleep(1.6)  # past the error TTL
     retry = asyncio.create_task(gw.post(tid, body()))
     second = await scripted.next_call()
     second.send("ok")
@@ -428,3 +429,101 @@ async def test_evicted_results_are_not_kept_alive_by_their_timers(gateway_factor
     _, _ = await gw.post(tid, {"content": "q6", "model": "mock:ttft=0,itl=0,n=2"})
     gc.collect()
     assert [r() for r in refs] == [None, None]  # evicted flights are freed at once, not after the TTL
+
+
+async def test_a_mode_3_follower_keeps_the_flight_until_it_attaches(gateway_factory) -> None:
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), attach_timeout_s=5)
+    tid = await gw.new_thread()
+    [sse] = await open_streams(gw, tid, 1)
+    call = await scripted.next_call()
+    call.send("one ")
+    async with gw.session.post(f"{gw.url}/api/threads/{tid}/messages", json=body(stream=True),
+                               headers={**gw.h(), "Accept": "application/json"}) as resp:
+        assert resp.status == 202
+        accepted = await resp.json()
+    assert accepted["coalesce"] == "follower"
+    sse.leave()  # the only listener leaves before the 202'd client opens its stream
+    await within(_listeners(gw, 0), 5, "the SSE client to leave")
+    await asyncio.sleep(0.2)  # well past the 50 ms grace
+    assert not call.closed.is_set(), "cancelled although a client was told its stream_url"
+    async with gw.session.get(gw.url + accepted["stream_url"]) as resp:
+        late = Stream(resp)
+        await late.until(lambda evs: text_of(evs) == "one ", "the replay")
+        call.send("two")
+        call.finish()
+        await late.finish()
+    assert late.text == "one two" and late.events[-1].event == "done"
+
+
+async def test_stream_and_stream_url_while_waiting_for_a_provider_slot(gateway_factory) -> None:
+    scripted = ScriptedProvider(max_concurrency=1)
+    gw = await gateway_factory(providers=registry(scripted), ping_interval_s=0.1)
+    tid = await gw.new_thread()
+    first = asyncio.create_task(gw.post(tid, body("first")))
+    busy = await scripted.next_call()
+    # mode 3 is accepted at once, with a stream that can be opened while queued
+    async with gw.session.post(f"{gw.url}/api/threads/{tid}/messages", json=body("second", stream=True),
+                               headers={**gw.h(), "Accept": "application/json"}) as resp:
+        assert resp.status == 202
+        accepted = await resp.json()
+    # mode 2 starts its stream after one keep-alive interval and pings while queued
+    async with gw.open_stream(tid, body("third")) as queued, \
+            gw.session.get(gw.url + accepted["stream_url"]) as attached:
+        assert queued.status == 200 and attached.status == 200
+        seen = b""
+        while b": ping" not in seen:
+            seen += await within(queued.content.readline(), 5, "a ping while queued")
+        assert len(scripted.calls) == 1
+        busy.finish()
+        second = await scripted.next_call()
+        second.send("two")
+        second.finish()
+        events = await collect(attached)
+        third = await scripted.next_call()
+        third.send("three")
+        third.finish()
+        rest = await collect(queued)
+    assert text_of(events) == "two" and events[0].data["stream_id"] == accepted["stream_id"]
+    assert text_of(rest) == "three"
+    await within(first)
+
+
+async def test_a_deleted_threads_running_stream_is_not_kept_after_it_ends(gateway_factory) -> None:
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted))
+    tid = await gw.new_thread()
+    [s] = await open_streams(gw, tid, 1)
+    call = await scripted.next_call()
+    async with gw.session.delete(f"{gw.url}/api/threads/{tid}", headers=gw.h()) as resp:
+        assert resp.status == 204
+    call.send("late")
+    call.finish()
+    await s.finish()
+    assert s.text == "late"  # the listener still got its answer
+    async with gw.session.get(f"{gw.url}/api/streams/{s.events[0].data['stream_id']}?org=org_a") as resp:
+        assert resp.status == 404
+
+
+async def test_an_answer_larger_than_the_cache_is_freed_at_once(gateway_factory) -> None:
+    import gc
+    import weakref
+
+    gw = await gateway_factory(cache_max_bytes=10)
+    started: list[weakref.ref[Any]] = []
+    start = gw.hub._start
+
+    def spy(turn: Any) -> Any:
+        flight = start(turn)
+        started.append(weakref.ref(flight))
+        return flight
+
+    gw.hub._start = spy
+    tid = await gw.new_thread()
+    status, answer = await gw.post(tid, {"content": "big", "model": "mock:ttft=0,itl=0,n=20"})
+    assert status == 200 and len(answer["message"]["content"]) > 10
+    assert not gw.hub._cache and not gw.hub._streams
+    gc.collect()
+    assert len(started) == 1 and started[0]() is None  # no timer keeps it for the result TTL
+    _, again = await gw.post(tid, {"content": "big", "model": "mock:ttft=0,itl=0,n=20"})
+    assert again["coalesce"] == "leader"  # not served from a cache it did not fit in

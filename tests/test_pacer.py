@@ -14,7 +14,7 @@ from server.pacer import Pacer
 from server.providers.mock import mock_answer
 
 from .fake_upstream import FakeUpstream, Script, wait_until
-from .helpers import within
+from .helpers import collect, within
 
 
 async def hold(pacer: Pacer, name: str, limit: int, gate: asyncio.Event, log: list[str], tag: str,
@@ -165,9 +165,15 @@ async def test_a_full_queue_past_its_timeout_answers_503_and_writes_nothing(
     async with gw.open_stream(tid, {"content": "fourth", "provider": provider, "model": "m"}) as resp:
         assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1
         assert (await resp.json())["error"]["type"] == "queue_full"
+    # mode 3 answers 202 at once; the full queue reaches its stream as a retryable error
     async with gw.session.post(f"{gw.url}/api/threads/{tid}/messages", headers=gw.h(), json={
             "content": "fifth", "provider": provider, "model": "m", "stream": True}) as resp:
-        assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1
+        assert resp.status == 202
+        accepted = await resp.json()
+    async with gw.session.get(gw.url + accepted["stream_url"]) as resp:
+        events = await collect(resp)
+    assert [e.event for e in events] == ["meta", "error"]
+    assert events[-1].data["error"]["type"] == "queue_full" and events[-1].data["error"]["retryable"]
     messages = (await gw.thread(tid))["messages"]
     assert [m["content"] for m in messages] == ["first", ""]  # only the running turn
 

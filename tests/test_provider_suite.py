@@ -245,7 +245,8 @@ async def test_upstream_keeps_streaming_while_one_of_three_listeners_remains(htt
     streams[0].leave()
     streams[1].leave()
     await b.listeners(1)
-    # Past the cancel grace nothing may have been aborted (a negative check: it cannot pass by luck).
+    # Three cancel graces later nothing may have been aborted; the stream below must then
+    # also end complete, which a late abort would break.
     await asyncio.sleep(b.gw.settings.cancel_grace_s * 3)
     assert not call.ended.is_set() and call.connection.closed_at is None
     call.release()

@@ -173,16 +173,11 @@ async def post_message(request: web.Request) -> web.StreamResponse:
                                    route="messages", listening=True)
 
     if stream:
+        # 202 at once: the stream is named before its flight gets a provider slot, and a
+        # failure after this point reaches the client as the stream's ``error`` event.
         flight, coalesce = app[HUB].submit(turn, listen=False)
-        try:
-            await flight.ready.wait()
-            if flight.stream_id is None:
-                assert flight.error is not None
-                error = flight.error.type
-                raise flight.error
-        finally:
-            metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
-                                         latency_s=time.perf_counter() - started, error=error))
+        metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
+                                     latency_s=time.perf_counter() - started))
         return json_response(
             {
                 "stream_id": flight.stream_id,
@@ -234,19 +229,29 @@ async def stream_flight(
     ends or the client leaves (the handler is cancelled then, idle or not).
     """
     if not listening:
-        flight.add_listener()
+        flight.add_listener(attaching=True)
+    settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
     ttft: float | None = None
     error: str | None = None
     left = False
     try:
-        await flight.ready.wait()
-        if flight.stream_id is None:  # failed before any row was written: a plain error
+        # A POST holds its status line while the turn is not yet written (a provider
+        # slot is awaited first), for at most one keep-alive interval: a failure within
+        # it (503 queue full, 404 deleted thread) still leaves with its own status. A
+        # stream_url always answers as a stream: its failure is the ``error`` event.
+        if route == "messages":
+            try:
+                async with asyncio.timeout(settings.ping_interval_s):
+                    await flight.ready.wait()
+            except TimeoutError:
+                pass
+        if route == "messages" and flight.ready.is_set() and flight.message is None:
             assert flight.error is not None
             error = flight.error.type
             raise flight.error
         resp = EventSourceResponse(
-            sep="\n", allow_all_methods=True, ping_interval=request.app[SETTINGS].ping_interval_s,
+            sep="\n", allow_all_methods=True, ping_interval=settings.ping_interval_s,
         )
         await resp.prepare(request)
         request[STREAM_STARTED] = True
@@ -254,7 +259,7 @@ async def stream_flight(
             await send(resp, encode_event("meta", {
                 "stream_id": flight.stream_id,
                 "thread_id": flight.turn.thread_id,
-                "user_message_id": flight.user_message["message_id"] if flight.user_message else None,
+                "user_message_id": flight.user_message["message_id"],
                 "coalesce": coalesce,
                 "provider": flight.turn.provider.name,
                 "model": flight.turn.model,
@@ -313,19 +318,21 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         coalesce = "cache" if not flight.running else ("leader" if flight.listeners == 0 else "follower")
         return await stream_flight(request, flight, coalesce=coalesce, started=started,
                                    route="streams", listening=False, cursor=after + 1)
-    message = await request.app[STORE].get_message(org, stream_id)
-    if message is None or message["role"] != "assistant":
+    found = await request.app[STORE].get_answer(org, stream_id)
+    if found is None:
         raise NotFound("stream not found")
-    resp = EventSourceResponse(sep="\n", allow_all_methods=True)
+    message, user_message_id, last_seq = found
+    resp = EventSourceResponse(sep="\n", allow_all_methods=True,
+                               ping_interval=request.app[SETTINGS].ping_interval_s)
     await resp.prepare(request)
     request[STREAM_STARTED] = True
     async with resp:
         await send(resp, encode_event("meta", {
-            "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": None,
+            "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": user_message_id,
             "coalesce": "cache", "provider": message["provider"], "model": message["model"],
         }))
         if message["status"] == "complete":
-            await send(resp, encode_event("done", {"message": message}))
+            await send(resp, encode_event("done", {"message": message}, last_seq + 1))
         else:
             stored = message["meta"].get("error") if isinstance(message["meta"], dict) else None
             status = message["status"]
