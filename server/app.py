@@ -46,33 +46,58 @@ def error_response(error: GatewayError) -> web.Response:
     return web.json_response(body, status=error.status, headers=error.headers())
 
 
-@web.middleware
-async def errors_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error leaves as JSON ``{"error": {"type", "message"}}`` with its status."""
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        return error_response(exc)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].max_body_bytes
-        return error_response(PayloadTooLarge(f"request body too large (limit {limit} bytes)"))
-    except web.HTTPException as exc:
+def to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | None:
+    """The error an exception stands for, or None when it must propagate as it is
+    (a redirect; a failure after a stream's status line went out)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.config_dict[SETTINGS].max_body_bytes
+        return PayloadTooLarge(f"request body too large (limit {limit} bytes)")
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            return None
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
-        error = GatewayError(message, type=kind, status=exc.status)
-        response = error_response(error)
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except Exception:
-        if request.get(STREAM_STARTED):
-            raise  # the status line is gone: aiohttp closes the connection
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(GatewayError("internal server error; the failure was logged"))
+        return GatewayError(message, type=kind, status=exc.status)
+    if request.get(STREAM_STARTED):
+        return None  # the status line is gone: aiohttp closes the connection
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return GatewayError("internal server error; the failure was logged")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_middleware(
+    render: Callable[[GatewayError], web.Response], *, count: bool = False
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """A middleware answering every error with ``render(error)`` and its status.
+
+    With ``count`` it also counts the error by type in the metrics (a surface
+    whose body type differs from the gateway's counts its own).
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            error = to_gateway_error(request, exc)
+            if error is None:
+                raise
+            if count:
+                request.config_dict[METRICS].count_error(error.type)
+            response = render(error)
+            if isinstance(exc, web.HTTPException) and exc.status == 405 and "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
+
+    return middleware
+
+
+#: every error leaves as JSON ``{"error": {"type", "message"}}`` with its status
+errors_middleware = error_middleware(error_response)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

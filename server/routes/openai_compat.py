@@ -34,7 +34,6 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -43,8 +42,8 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE, STREAM_STARTED
-from ..errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, Unauthorized
+from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE, STREAM_STARTED, error_middleware
+from ..errors import BadRequest, GatewayError, NotFound, Unauthorized
 from ..hub import Flight, TurnRequest
 from ..metrics import RequestRecord
 from ..providers import Provider, ProviderRegistry
@@ -99,42 +98,9 @@ def error_response(error: GatewayError) -> web.Response:
     return _json(_error_body(error), status=error.status, headers=error.headers())
 
 
-@web.middleware
-async def openai_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error under /v1 leaves in OpenAI's shape, routing errors included.
-
-    The error is counted here by the gateway's type (the body's ``type`` is
-    OpenAI's); a request whose record counted it already is not counted twice.
-    """
-    allow: str | None = None
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        error = exc
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.config_dict[SETTINGS].max_body_bytes
-        error = PayloadTooLarge(f"request body too large (limit {limit} bytes)")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status == 404:
-            error = GatewayError(f"no route for {request.method} {request.path}", type="not_found", status=404)
-        else:
-            error = GatewayError(exc.reason, type="method_not_allowed" if exc.status == 405 else "http_error",
-                                 status=exc.status)
-        allow = exc.headers.get("Allow")
-    except Exception:
-        if request.get(STREAM_STARTED):
-            raise  # the status line is gone: aiohttp closes the connection
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        error = GatewayError("internal server error; the failure was logged")
-    request.config_dict[METRICS].count_error(error.type)
-    response = error_response(error)
-    if allow is not None:
-        response.headers["Allow"] = allow
-    return response
+#: every error under /v1 leaves in OpenAI's shape, routing errors included; it is counted
+#: here by the gateway's type (the body's ``type`` is OpenAI's)
+openai_errors = error_middleware(error_response, count=True)
 
 
 # -- who is asking ------------------------------------------------------------
