@@ -18,6 +18,7 @@ from aiohttp import web
 
 from server.app import HUB, METRICS, STORE, make_app
 from server.config import Settings
+from server.errors import GatewayError
 from server.providers import Chunk, MockProvider, Provider, ProviderRegistry, ProviderRequest
 
 DEFAULT_TIMEOUT = 10.0
@@ -90,6 +91,29 @@ class ScriptedProvider(Provider):
         finally:
             call.closed_at = time.perf_counter()
             call.closed.set()
+
+
+async def stream_chunks(provider: Provider, request: ProviderRequest) -> list[Chunk]:
+    """Every chunk a provider streams for ``request``."""
+    async def go() -> list[Chunk]:
+        return [chunk async for chunk in provider.stream(request)]
+    return await within(go(), what="the adapter's stream")
+
+
+async def stream_failure(provider: Provider, request: ProviderRequest) -> tuple[GatewayError, str]:
+    """The error a provider's stream ends with, and the text that came before it."""
+    text = ""
+
+    async def go() -> None:
+        nonlocal text
+        async for chunk in provider.stream(request):
+            text += chunk.text
+
+    try:
+        await within(go(), what="the adapter's stream to fail")
+    except GatewayError as exc:
+        return exc, text
+    raise AssertionError(f"the stream ended without an error after {text!r}")
 
 
 # -- SSE ----------------------------------------------------------------------

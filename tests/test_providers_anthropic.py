@@ -8,13 +8,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server.errors import GatewayError
-from server.providers import AnthropicProvider, Chunk, ProviderRequest
+from server.providers import AnthropicProvider, ProviderRequest
 from server.providers.anthropic import DEFAULT_MAX_TOKENS
 from server.providers.mock import mock_answer
 
 from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
-from .helpers import collect, text_of, within
+from .helpers import collect, stream_failure as failure, stream_chunks as run, text_of
 
 KEY = DEFAULT_API_KEY
 
@@ -32,23 +31,6 @@ CONVERSATION = [
     {"role": "system", "content": "Be kind."},
     {"role": "user", "content": "second"},
 ]
-
-
-async def run(provider: AnthropicProvider, request: ProviderRequest) -> list[Chunk]:
-    async def go() -> list[Chunk]:
-        return [chunk async for chunk in provider.stream(request)]
-    return await within(go(), what="the adapter's stream")
-
-
-async def failure(provider: AnthropicProvider, request: ProviderRequest) -> tuple[GatewayError, str]:
-    text = ""
-    with pytest.raises(GatewayError) as caught:
-        async def go() -> None:
-            nonlocal text
-            async for chunk in provider.stream(request):
-                text += chunk.text
-        await within(go(), what="the adapter's stream to fail")
-    return caught.value, text
 
 
 def ask(**params: Any) -> ProviderRequest:

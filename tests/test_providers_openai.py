@@ -11,13 +11,13 @@ import aiohttp
 import pytest
 
 from server.app import PROVIDERS
-from server.errors import GatewayError, UpstreamTimeout
-from server.providers import Chunk, OpenAIProvider, ProviderRequest
+from server.errors import UpstreamTimeout
+from server.providers import OpenAIProvider, ProviderRequest
 from server.providers.mock import mock_answer
 from server.providers.upstream import Timeouts
 
 from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
-from .helpers import collect, text_of, within
+from .helpers import collect, stream_failure as failure, stream_chunks as run, text_of, within
 
 KEY = DEFAULT_API_KEY
 
@@ -30,24 +30,6 @@ def adapter(fake: FakeUpstream, session: aiohttp.ClientSession, **options: Any) 
 
 def ask(content: str = "hello", **params: Any) -> ProviderRequest:
     return ProviderRequest(model="gpt-test", messages=[{"role": "user", "content": content}], params=params)
-
-
-async def run(provider: OpenAIProvider, request: ProviderRequest) -> list[Chunk]:
-    async def go() -> list[Chunk]:
-        return [chunk async for chunk in provider.stream(request)]
-    return await within(go(), what="the adapter's stream")
-
-
-async def failure(provider: OpenAIProvider, request: ProviderRequest) -> tuple[GatewayError, str]:
-    """The error the stream ends with, and the text that came before it."""
-    text = ""
-    with pytest.raises(GatewayError) as caught:
-        async def go() -> None:
-            nonlocal text
-            async for chunk in provider.stream(request):
-                text += chunk.text
-        await within(go(), what="the adapter's stream to fail")
-    return caught.value, text
 
 
 async def test_the_request_on_the_wire(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
