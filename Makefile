@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    create .venv if missing, install, start the server on the embedded defaults
 #   make test   the same set-up with the test extras, then the whole suite
-#   make validate  the phase-1 acceptance suite against a fresh server on a free port
+#   make validate  the acceptance suite against a fresh server on a free port
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
