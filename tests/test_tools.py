@@ -107,7 +107,7 @@ def test_sse_ttft_cancel_closes_the_stream_and_sees_the_message_cancelled(server
     assert out.returncode == 0, out.stderr
     line = json.loads(out.stdout)
     assert line["status"] == "cancelled"
-    assert line["cancel_ms"] >= 300
+    assert line["cancel_ms"] >= 295  # Node timers may fire a fraction of a millisecond early
     assert 0 < line["deltas"] < 1000
     assert line["cancel_confirm_ms"] is not None, "the server never showed the message as cancelled"
     status, thread = api(server.url, "GET", f"/api/threads/{line['thread_id']}")
