@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .config import Settings
 from .errors import GatewayError, PayloadTooLarge
@@ -69,9 +70,7 @@ def to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | Non
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_middleware(
-    render: Callable[[GatewayError], web.Response], *, count: bool = False
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def error_middleware(render: Callable[[GatewayError], web.Response], *, count: bool = False) -> Middleware:
     """A middleware answering every error with ``render(error)`` and its status.
 
     With ``count`` it also counts the error by type in the metrics (a surface

@@ -281,7 +281,8 @@ class Hub:
     async def _lead(self, flight: Flight) -> None:
         turn = flight.turn
         provider = turn.provider
-        status, error = "error", None
+        status = "error"
+        error: GatewayError | None = None
         cancelled = False
         self.metrics.active_flights.inc()
         try:
