@@ -19,6 +19,11 @@ async def test_thread_lifecycle_and_listing_newest_first(gateway) -> None:
         listed = (await resp.json())["threads"]
     assert [t["thread_id"] for t in listed] == [b, a]
     assert listed[0]["title"] == "second"
+    async with gateway.session.get(f"{gateway.url}/api/threads?limit=1", headers=gateway.h()) as resp:
+        assert [t["thread_id"] for t in (await resp.json())["threads"]] == [b]
+    for bad in ("0", "1001", "x"):
+        async with gateway.session.get(f"{gateway.url}/api/threads?limit={bad}", headers=gateway.h()) as resp:
+            assert resp.status == 400 and "limit" in (await resp.json())["error"]["message"]
     thread = await gateway.thread(a)
     assert thread["messages"] == [] and thread["title"] == "first"
     async with gateway.session.delete(f"{gateway.url}/api/threads/{a}", headers=gateway.h()) as resp:

@@ -28,6 +28,8 @@ __all__ = ["coalesce_key", "read_json", "require_org", "setup", "stream_flight"]
 ORG_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_CONTENT_CHARS = 200_000
 MAX_TITLE_CHARS = 200
+DEFAULT_THREAD_LIMIT = 200
+MAX_THREAD_LIMIT = 1000
 #: a write that a client does not take within this long ends its stream
 SEND_TIMEOUT_S = EventSourceResponse.DEFAULT_SEND_TIMEOUT or 120.0
 
@@ -95,8 +97,12 @@ async def create_thread(request: web.Request) -> web.Response:
 
 
 async def list_threads(request: web.Request) -> web.Response:
+    """The org's threads, newest first; ``?limit=N`` (1-1000, default 200)."""
     org = require_org(request)
-    return json_response({"threads": await request.app[STORE].list_threads(org)})
+    raw = request.query.get("limit", str(DEFAULT_THREAD_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_THREAD_LIMIT:
+        raise BadRequest(f"limit must be a whole number from 1 to {MAX_THREAD_LIMIT}", param="limit")
+    return json_response({"threads": await request.app[STORE].list_threads(org, limit=int(raw))})
 
 
 async def get_thread(request: web.Request) -> web.Response:
