@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -97,9 +98,8 @@ class Flight:
         self.stream_id: str = self._draft["message_id"]
         #: the assistant message once its row exists (at once when stateless); final at the end
         self.message: dict[str, Any] | None = None
-        #: mode-3 clients told the stream_url and not attached yet, and until when they may attach
-        self.pending_attach = 0
-        self.attach_deadline = 0.0
+        #: promises to mode-3 clients not attached yet: their attach token -> deadline (monotonic)
+        self._promised: dict[str, float] = {}
         self.forgotten = False  # its thread was deleted: keep nothing once it ends
         self.error: GatewayError | None = None
         self.usage: dict[str, Any] | None = None
@@ -119,10 +119,10 @@ class Flight:
 
     # -- listeners -------------------------------------------------------
 
-    def add_listener(self, *, attaching: bool = False) -> None:
-        """Count a listener; ``attaching``: it opened a stream_url it was given."""
-        if attaching and self.pending_attach > 0:
-            self.pending_attach -= 1
+    def add_listener(self, *, attach: str | None = None) -> None:
+        """Count a listener; ``attach`` is the token of the stream_url it opened, if any."""
+        if attach is not None:
+            self._promised.pop(attach, None)
         self.listeners += 1
         self.hub.metrics.active_listeners.inc()
         self.zero_since = None
@@ -134,19 +134,22 @@ class Flight:
         self.listeners -= 1
         self.hub.metrics.active_listeners.dec()
         if self.listeners == 0 and self.state == RUNNING:
-            wait_attach = self.attach_deadline - time.monotonic()
-            if self.pending_attach > 0 and wait_attach > 0:
-                self._arm_idle(wait_attach, "attach_timeout")  # a 202'd client may still come
+            now = time.monotonic()
+            self._promised = {t: d for t, d in self._promised.items() if d > now}
+            if self._promised:  # a client given the stream_url may still come
+                self._arm_idle(max(self._promised.values()) - now, "attach_timeout")
             else:
                 self._arm_idle(self.hub.settings.cancel_grace_s, "no_listeners")
 
-    def expect_attach(self) -> None:
-        """A client was given the stream_url (mode 3): keep the flight for it a while."""
+    def expect_attach(self) -> str:
+        """Promise a client (mode 3) its stream for a while; returns the token its
+        stream_url carries, so its attach (and no other) settles the promise."""
         timeout = self.hub.settings.attach_timeout_s
-        self.pending_attach += 1
-        self.attach_deadline = time.monotonic() + timeout
+        token = secrets.token_urlsafe(9)
+        self._promised[token] = time.monotonic() + timeout
         if self.listeners == 0 and self.state == RUNNING:
             self._arm_idle(timeout, "attach_timeout")
+        return token
 
     def _arm_idle(self, delay: float, reason: str) -> None:
         if self._idle_handle is not None:
@@ -226,9 +229,16 @@ class Hub:
             self._touch(flight)
         if listen:
             flight.add_listener()
-        elif flight.running:
-            flight.expect_attach()
         return flight, role
+
+    def accept(self, turn: TurnRequest) -> tuple[Flight, str, str | None]:
+        """Mode 3: join or lead without listening yet; returns ``(flight, role, attach token)``.
+
+        A running flight is promised to the caller until it attaches with the token
+        (or the attach timeout passes); a finished one needs no promise.
+        """
+        flight, role = self.submit(turn, listen=False)
+        return flight, role, flight.expect_attach() if flight.running else None
 
     def _lookup(self, turn: TurnRequest) -> Flight | None:
         if turn.key is None:
@@ -256,8 +266,22 @@ class Hub:
         flight.task = task
         self._streams[flight.stream_id] = flight
         self._live[task] = flight
-        task.add_done_callback(self._live.pop)
+        task.add_done_callback(lambda t: self._leader_done(t, flight))
         return flight
+
+    def _leader_done(self, task: asyncio.Task[None], flight: Flight) -> None:
+        self._live.pop(task, None)
+        if flight.finished.is_set():
+            return
+        # Cancelled before its first step (shutdown in the same loop pass): ``_lead`` never
+        # ran, so end the flight here; no row was written and no upstream asked.
+        flight.error = ShuttingDown("the server shut down before the answer started")
+        flight.state = CANCELLED
+        flight.finished_at = time.monotonic()
+        flight.log.close(encode_event("error", {"error": flight.error.to_dict()}))
+        flight.ready.set()
+        flight.finished.set()
+        self._remove(flight)
 
     def stream(self, stream_id: str) -> Flight | None:
         return self._streams.get(stream_id)
@@ -437,13 +461,16 @@ class Hub:
         if flight.forgotten:
             ttl = 0.0
         elif flight.state == DONE:
-            ttl = self.settings.result_ttl_s
-            self._cache[id(flight)] = flight
-            self._cache_bytes += _answer_bytes(flight)
-            self._evict()
-            if id(flight) not in self._cache:  # too large for the cache: evicted at once
-                ttl = 0.0
-        elif flight.state == ERROR:
+            if _answer_bytes(flight) > self.settings.cache_max_bytes:
+                ttl = 0.0  # too large to keep: it must not push out what the cache holds
+            else:
+                ttl = self.settings.result_ttl_s
+                self._cache[id(flight)] = flight
+                self._cache_bytes += _answer_bytes(flight)
+                self._evict()
+        elif flight.state == ERROR or flight.message is None:
+            # a failure answers joiners for the error TTL; so does a flight that ended
+            # before its rows existed, for a client still holding its stream_url
             ttl = self.settings.error_ttl_s
         else:
             ttl = 0.0

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 
+from server.app import PROVIDERS
 from server.errors import UpstreamError
 from server.providers import MockProvider
 from server.providers.mock import mock_answer
@@ -353,7 +354,7 @@ async def test_stream_mode_3_accepted_then_event_source(gateway_factory) -> None
         assert resp.status == 202
         accepted = await resp.json()
     assert accepted["coalesce"] == "leader" and accepted["user_message"]["content"] == "hello"
-    assert accepted["stream_url"] == f"/api/streams/{accepted['stream_id']}?org=org_a"
+    assert accepted["stream_url"].startswith(f"/api/streams/{accepted['stream_id']}?org=org_a&attach=")
     async with gw.session.get(gw.url + accepted["stream_url"]) as resp:  # no header, like EventSource
         events = await collect(resp)
     assert events[0].data["stream_id"] == accepted["stream_id"]
@@ -527,3 +528,97 @@ async def test_an_answer_larger_than_the_cache_is_freed_at_once(gateway_factory)
     assert len(started) == 1 and started[0]() is None  # no timer keeps it for the result TTL
     _, again = await gw.post(tid, {"content": "big", "model": "mock:ttft=0,itl=0,n=20"})
     assert again["coalesce"] == "leader"  # not served from a cache it did not fit in
+
+
+async def accept(gw: Any, tid: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async with gw.session.post(f"{gw.url}/api/threads/{tid}/messages", json={**payload, "stream": True},
+                               headers={**gw.h(), "Accept": "application/json"}) as resp:
+        assert resp.status == 202, await resp.text()
+        return await resp.json()
+
+
+async def test_a_reconnect_does_not_use_up_another_clients_promise(gateway_factory) -> None:
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), attach_timeout_s=5)
+    tid = await gw.new_thread()
+    a = await accept(gw, tid, body())
+    resp = await gw.session.get(gw.url + a["stream_url"]).__aenter__()
+    first = Stream(resp)
+    call = await scripted.next_call()
+    call.send("one ")
+    await first.until(lambda evs: text_of(evs) == "one ", "the first delta")
+    b = await accept(gw, tid, body())
+    assert b["coalesce"] == "follower" and b["stream_url"] != a["stream_url"]
+    # A's EventSource reconnects on the same URL, then A stops: B's promise must hold
+    resp2 = await gw.session.get(gw.url + a["stream_url"], headers={"Last-Event-ID": "1"}).__aenter__()
+    again = Stream(resp2)
+    await within(_listeners(gw, 2), 5, "the reconnect")
+    first.leave()
+    again.leave()
+    await within(_listeners(gw, 0), 5, "A to leave")
+    await asyncio.sleep(0.2)  # well past the grace
+    assert not call.closed.is_set(), "cancelled while B still held its stream_url"
+    async with gw.session.get(gw.url + b["stream_url"]) as resp3:
+        late = Stream(resp3)
+        await late.until(lambda evs: text_of(evs) == "one ", "B's replay")
+        call.send("two")
+        call.finish()
+        await late.finish()
+    assert late.text == "one two"
+
+
+async def test_a_too_large_answer_does_not_empty_the_cache(gateway_factory) -> None:
+    mock = MockProvider()
+    gw = await gateway_factory(providers=registry(mock), cache_max_bytes=200)
+    tid = await gw.new_thread()
+    small = {"content": "q0", "model": "mock:ttft=0,itl=0,n=2"}
+    await gw.post(tid, small)
+    await gw.post(tid, {"content": "big", "model": "mock:ttft=0,itl=0,n=200"})
+    _, again = await gw.post(tid, small)
+    assert again["coalesce"] == "cache" and mock.calls == 2
+
+
+async def test_a_stream_url_whose_flight_ended_before_its_rows_answers_its_error(gateway_factory) -> None:
+    scripted = ScriptedProvider(max_concurrency=1)
+    gw = await gateway_factory(providers=registry(scripted), attach_timeout_s=0.2)
+    tid = await gw.new_thread()
+    busy = asyncio.create_task(gw.post(tid, body("first")))
+    call = await scripted.next_call()
+    queued = await accept(gw, tid, body("queued"))
+    flight = gw.hub.stream(queued["stream_id"])
+    await within(flight.finished.wait(), 5, "the unattended queued flight to be cancelled")
+    async with gw.session.get(gw.url + queued["stream_url"]) as resp:
+        assert resp.status == 200
+        events = await collect(resp)
+    assert [e.event for e in events] == ["meta", "error"]
+    assert events[-1].data["error"]["type"] == "cancelled"
+    call.finish()
+    await within(busy)
+    assert [m["content"] for m in (await gw.thread(tid))["messages"]] == ["first", ""]  # nothing of it stored
+
+
+async def test_mode_3_gets_a_known_failure_as_a_status_not_a_202(gateway_factory) -> None:
+    gw = await gateway_factory()
+    tid = await gw.new_thread()
+    payload = {"content": "x", "model": "mock:ttft=0,fail=1"}
+    status, _ = await gw.post(tid, payload)
+    assert status == 502
+    async with gw.session.post(f"{gw.url}/api/threads/{tid}/messages", json={**payload, "stream": True},
+                               headers={**gw.h(), "Accept": "application/json"}) as resp:
+        assert resp.status == 502
+        assert (await resp.json())["error"]["type"] == "upstream_error"
+
+
+async def test_a_flight_cancelled_before_its_first_step_still_ends(gateway_factory) -> None:
+    from server.hub import TurnRequest
+
+    gw = await gateway_factory()
+    provider = gw.app[PROVIDERS].get("mock")
+    flight, role = gw.hub.submit(TurnRequest(org_id="org_a", thread_id=None, content="x",
+                                             provider=provider, model="mock"), listen=True)
+    await within(gw.hub.shutdown(), 5, "the shutdown")  # in the same loop pass as the submit
+    assert role == "leader" and flight.finished.is_set() and flight.ready.is_set()
+    assert flight.error is not None and flight.error.type == "shutting_down"
+    frames, _, finished = flight.log.read(1)
+    assert finished and b"event: error" in frames[-1]
+    flight.remove_listener()

@@ -181,13 +181,18 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     if stream:
         # 202 at once: the stream is named before its flight gets a provider slot, and a
         # failure after this point reaches the client as the stream's ``error`` event.
-        flight, coalesce = app[HUB].submit(turn, listen=False)
+        flight, coalesce, attach = app[HUB].accept(turn)
+        if not flight.running and flight.error is not None:  # a failure the server already knows
+            metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
+                                         latency_s=time.perf_counter() - started, error=flight.error.type))
+            raise flight.error
         metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
                                      latency_s=time.perf_counter() - started))
+        stream_url = f"/api/streams/{flight.stream_id}?org={org}" + (f"&attach={attach}" if attach else "")
         return json_response(
             {
                 "stream_id": flight.stream_id,
-                "stream_url": f"/api/streams/{flight.stream_id}?org={org}",
+                "stream_url": stream_url,
                 "thread_id": thread_id,
                 "user_message": flight.user_message,
                 "coalesce": coalesce,
@@ -235,7 +240,7 @@ async def stream_flight(
     ends or the client leaves (the handler is cancelled then, idle or not).
     """
     if not listening:
-        flight.add_listener(attaching=True)
+        flight.add_listener(attach=request.query.get("attach"))
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
     ttft: float | None = None
