@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -146,13 +148,14 @@ class Store:
             raise RuntimeError("store is not open")
         return self._reader
 
-    async def _transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The writer inside one transaction, alone: committed on exit, rolled back on any error."""
         async with self._write_lock:
             db = self._w
             await db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    await db.execute(sql, args)
+                yield db
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
@@ -162,14 +165,11 @@ class Store:
 
     async def create_thread(self, org_id: str, title: str) -> dict[str, Any]:
         thread = {"thread_id": new_id("thr"), "title": title, "created_at": now_iso()}
-        await self._transaction(
-            [
-                (
-                    "INSERT INTO threads (thread_id, org_id, title, created_at) VALUES (?, ?, ?, ?)",
-                    (thread["thread_id"], org_id, title, thread["created_at"]),
-                )
-            ]
-        )
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO threads (thread_id, org_id, title, created_at) VALUES (?, ?, ?, ?)",
+                (thread["thread_id"], org_id, title, thread["created_at"]),
+            )
         return thread
 
     async def list_threads(self, org_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
@@ -192,22 +192,10 @@ class Store:
         return {"thread_id": row[0], "title": row[1], "created_at": row[2]}
 
     async def delete_thread(self, org_id: str, thread_id: str) -> bool:
-        async with self._write_lock:
-            db = self._w
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await db.execute(
-                    "DELETE FROM messages WHERE org_id = ? AND thread_id = ?", (org_id, thread_id)
-                )
-                cur = await db.execute(
-                    "DELETE FROM threads WHERE org_id = ? AND thread_id = ?", (org_id, thread_id)
-                )
-                deleted = cur.rowcount > 0
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
-        return deleted
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM messages WHERE org_id = ? AND thread_id = ?", (org_id, thread_id))
+            cur = await db.execute("DELETE FROM threads WHERE org_id = ? AND thread_id = ?", (org_id, thread_id))
+            return cur.rowcount > 0
 
     # -- messages ------------------------------------------------------------
 
@@ -289,20 +277,13 @@ class Store:
              model, m["created_at"], meta_json, thread_id, org_id)
             for m in (user, assistant)
         ]
-        async with self._write_lock:
-            db = self._w
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                inserted = 0
-                for args in rows:
-                    cur = await db.execute(insert, args)
-                    inserted += cur.rowcount
-                if inserted != 2:
-                    raise LookupError(thread_id)
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+        async with self._transaction() as db:
+            inserted = 0
+            for args in rows:
+                cur = await db.execute(insert, args)
+                inserted += cur.rowcount
+            if inserted != 2:  # the thread is not this org's (or is gone): write nothing
+                raise LookupError(thread_id)
         return user, assistant
 
     async def finish_turn(
@@ -315,22 +296,12 @@ class Store:
         meta: dict[str, Any],
         deltas: int = 0,
     ) -> None:
-        await self._transaction(
-            [
-                (
-                    "UPDATE messages SET status = ?, content = ?, usage = ?, meta = ?, deltas = ?"
-                    " WHERE message_id = ?",
-                    (
-                        status,
-                        content,
-                        None if usage is None else orjson.dumps(usage).decode(),
-                        orjson.dumps(meta).decode(),
-                        deltas,
-                        message_id,
-                    ),
-                )
-            ]
-        )
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE messages SET status = ?, content = ?, usage = ?, meta = ?, deltas = ? WHERE message_id = ?",
+                (status, content, None if usage is None else orjson.dumps(usage).decode(),
+                 orjson.dumps(meta).decode(), deltas, message_id),
+            )
 
     async def count_messages(self, org_id: str, thread_id: str) -> int:
         async with self._r.execute(

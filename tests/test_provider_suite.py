@@ -81,21 +81,23 @@ class Backend:
     tid: str = ""
 
 
-@pytest.fixture(params=["mock", "openai", "anthropic"])
-async def backend(request: pytest.FixtureRequest, gateway_factory: Any) -> AsyncIterator[Backend]:
+async def _backend(kind: str, gateway_factory: Any) -> AsyncIterator[Backend]:
     async with FakeUpstream.start() as fake:
         gw = await gateway_factory(env=fake.env())
-        b = Backend(request.param, gw, fake)
+        b = Backend(kind, gw, fake)
         b.tid = await gw.new_thread()
+        yield b
+
+
+@pytest.fixture(params=["mock", "openai", "anthropic"])
+async def backend(request: pytest.FixtureRequest, gateway_factory: Any) -> AsyncIterator[Backend]:
+    async for b in _backend(request.param, gateway_factory):
         yield b
 
 
 @pytest.fixture(params=["openai", "anthropic"])
 async def http_backend(request: pytest.FixtureRequest, gateway_factory: Any) -> AsyncIterator[Backend]:
-    async with FakeUpstream.start() as fake:
-        gw = await gateway_factory(env=fake.env())
-        b = Backend(request.param, gw, fake)
-        b.tid = await gw.new_thread()
+    async for b in _backend(request.param, gateway_factory):
         yield b
 
 
