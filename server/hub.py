@@ -275,13 +275,8 @@ class Hub:
             return
         # Cancelled before its first step (shutdown in the same loop pass): ``_lead`` never
         # ran, so end the flight here; no row was written and no upstream asked.
-        flight.error = ShuttingDown("the server shut down before the answer started")
-        flight.state = CANCELLED
-        flight.finished_at = time.monotonic()
-        flight.log.close(encode_event("error", {"error": flight.error.to_dict()}))
+        self._settle(flight, "interrupted", ShuttingDown("the server shut down before the answer started"))
         flight.ready.set()
-        flight.finished.set()
-        self._remove(flight)
 
     def stream(self, stream_id: str) -> Flight | None:
         return self._streams.get(stream_id)
@@ -443,6 +438,10 @@ class Hub:
                 duration_s=time.perf_counter() - flight.upstream_started)
         if flight.cancel_reason is not None:
             self.metrics.cancels.labels(provider, flight.cancel_reason).inc()
+        self._settle(flight, status, error)
+
+    def _settle(self, flight: Flight, status: str, error: GatewayError | None) -> None:
+        """Record the outcome and end the log with ``done`` or ``error``; every listener wakes."""
         flight.error = error
         flight.finished_at = time.monotonic()
         if error is None:
@@ -461,12 +460,13 @@ class Hub:
         if flight.forgotten:
             ttl = 0.0
         elif flight.state == DONE:
-            if _answer_bytes(flight) > self.settings.cache_max_bytes:
+            size = _answer_bytes(flight)
+            if size > self.settings.cache_max_bytes:
                 ttl = 0.0  # too large to keep: it must not push out what the cache holds
             else:
                 ttl = self.settings.result_ttl_s
                 self._cache[id(flight)] = flight
-                self._cache_bytes += _answer_bytes(flight)
+                self._cache_bytes += size
                 self._evict()
         elif flight.state == ERROR or flight.message is None:
             # a failure answers joiners for the error TTL; so does a flight that ended
