@@ -182,12 +182,12 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         # 202 at once: the stream is named before its flight gets a provider slot, and a
         # failure after this point reaches the client as the stream's ``error`` event.
         flight, coalesce, attach = app[HUB].accept(turn)
-        if not flight.running and flight.error is not None:  # a failure the server already knows
-            metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
-                                         latency_s=time.perf_counter() - started, error=flight.error.type))
-            raise flight.error
+        known = None if flight.running else flight.error  # a failure the server already knows
         metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=coalesce,
-                                     latency_s=time.perf_counter() - started))
+                                     latency_s=time.perf_counter() - started,
+                                     error=known.type if known else None))
+        if known is not None:
+            raise known
         stream_url = f"/api/streams/{flight.stream_id}?org={org}" + (f"&attach={attach}" if attach else "")
         return json_response(
             {
