@@ -23,11 +23,11 @@ Invariants (the leader task is the only writer):
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-__all__ = ["EventLog", "encode_event"]
+__all__ = ["EventLog", "FlightLog", "encode_event"]
 
 
 def encode_event(event: str | None, data: Any, id: int | None = None) -> bytes:
@@ -40,7 +40,43 @@ def encode_event(event: str | None, data: Any, id: int | None = None) -> bytes:
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+class FlightLog(Protocol):
+    """What a flight's leader writes and its subscribers read: the log seam.
+
+    Guarantees every implementation keeps:
+
+    - **Order.** Deltas get ``1, 2, 3, ...`` in the order :meth:`append` was called,
+      and every reader sees them in that order, each once.
+    - **One end.** After :meth:`close` nothing is appended; the final frame is
+      the last thing every reader gets.
+    - **Replay.** A reader at any cursor gets every delta still held from there
+      on; one the log no longer holds is covered by a single ``snapshot``.
+    - **No lost wake-up.** :meth:`wait` returns as soon as something is at the
+      cursor or the log is closed, even if that happened before it was called.
+    """
+
+    @property
+    def last_seq(self) -> int: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def append(self, text: str) -> int: ...
+
+    def close(self, frame: bytes) -> None: ...
+
+    def text(self, upto: int | None = None) -> str: ...
+
+    def read(self, cursor: int) -> tuple[list[bytes], int, bool]: ...
+
+    def texts(self, cursor: int) -> tuple[list[str], int, bool]: ...
+
+    async def wait(self, cursor: int) -> None: ...
+
+
 class EventLog:
+    """The in-process :class:`FlightLog`: a ring of encoded frames and the texts."""
+
     def __init__(self, *, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -49,7 +85,6 @@ class EventLog:
         self._parts: list[str] = []
         self.last_seq = 0
         self.final: bytes | None = None
-        self.final_seq: int | None = None  # id of the ``done`` frame, if any
         self._wakeup = asyncio.Event()
 
     # -- writer side (the leader task) ------------------------------------
@@ -68,11 +103,10 @@ class EventLog:
         self._notify()
         return seq
 
-    def close(self, frame: bytes, *, seq: int | None = None) -> None:
-        """End the log with a ``done`` (``seq`` = its id) or ``error`` frame."""
+    def close(self, frame: bytes) -> None:
+        """End the log with a ``done`` or ``error`` frame; later calls change nothing."""
         if self.final is None:
             self.final = frame
-            self.final_seq = seq
             self._notify()
 
     def _notify(self) -> None:

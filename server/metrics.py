@@ -166,6 +166,10 @@ class Metrics:
             "dac_cancels_total",
             "Flights aborted upstream, by reason (no_listeners, attach_timeout, shutdown).",
             ["provider", "reason"], registry=r)
+        self.drops = Counter(
+            "dac_listeners_dropped_total",
+            "Listeners the server let go, by reason (slow_client: took nothing for the send timeout).",
+            ["reason"], registry=r)
         self.errors = Counter(
             "dac_errors_total", "Requests answered with an error, by error type.",
             ["type"], registry=r)
@@ -202,6 +206,10 @@ class Metrics:
         label = self.model_label(provider, model)
         self.upstream_calls.labels(provider, label, outcome).inc()
         self.upstream_duration.labels(provider, label, outcome).observe(duration_s)
+
+    def dropped(self, reason: str) -> None:
+        """A listener was let go by the server (not by its client)."""
+        self.drops.labels(reason).inc()
 
     def token_usage(self, provider: str, usage: dict[str, Any]) -> None:
         """Count a provider's reported usage (OpenAI's or Anthropic's field names)."""

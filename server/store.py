@@ -1,60 +1,127 @@
-"""Threads and messages in SQLite, through aiosqlite.
+"""The ``Store`` seam: threads and messages, whatever the database.
 
-WAL mode; one writer connection guarded by a lock, so every write
-transaction runs alone; one reader connection. Every query is scoped by
-``org_id``: another org's thread is indistinguishable from a missing one.
+:class:`Store` is the protocol every backend implements (SQLite today, in
+:mod:`server.sqlite_store`; PostgreSQL beside it later), and this module holds
+the types it speaks in. The flight and the HTTP layer use only this protocol;
+``app.py`` picks the implementation.
 
-A turn is written in one transaction: the user message and the assistant
-message (status ``streaming``) together; the assistant row is then updated
-once, when the flight ends. At start any row still ``streaming`` (the process
-died mid-flight) becomes ``interrupted``.
+The guarantees every implementation gives, and one behavioural suite checks:
+
+- **Scoped by org.** Every call takes the ``org_id``; another org's thread or
+  message is indistinguishable from a missing one (``None``, ``False``, empty).
+- **A turn is atomic.** :meth:`Store.begin_turn` writes the user message and the
+  ``streaming`` assistant message together or not at all; :meth:`Store.finish_turn`
+  then updates the assistant row once, with its final status and text.
+- **Read your writes.** A read that starts after a write returned sees it.
+- **Nothing stays streaming.** :meth:`Store.open` marks any row left
+  ``streaming`` by a process that died as ``interrupted``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, NamedTuple, Protocol, TypedDict
 
-import aiosqlite
-import orjson
+from .states import MessageStatus
 
-__all__ = ["Store", "draft_turn", "new_id", "now_iso"]
+__all__ = [
+    "ChatMessage",
+    "Message",
+    "Store",
+    "StoredAnswer",
+    "Thread",
+    "draft_turn",
+    "new_id",
+    "now_iso",
+]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS threads (
-    thread_id  TEXT PRIMARY KEY,
-    org_id     TEXT NOT NULL,
-    title      TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS threads_by_org ON threads (org_id, created_at);
-CREATE TABLE IF NOT EXISTS messages (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id TEXT NOT NULL UNIQUE,
-    thread_id  TEXT NOT NULL REFERENCES threads (thread_id) ON DELETE CASCADE,
-    org_id     TEXT NOT NULL,
-    role       TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-    content    TEXT NOT NULL,
-    status     TEXT NOT NULL CHECK (status IN
-                   ('complete', 'streaming', 'cancelled', 'error', 'interrupted')),
-    provider   TEXT,
-    model      TEXT,
-    created_at TEXT NOT NULL,
-    usage      TEXT,
-    meta       TEXT NOT NULL DEFAULT '{}',
-    deltas     INTEGER NOT NULL DEFAULT 0  -- stream events the answer took (the done event's id - 1)
-);
-CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (thread_id, seq);
-"""
+#: one message of a conversation as a provider takes it: ``{"role", "content", ...}``
+ChatMessage = dict[str, Any]
 
-_MESSAGE_COLUMNS = (
-    "message_id, thread_id, role, content, status, provider, model, created_at, usage, meta"
-)
+
+class Thread(TypedDict):
+    thread_id: str
+    title: str
+    created_at: str
+
+
+class Message(TypedDict):
+    """A stored message, as the contract's ``Message`` renders it."""
+
+    message_id: str
+    #: None for a stateless /v1 answer, which has no thread
+    thread_id: str | None
+    role: Literal["user", "assistant"]
+    content: str
+    status: MessageStatus
+    provider: str | None
+    model: str | None
+    created_at: str
+    usage: dict[str, Any] | None
+    #: the request's reason and scope, and what a provider returned beside the text
+    meta: dict[str, Any]
+
+
+class StoredAnswer(NamedTuple):
+    """An assistant message with what a late subscriber needs to replay its end."""
+
+    message: Message
+    #: the user message it answers
+    user_message_id: str | None
+    #: stream events the answer took (its ``done`` event's id is this plus one)
+    deltas: int
+
+
+class Store(Protocol):
+    """Threads and messages. Each method states what it promises beyond the module's rules."""
+
+    @property
+    def is_open(self) -> bool:
+        """True between a successful :meth:`open` and :meth:`close`."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema, then mark rows left ``streaming`` as ``interrupted``.
+
+        Raises when the database cannot be used; nothing is served before it returns.
+        """
+
+    async def close(self) -> None:
+        """Release connections. Writes that returned are durable."""
+
+    async def create_thread(self, org_id: str, title: str) -> Thread: ...
+
+    async def list_threads(self, org_id: str, *, limit: int = 200) -> list[Thread]:
+        """The org's threads, newest first, at most ``limit``."""
+
+    async def get_thread(self, org_id: str, thread_id: str) -> Thread | None: ...
+
+    async def delete_thread(self, org_id: str, thread_id: str) -> bool:
+        """Delete the thread and its messages in one transaction; False if it was not the org's."""
+
+    async def messages(self, org_id: str, thread_id: str) -> list[Message]:
+        """The thread's messages, oldest first (in the order their turns were written)."""
+
+    async def history(self, org_id: str, thread_id: str) -> list[ChatMessage]:
+        """The conversation to send upstream, oldest first: completed answers and the
+        questions they answer; failed, cancelled and interrupted turns are left out."""
+
+    async def get_message(self, org_id: str, message_id: str) -> Message | None: ...
+
+    async def get_answer(self, org_id: str, message_id: str) -> StoredAnswer | None:
+        """An assistant message with the id of the user message it answers."""
+
+    async def begin_turn(self, *, org_id: str, user: Message, assistant: Message) -> None:
+        """Insert both drafts (see :func:`draft_turn`) in one transaction.
+
+        Raises ``LookupError`` and writes nothing when the thread is not the org's.
+        """
+
+    async def finish_turn(self, *, message_id: str, status: MessageStatus, content: str,
+                          usage: dict[str, Any] | None, meta: dict[str, Any], deltas: int = 0) -> None:
+        """Update the assistant row once, atomically, with its final state."""
+
+    async def count_messages(self, org_id: str, thread_id: str) -> int: ...
 
 
 def new_id(prefix: str) -> str:
@@ -67,245 +134,24 @@ def now_iso() -> str:
 
 def draft_turn(
     *, thread_id: str | None, content: str, provider: str, model: str, meta: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The user message and the ``streaming`` assistant message of a new turn, not yet saved."""
+) -> tuple[Message, Message]:
+    """The user message and the ``streaming`` assistant message of a new turn, not yet saved.
+
+    Ids and times are fixed here, so a stream can be named before its rows exist.
+    """
     created = now_iso()
-    user = {
+    user: Message = {
         "message_id": new_id("msg"),
         "thread_id": thread_id,
         "role": "user",
         "content": content,
-        "status": "complete",
+        "status": MessageStatus.COMPLETE,
         "provider": provider,
         "model": model,
         "created_at": created,
         "usage": None,
         "meta": meta,
     }
-    assistant = {**user, "message_id": new_id("msg"), "role": "assistant", "content": "",
-                 "status": "streaming"}
+    assistant: Message = {**user, "message_id": new_id("msg"), "role": "assistant", "content": "",
+                          "status": MessageStatus.STREAMING}
     return user, assistant
-
-
-def _message(row: aiosqlite.Row | tuple[Any, ...]) -> dict[str, Any]:
-    message_id, thread_id, role, content, status, provider, model, created_at, usage, meta = row
-    return {
-        "message_id": message_id,
-        "thread_id": thread_id,
-        "role": role,
-        "content": content,
-        "status": status,
-        "provider": provider,
-        "model": model,
-        "created_at": created_at,
-        "usage": orjson.loads(usage) if usage else None,
-        "meta": orjson.loads(meta) if meta else {},
-    }
-
-
-class Store:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        # Guards the writer connection: one write transaction at a time.
-        self._write_lock = asyncio.Lock()
-
-    async def open(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._writer.execute("PRAGMA journal_mode=WAL")
-        await self._writer.execute("PRAGMA synchronous=NORMAL")
-        await self._writer.execute("PRAGMA foreign_keys=ON")
-        await self._writer.execute("PRAGMA busy_timeout=5000")
-        await self._writer.executescript(SCHEMA)
-        await self._writer.execute(
-            "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'"
-        )
-        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._reader.execute("PRAGMA busy_timeout=5000")
-
-    async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
-
-    @property
-    def is_open(self) -> bool:
-        return self._writer is not None
-
-    @property
-    def _w(self) -> aiosqlite.Connection:
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return self._writer
-
-    @property
-    def _r(self) -> aiosqlite.Connection:
-        if self._reader is None:
-            raise RuntimeError("store is not open")
-        return self._reader
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The writer inside one transaction, alone: committed on exit, rolled back on any error."""
-        async with self._write_lock:
-            db = self._w
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
-
-    # -- threads -------------------------------------------------------------
-
-    async def create_thread(self, org_id: str, title: str) -> dict[str, Any]:
-        thread = {"thread_id": new_id("thr"), "title": title, "created_at": now_iso()}
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO threads (thread_id, org_id, title, created_at) VALUES (?, ?, ?, ?)",
-                (thread["thread_id"], org_id, title, thread["created_at"]),
-            )
-        return thread
-
-    async def list_threads(self, org_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
-        async with self._r.execute(
-            "SELECT thread_id, title, created_at FROM threads WHERE org_id = ? "
-            "ORDER BY created_at DESC, rowid DESC LIMIT ?",
-            (org_id, limit),
-        ) as cur:
-            rows = await cur.fetchall()
-        return [{"thread_id": t, "title": title, "created_at": c} for t, title, c in rows]
-
-    async def get_thread(self, org_id: str, thread_id: str) -> dict[str, Any] | None:
-        async with self._r.execute(
-            "SELECT thread_id, title, created_at FROM threads WHERE org_id = ? AND thread_id = ?",
-            (org_id, thread_id),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        return {"thread_id": row[0], "title": row[1], "created_at": row[2]}
-
-    async def delete_thread(self, org_id: str, thread_id: str) -> bool:
-        async with self._transaction() as db:
-            await db.execute("DELETE FROM messages WHERE org_id = ? AND thread_id = ?", (org_id, thread_id))
-            cur = await db.execute("DELETE FROM threads WHERE org_id = ? AND thread_id = ?", (org_id, thread_id))
-            return cur.rowcount > 0
-
-    # -- messages ------------------------------------------------------------
-
-    async def messages(self, org_id: str, thread_id: str) -> list[dict[str, Any]]:
-        async with self._r.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE org_id = ? AND thread_id = ? ORDER BY seq",
-            (org_id, thread_id),
-        ) as cur:
-            rows = await cur.fetchall()
-        return [_message(row) for row in rows]
-
-    async def history(self, org_id: str, thread_id: str) -> list[dict[str, str]]:
-        """The conversation to send upstream, oldest first.
-
-        Cancelled, failed and interrupted assistant answers are left out, and
-        so are user messages whose answer never completed.
-        """
-        messages = await self.messages(org_id, thread_id)
-        convo: list[dict[str, str]] = []
-        for i, m in enumerate(messages):
-            if m["role"] == "assistant":
-                if m["status"] == "complete":
-                    convo.append({"role": "assistant", "content": m["content"]})
-                continue
-            answer = messages[i + 1] if i + 1 < len(messages) else None
-            if answer is not None and answer["role"] == "assistant" and answer["status"] != "complete":
-                continue
-            convo.append({"role": "user", "content": m["content"]})
-        return convo
-
-    async def get_message(self, org_id: str, message_id: str) -> dict[str, Any] | None:
-        async with self._r.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE org_id = ? AND message_id = ?",
-            (org_id, message_id),
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else _message(row)
-
-    async def get_answer(self, org_id: str, message_id: str) -> tuple[dict[str, Any], str | None, int] | None:
-        """An assistant message, the id of the user message it answers, and its delta count."""
-        async with self._r.execute(
-            f"SELECT {_MESSAGE_COLUMNS}, deltas, (SELECT u.message_id FROM messages u"
-            " WHERE u.thread_id = m.thread_id AND u.seq < m.seq AND u.role = 'user'"
-            " ORDER BY u.seq DESC LIMIT 1) FROM messages m"
-            " WHERE m.org_id = ? AND m.message_id = ? AND m.role = 'assistant'",
-            (org_id, message_id),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        return _message(row[:10]), row[11], int(row[10])
-
-    async def begin_turn(
-        self,
-        *,
-        org_id: str,
-        thread_id: str,
-        content: str,
-        provider: str,
-        model: str,
-        meta: dict[str, Any],
-        drafts: tuple[dict[str, Any], dict[str, Any]] | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Insert the user message and the ``streaming`` assistant message together.
-
-        ``drafts`` (from :func:`draft_turn`) fixes the ids and times in advance, so a
-        stream can be named before its rows exist.
-        """
-        user, assistant = drafts or draft_turn(thread_id=thread_id, content=content,
-                                               provider=provider, model=model, meta=meta)
-        insert = (
-            "INSERT INTO messages (message_id, thread_id, org_id, role, content, status, provider,"
-            " model, created_at, usage, meta) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?"
-            " WHERE EXISTS (SELECT 1 FROM threads WHERE thread_id = ? AND org_id = ?)"
-        )
-        meta_json = orjson.dumps(meta).decode()
-        rows = [
-            (m["message_id"], thread_id, org_id, m["role"], m["content"], m["status"], provider,
-             model, m["created_at"], meta_json, thread_id, org_id)
-            for m in (user, assistant)
-        ]
-        async with self._transaction() as db:
-            inserted = 0
-            for args in rows:
-                cur = await db.execute(insert, args)
-                inserted += cur.rowcount
-            if inserted != 2:  # the thread is not this org's (or is gone): write nothing
-                raise LookupError(thread_id)
-        return user, assistant
-
-    async def finish_turn(
-        self,
-        *,
-        message_id: str,
-        status: str,
-        content: str,
-        usage: dict[str, Any] | None,
-        meta: dict[str, Any],
-        deltas: int = 0,
-    ) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "UPDATE messages SET status = ?, content = ?, usage = ?, meta = ?, deltas = ? WHERE message_id = ?",
-                (status, content, None if usage is None else orjson.dumps(usage).decode(),
-                 orjson.dumps(meta).decode(), deltas, message_id),
-            )
-
-    async def count_messages(self, org_id: str, thread_id: str) -> int:
-        async with self._r.execute(
-            "SELECT COUNT(*) FROM messages WHERE org_id = ? AND thread_id = ?", (org_id, thread_id)
-        ) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0

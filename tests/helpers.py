@@ -16,7 +16,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from server.app import HUB, METRICS, STORE, make_app
+from server.app import make_app
+from server.appkeys import METRICS, REGISTRY, STORE
 from server.config import Settings
 from server.errors import GatewayError
 from server.providers import Chunk, MockProvider, Provider, ProviderRegistry, ProviderRequest
@@ -191,7 +192,7 @@ class Gateway:
 
     @property
     def hub(self):  # noqa: ANN201
-        return self.app[HUB]
+        return self.app[REGISTRY]
 
     @property
     def store(self):  # noqa: ANN201

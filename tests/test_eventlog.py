@@ -63,7 +63,7 @@ def test_laggard_gets_snapshot_then_continues() -> None:
 def test_close_ends_every_reader_and_refuses_appends() -> None:
     log = EventLog(capacity=4)
     log.append("a")
-    log.close(encode_event("done", {"message": {}}, 2), seq=2)
+    log.close(encode_event("done", {"message": {}}, 2))
     frames, _, finished = log.read(1)
     assert finished and [e for e, _, _ in parse(frames)] == ["delta", "done"]
     frames, _, finished = log.read(5)  # resuming after done still gets done
@@ -112,7 +112,7 @@ def test_texts_reads_every_delta_even_past_the_ring() -> None:
     assert log.texts(1) == (["a", "b", "c", "d"], 5, False)  # no snapshot: all texts are kept
     assert log.texts(4) == (["d"], 5, False)
     assert log.texts(5) == ([], 5, False)
-    log.close(encode_event("done", {}, 5), seq=5)
+    log.close(encode_event("done", {}, 5))
     assert log.texts(5) == ([], 5, True)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from server.app import PROVIDERS
+from server.appkeys import PROVIDERS
 from server.errors import UpstreamError
 from server.providers import MockProvider
 from server.providers.mock import mock_answer
@@ -425,7 +425,7 @@ async def test_evicted_results_are_not_kept_alive_by_their_timers(gateway_factor
         status, _ = await gw.post(tid, {"content": f"q{i}", "model": "mock:ttft=0,itl=0,n=2"})
         assert status == 200
     assert len(gw.hub._cache) == 2 and len(gw.hub._streams) == 2
-    refs = [weakref.ref(f) for f in gw.hub._cache.values()]
+    refs = [weakref.ref(f) for f in gw.hub._cache]
     _, _ = await gw.post(tid, {"content": "q5", "model": "mock:ttft=0,itl=0,n=2"})
     _, _ = await gw.post(tid, {"content": "q6", "model": "mock:ttft=0,itl=0,n=2"})
     gc.collect()
@@ -610,14 +610,15 @@ async def test_mode_3_gets_a_known_failure_as_a_status_not_a_202(gateway_factory
 
 
 async def test_a_flight_cancelled_before_its_first_step_still_ends(gateway_factory) -> None:
-    from server.hub import TurnRequest
+    from server.flight import TurnRequest
 
     gw = await gateway_factory()
     provider = gw.app[PROVIDERS].get("mock")
     flight, role = gw.hub.submit(TurnRequest(org_id="org_a", thread_id=None, content="x",
                                              provider=provider, model="mock"), listen=True)
     await within(gw.hub.shutdown(), 5, "the shutdown")  # in the same loop pass as the submit
-    assert role == "leader" and flight.finished.is_set() and flight.ready.is_set()
+    assert role == "leader" and flight.finished.is_set()
+    await within(flight.accepted(), 1, "a status-line holder to be released")
     assert flight.error is not None and flight.error.type == "shutting_down"
     frames, _, finished = flight.log.read(1)
     assert finished and b"event: error" in frames[-1]

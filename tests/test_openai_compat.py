@@ -288,7 +288,7 @@ async def test_raw_errors_have_openai_shape_and_status(gateway_factory) -> None:
         ("POST", url, {"json": {"model": "mock", "messages": user("x"), "stream": "yes"}}, 400, "'stream'"),
         ("POST", url, {"json": {"model": "mock", "messages": user("x" * 5000)}}, 413, "too large"),
         ("POST", url, {"json": {"model": "mock", "messages": user("x")},
-                       "headers": {"x-org-id": "bad org!"}}, 400, "x-org-id"),
+                       "headers": {"x-org-id": "bad org!"}}, 401, "x-org-id"),
         ("GET", url, {}, 405, "Method Not Allowed"),
         ("GET", f"{gw.url}/v1/embeddings", {}, 404, "no route"),
     ]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from server.app import PACER
+from server.appkeys import PACER
 from server.errors import UpstreamError
 
 from .conftest import GatewayFactory

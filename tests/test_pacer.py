@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.app import PACER
+from server.appkeys import PACER
 from server.errors import QueueFull
 from server.pacer import Pacer
 from server.providers.mock import mock_answer

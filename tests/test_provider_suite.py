@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from server.app import PROVIDERS
+from server.appkeys import PROVIDERS
 from server.providers import MockProvider
 from server.providers.mock import mock_answer
 

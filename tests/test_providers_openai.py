@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server.app import PROVIDERS
+from server.appkeys import PROVIDERS
 from server.errors import UpstreamTimeout
 from server.providers import OpenAIProvider, ProviderRequest
 from server.providers.mock import mock_answer

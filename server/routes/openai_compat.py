@@ -11,17 +11,21 @@ upstream call, and every subscriber replays the answer from its first token.
   Bearer <key>`` must be one of them and the org is ``key_`` plus the first 16
   hex digits of the key's sha256 (``x-org-id`` is then ignored); without keys,
   ``x-org-id`` or ``default``.
-- **Coalesce key**: org, thread, provider, model and a sha1 of the normalised
-  messages and sampling parameters; ``Idempotency-Key`` replaces it. Requests
-  with ``tools`` or ``functions`` never share a flight.
+- **Coalesce key**: the turn service's policy (:mod:`server.turns`): with
+  ``x-thread-id``, the same key as ``/api`` (org, thread, provider, model, the
+  new user message, plus the sampling parameters), so the two surfaces share a
+  flight; stateless, the whole normalised conversation and parameters;
+  ``Idempotency-Key`` replaces it. Requests with ``tools`` or ``functions``
+  never share a flight.
 - **Stateless** unless ``x-thread-id`` names a thread of the org: then the
   last user message and the answer are written to it as one turn.
 - **Wire format**: only ``data:`` lines and ``: ping`` comments, never ``id:``,
   ``retry:`` or an empty ``data:`` (the official clients break on them). The
-  status line is held back until the first token, the end of the flight, or
-  one keep-alive interval, whichever comes first, so errors before the answer
-  starts (queue full, upstream 429 or 502) leave with their own status; an
-  error after that is one ``data: {"error": ...}`` event, then the end.
+  status line is held back as on ``/api`` (:meth:`server.turns.Lease.hold`):
+  until the first token, the end of the flight, or one keep-alive interval,
+  so errors before the answer starts (queue full, upstream 429 or 502) leave
+  with their own status; an error after that is one ``data: {"error": ...}``
+  event, then the end.
 - **Errors** anywhere under ``/v1`` (404 and 405 included) leave as
   ``{"error": {"message", "type", "param", "code"}}``; ``code`` is the
   gateway's error type.
@@ -29,10 +33,8 @@ upstream call, and every subscriber replays the answer from its first token.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,18 +42,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
-from ..app import HUB, METRICS, PROVIDERS, SETTINGS, STORE, STREAM_STARTED, error_middleware
+from ..appkeys import PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound, Unauthorized
-from ..hub import Flight, TurnRequest
-from ..metrics import RequestRecord
+from ..flight import Flight, TurnRequest
 from ..providers import Provider, ProviderRegistry
-from .api import ORG_RE, coalesce_key, read_json, send
+from ..turns import Lease, Surface, Until
+from ._http import error_middleware, json_response, open_sse, read_json, require_org, send
 
 __all__ = ["API_KEYS", "setup"]
-
-log = logging.getLogger(__name__)
 
 #: the org of requests that name none (no keys configured, no ``x-org-id``)
 DEFAULT_ORG = "default"
@@ -86,21 +85,19 @@ def _error_body(error: GatewayError) -> dict[str, Any]:
         kind = "server_error"
     else:
         kind = "invalid_request_error"
-    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.type}}
-
-
-def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, headers=headers,
-                        content_type="application/json")
+    body: dict[str, Any] = {"message": error.message, "type": kind, "param": error.param, "code": error.type}
+    if error.retry_after is not None:
+        body["retry_after"] = error.retry_after
+    return {"error": body}
 
 
 def error_response(error: GatewayError) -> web.Response:
-    return _json(_error_body(error), status=error.status, headers=error.headers())
+    return json_response(_error_body(error), status=error.status)
 
 
 #: every error under /v1 leaves in OpenAI's shape, routing errors included; it is counted
-#: here by the gateway's type (the body's ``type`` is OpenAI's)
-openai_errors = error_middleware(error_response, count=True)
+#: by the gateway's type (the body's ``type`` is OpenAI's)
+openai_errors = error_middleware(error_response)
 
 
 # -- who is asking ------------------------------------------------------------
@@ -118,10 +115,7 @@ def _org(request: web.Request) -> str:
         if not sum(hmac.compare_digest(given, key) for key in keys):
             raise Unauthorized("incorrect API key", type="invalid_api_key")
         return "key_" + hashlib.sha256(given).hexdigest()[:16]
-    org = request.headers.get("x-org-id") or DEFAULT_ORG
-    if not ORG_RE.match(org):
-        raise BadRequest("x-org-id must be 1-128 letters, digits or _.:@-", param="x-org-id")
-    return org
+    return require_org(request, default=DEFAULT_ORG)
 
 
 def _resolve_model(providers: ProviderRegistry, name: str, default: str) -> tuple[Provider, str]:
@@ -268,20 +262,12 @@ async def _parse(request: web.Request, org: str) -> _Call:
         if await cfg[STORE].get_thread(org, thread_id) is None:
             raise NotFound("thread not found (x-thread-id)", param="x-thread-id")
 
-    idempotent = not params.get("tools") and not params.get("functions")
-    key = None
-    if idempotent and settings.coalesce_enabled and (settings.stream_fanout_enabled or not stream):
-        idem = request.headers.get("Idempotency-Key")
-        if idem:
-            key = coalesce_key("v1-idem", org, idem)
-        else:
-            digest = hashlib.sha1(orjson.dumps({"messages": messages, "params": params},
-                                               option=orjson.OPT_SORT_KEYS)).hexdigest()
-            key = coalesce_key("v1", org, thread_id or "", provider.name, model, digest)
-    turn = TurnRequest(
-        org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
-        messages=messages, params=params, key=key,
-        no_cache=not idempotent or "no-cache" in request.headers.get("Cache-Control", "").lower(),
+    turn = cfg[TURNS].turn(
+        surface=Surface.V1, org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
+        streaming=bool(stream), messages=messages, params=params,
+        shareable=not params.get("tools") and not params.get("functions"),
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        no_cache="no-cache" in request.headers.get("Cache-Control", "").lower(),
     )
     return _Call(turn=turn, model=model_name, stream=bool(stream), include_usage=include_usage)
 
@@ -323,9 +309,8 @@ class _Completion:
     __slots__ = ("created", "id", "model")
 
     def __init__(self, *, flight: Flight, model: str) -> None:
-        assert flight.message is not None
-        self.id = "chatcmpl-" + flight.message["message_id"].removeprefix("msg_")
-        self.created = int(datetime.fromisoformat(flight.message["created_at"]).timestamp())
+        self.id = "chatcmpl-" + flight.stream_id.removeprefix("msg_")
+        self.created = int(datetime.fromisoformat(flight.created_at).timestamp())
         self.model = model
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, **extras: Any) -> bytes:
@@ -356,54 +341,33 @@ class _Completion:
 DONE = b"data: [DONE]\n\n"
 
 
-async def _stream(request: web.Request, flight: Flight, call: _Call, coalesce: str,
-                  started: float) -> tuple[web.StreamResponse, float | None]:
-    """Write the flight as chunk objects; returns the response and the time to first text."""
-    settings = request.config_dict[SETTINGS]
-    log_ = flight.log
-    # Hold the status line until there is something to say: an error before the
-    # first token then leaves with its own status (429, 502, 503...). After one
-    # keep-alive interval without a token the stream starts anyway and pings.
-    try:
-        async with asyncio.timeout(settings.ping_interval_s):
-            await log_.wait(1)
-    except TimeoutError:
-        pass
-    await flight.ready.wait()
-    if flight.message is None or (log_.closed and flight.error is not None):
-        assert flight.error is not None
-        raise flight.error
+async def _stream(request: web.Request, lease: Lease, call: _Call) -> web.StreamResponse:
+    """Write the flight as chunk objects: whatever arrived since the last write goes as one."""
+    flight = lease.flight
     answer = _Completion(flight=flight, model=call.model)
-    resp = EventSourceResponse(sep="\n", allow_all_methods=True, ping_interval=settings.ping_interval_s,
-                               headers={COALESCE_HEADER: coalesce})
-    await resp.prepare(request)
-    request[STREAM_STARTED] = True
-    ttft: float | None = None
+    resp = await open_sse(request, headers={COALESCE_HEADER: lease.role})
     async with resp:  # stops the keep-alive pings however the stream ends
         frames = [answer.chunk({"role": "assistant", "content": "", "refusal": None})]
-        cursor = 1
-        while True:
-            texts, cursor, finished = log_.texts(cursor)
+        async for texts, finished in lease.texts():
             if texts:
-                # whatever arrived since the last write goes as one chunk
                 frames.append(answer.chunk({"content": "".join(texts)}))
             if finished:
-                if flight.error is not None:
-                    frames.append(_frame(_error_body(flight.error)))
-                else:
-                    frames.append(answer.chunk({}, _finish_reason(flight), **_extras(flight)))
-                    if call.include_usage:
-                        frames.append(answer.usage_chunk(_usage(flight)))
-                    frames.append(DONE)
+                frames.extend(_ending(answer, flight, call))
             if frames:
                 await send(resp, b"".join(frames))
-                if ttft is None and texts:
-                    ttft = time.perf_counter() - started
                 frames = []
-            if finished:
-                break
-            await log_.wait(cursor)
-    return resp, ttft
+    return resp
+
+
+def _ending(answer: _Completion, flight: Flight, call: _Call) -> list[bytes]:
+    """The frames after the last text: an error event, or the finish (and usage) and [DONE]."""
+    if flight.error is not None:
+        return [_frame(_error_body(flight.error))]
+    frames = [answer.chunk({}, _finish_reason(flight), **_extras(flight))]
+    if call.include_usage:
+        frames.append(answer.usage_chunk(_usage(flight)))
+    frames.append(DONE)
+    return frames
 
 
 # -- handlers -------------------------------------------------------------------
@@ -411,36 +375,17 @@ async def _stream(request: web.Request, flight: Flight, call: _Call, coalesce: s
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    cfg = request.config_dict
     call = await _parse(request, _org(request))
-    flight, coalesce = cfg[HUB].submit(call.turn, listen=True)
-    ttft: float | None = None
-    error: str | None = None
-    left = False  # the client went away before its answer ended
-    try:
+    turns = request.config_dict[TURNS]
+    mode = "sse" if call.stream else "json"
+    async with turns.lease(call.turn, route="v1", mode=mode, started=started) as lease:
         if call.stream:
-            resp, ttft = await _stream(request, flight, call, coalesce, started)
-            if flight.error is not None:
-                error = flight.error.type
-            return resp
-        message = await flight.result()
-        answer = _Completion(flight=flight, model=call.model)
-        return _json(answer.completion(message["content"], flight), headers={COALESCE_HEADER: coalesce})
-    except GatewayError as exc:
-        error = exc.type
-        raise
-    except (asyncio.CancelledError, ConnectionResetError, TimeoutError):
-        # the client left (its handler is cancelled, idle or not; or a write found the
-        # connection gone), or took nothing for SEND_TIMEOUT_S and was dropped
-        left = True
-        raise
-    finally:
-        flight.remove_listener()
-        cfg[METRICS].record(RequestRecord(
-            route="v1", mode="sse" if call.stream else "json", coalesce=coalesce,
-            latency_s=time.perf_counter() - started, ttft_s=ttft, error=error, client_left=left,
-            queue_wait_s=flight.queue_wait_s if coalesce == "leader" else None,
-        ))
+            await lease.hold(Until.FIRST_TEXT)
+            return await _stream(request, lease, call)
+        message = await lease.result()
+        answer = _Completion(flight=lease.flight, model=call.model)
+        return json_response(answer.completion(message["content"], lease.flight),
+                             headers={COALESCE_HEADER: lease.role})
 
 
 def _model_object(name: str, owner: str, created: int) -> dict[str, Any]:
@@ -456,7 +401,7 @@ async def list_models(request: web.Request) -> web.Response:
         if provider.configured()
         for model in provider.models()
     ]
-    return _json({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -464,7 +409,7 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     settings = request.config_dict[SETTINGS]
     provider, _ = _resolve_model(request.config_dict[PROVIDERS], name, settings.default_provider)
-    return _json(_model_object(name, provider.name, request.app[STARTED]))
+    return json_response(_model_object(name, provider.name, request.app[STARTED]))
 
 
 def setup(app: web.Application) -> None:

@@ -1,0 +1,30 @@
+"""The typed keys of what the application holds, shared by ``app.py`` and the routes.
+
+``app.py`` fills them (long-lived resources in one ``cleanup_ctx``); route
+handlers read them with ``request.config_dict[KEY]``.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .config import Settings
+from .metrics import Metrics
+from .pacer import Pacer
+from .providers import ProviderRegistry
+from .registry import FlightRegistry
+from .store import Store
+from .turns import TurnService
+
+__all__ = ["METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE", "STREAM_STARTED", "TURNS"]
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+METRICS = web.AppKey("metrics", Metrics)
+PACER = web.AppKey("pacer", Pacer)
+PROVIDERS = web.AppKey("providers", ProviderRegistry)
+REGISTRY = web.AppKey("registry", FlightRegistry)
+TURNS = web.AppKey("turns", TurnService)
+
+#: set on a request once its streaming response has been prepared
+STREAM_STARTED = web.RequestKey("stream_started", bool)

@@ -1,0 +1,388 @@
+"""A flight: one upstream call, its replay log, its listeners and its outcome.
+
+The flight's leader task takes a provider slot, writes the turn's rows, pulls
+chunks from the provider into the :class:`~server.eventlog.EventLog`, then
+saves the outcome and closes the log. Listeners are counted; when the last
+one leaves the flight is aborted after a grace.
+
+Cancellation, as a timeline::
+
+    listener A leaves ─┐
+    listener B leaves ─┴─▶ listeners == 0 ─▶ grace (cancel_grace_s) ─▶ leader task cancelled
+                                         ─▶ provider iterator closed (upstream socket closed)
+                                         ─▶ message saved 'cancelled' with the text so far
+    a listener joins during the grace ─▶ timer dropped, the flight carries on
+    nobody attaches within attach_timeout_s (mode 3) ─▶ cancelled the same way
+    upstream error ─▶ listeners get ``error``; the registry keeps it for error_ttl_s
+    shutdown ─▶ listeners get a retryable ``error``; message saved 'interrupted'
+
+Who writes what (everything runs on the event loop; no locks are needed as
+long as these owners hold):
+
+- ``listeners``, ``_idle_handle``, ``zero_since``, ``_promised``: only
+  :meth:`add_listener`, :meth:`remove_listener`, :meth:`expect_attach` and
+  :meth:`abort`.
+- ``state``: ``RUNNING`` -> ``CANCELLING`` (:meth:`abort`) -> an end state
+  (the leader task, at its end, in ``_settle``).
+- ``forgotten``: the registry (its thread was deleted).
+- everything else: only the leader task.
+
+A flight knows nothing of the registry that holds it: it is given the
+settings, the store, the pacer, the metrics, a clock, and a callback that
+runs once when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Settings
+from .errors import GatewayError, NoListeners, NotFound, ShuttingDown, UpstreamError
+from .eventlog import EventLog, FlightLog, encode_event
+from .metrics import Metrics
+from .pacer import Pacer
+from .providers import Provider, ProviderRequest
+from .states import DropReason, FlightState, MessageStatus
+from .store import ChatMessage, Message, Store, draft_turn
+
+__all__ = ["Clock", "Flight", "TurnRequest"]
+
+log = logging.getLogger(__name__)
+
+#: seconds on a monotonic scale; the registry's TTLs and the attach promises read it
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True, kw_only=True)
+class TurnRequest:
+    """A validated request for one answer."""
+
+    org_id: str
+    #: the thread gaining the turn; None for a stateless call (/v1 without x-thread-id)
+    thread_id: str | None
+    #: the new user message
+    content: str
+    provider: Provider
+    model: str
+    #: the conversation to send; None means the thread's history plus ``content``
+    messages: list[ChatMessage] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    #: kept on both messages: the request's reason and scope
+    meta: dict[str, Any] = field(default_factory=dict)
+    #: the coalesce key; None means this request never shares its flight
+    key: str | None = None
+    #: skip a finished flight's result (``Cache-Control: no-cache``); still joins a running one
+    no_cache: bool = False
+
+
+class Flight:
+    def __init__(self, turn: TurnRequest, *, settings: Settings, store: Store, pacer: Pacer,
+                 metrics: Metrics, clock: Clock, on_end: Callable[[Flight], None]) -> None:
+        self.turn = turn
+        self.key = turn.key
+        self._settings = settings
+        self._store = store
+        self._pacer = pacer
+        self._metrics = metrics
+        self._clock = clock
+        self._on_end = on_end
+        self.log: FlightLog = EventLog(capacity=settings.ring_size)
+        self.state = FlightState.RUNNING
+        self.finished = asyncio.Event()  # outcome known, log closed
+        self._accepted = asyncio.Event()  # ``message`` is set (the turn's rows exist), or the flight ended
+        # Ids and times are fixed at once, so a stream can be named (202, stream_url)
+        # and attached to while the flight still waits for a provider slot.
+        self.user_message, self._draft = draft_turn(
+            thread_id=turn.thread_id, content=turn.content, provider=turn.provider.name,
+            model=turn.model, meta=dict(turn.meta))
+        self.stream_id: str = self._draft["message_id"]
+        self.created_at: str = self._draft["created_at"]
+        #: the assistant message once the turn is accepted (its rows written, or at once
+        #: when stateless); final when the flight ends
+        self.message: Message | None = None
+        #: promises to mode-3 clients not attached yet: their attach token -> deadline (clock)
+        self._promised: dict[str, float] = {}
+        self.forgotten = False  # its thread was deleted: keep nothing once it ends
+        self.error: GatewayError | None = None
+        self.usage: dict[str, Any] | None = None
+        self.extra_meta: dict[str, Any] = {}
+        self.listeners = 0
+        self.zero_since: float | None = None  # perf_counter when the count last reached zero
+        self.cancel_reason: DropReason | None = None
+        self.queue_wait_s: float | None = None
+        self.ttft_s: float | None = None
+        self.upstream_started: float | None = None  # perf_counter when the provider was asked
+        self.finished_at: float | None = None  # clock
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    # -- listeners -------------------------------------------------------
+
+    def add_listener(self, *, attach: str | None = None) -> None:
+        """Count a listener; ``attach`` is the token of the stream_url it opened, if any."""
+        if attach is not None:
+            self._promised.pop(attach, None)
+        self.listeners += 1
+        self._metrics.active_listeners.inc()
+        self.zero_since = None
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    def remove_listener(self) -> None:
+        self.listeners -= 1
+        self._metrics.active_listeners.dec()
+        if self.listeners == 0 and self.running:
+            now = self._clock()
+            self._promised = {t: d for t, d in self._promised.items() if d > now}
+            if self._promised:  # a client given the stream_url may still come
+                self._arm_idle(max(self._promised.values()) - now, DropReason.ATTACH_TIMEOUT)
+            else:
+                self._arm_idle(self._settings.cancel_grace_s, DropReason.NO_LISTENERS)
+
+    def expect_attach(self) -> str:
+        """Promise a client (mode 3) its stream for a while; returns the token its
+        stream_url carries, so its attach (and no other) settles the promise."""
+        timeout = self._settings.attach_timeout_s
+        token = secrets.token_urlsafe(9)
+        self._promised[token] = self._clock() + timeout
+        if self.listeners == 0 and self.running:
+            self._arm_idle(timeout, DropReason.ATTACH_TIMEOUT)
+        return token
+
+    def _arm_idle(self, delay: float, reason: DropReason) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        if reason is DropReason.NO_LISTENERS:
+            self.zero_since = time.perf_counter()
+        self._idle_handle = asyncio.get_running_loop().call_later(delay, self.abort, reason)
+
+    def abort(self, reason: DropReason) -> None:
+        """Cancel the leader, unless a listener came back (shutdown cancels regardless)."""
+        self._idle_handle = None
+        if not self.running or self.task is None:
+            return
+        if reason is not DropReason.SHUTDOWN and self.listeners > 0:
+            return
+        if self.zero_since is None:
+            self.zero_since = time.perf_counter()
+        self.state = FlightState.CANCELLING
+        self.cancel_reason = reason
+        self.task.cancel()
+
+    # -- reading ---------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.state is FlightState.RUNNING
+
+    async def accepted(self) -> None:
+        """Return once the turn is accepted (its rows written; at once when stateless)
+        or the flight ended without that."""
+        await self._accepted.wait()
+
+    def error_before(self, *, text: bool) -> GatewayError | None:
+        """The error of a flight that ended before its turn was accepted, or with
+        ``text`` before any answer text: a status line can still say it."""
+        if not self.finished.is_set():
+            return None
+        if self.message is None or (text and self.log.last_seq == 0):
+            return self.error
+        return None
+
+    def fresh(self, ttl: float) -> bool:
+        """Ended less than ``ttl`` seconds ago."""
+        return self.finished_at is not None and self._clock() - self.finished_at < ttl
+
+    async def frames(self, cursor: int = 1) -> AsyncIterator[bytes]:
+        """SSE bytes for a subscriber from delta ``cursor`` on, ending with done/error."""
+        log_ = self.log
+        while True:
+            chunks, cursor, finished = log_.read(cursor)
+            if chunks:
+                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if finished:
+                return
+            await log_.wait(cursor)
+
+    async def result(self) -> Message:
+        """The final assistant message; raises the flight's error."""
+        await self.finished.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.message is not None
+        return self.message
+
+    def answer_bytes(self) -> int:
+        """The UTF-8 size of the final answer (what a result cache counts)."""
+        return len(self.message["content"].encode()) if self.message else 0
+
+    # -- the leader ------------------------------------------------------
+
+    def start(self) -> asyncio.Task[None]:
+        """Start the leader task (once)."""
+        assert self.task is None
+        self.task = asyncio.get_running_loop().create_task(self._lead(), name=f"flight:{self.key}")
+        self.task.add_done_callback(self._task_done)
+        return self.task
+
+    def _task_done(self, _: asyncio.Task[None]) -> None:
+        if self.finished.is_set():
+            return
+        # Cancelled before its first step (shutdown in the same loop pass): ``_lead`` never
+        # ran, so end the flight here; no row was written and no upstream asked.
+        self._settle(MessageStatus.INTERRUPTED, ShuttingDown("the server shut down before the answer started"))
+
+    async def _lead(self) -> None:
+        provider = self.turn.provider
+        status = MessageStatus.ERROR
+        error: GatewayError | None = None
+        cancelled = False
+        self._metrics.active_flights.inc()
+        try:
+            try:
+                # The slot before the rows: a request the full queue turns away (503) or
+                # whose clients leave while it waits was never accepted, and leaves no turn.
+                async with self._pacer.slot(provider.name, provider.max_concurrency) as waited:
+                    self.queue_wait_s = waited
+                    self._metrics.queue_wait.labels(provider.name).observe(waited)
+                    messages = await self._open_turn()
+                    await self._pull(messages)
+                status = MessageStatus.COMPLETE
+            except asyncio.CancelledError:
+                cancelled = True
+                status, error = self._cancelled_outcome()
+            except GatewayError as exc:
+                error = exc
+            except Exception as exc:  # a bug or an adapter's unexpected failure: report, don't hang
+                log.exception("flight %s failed", self.stream_id)
+                error = UpstreamError(f"the provider call failed ({exc.__class__.__name__})")
+            closing = asyncio.ensure_future(self._close_turn(status, error))
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                await closing
+                raise
+        finally:
+            self._metrics.active_flights.dec()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _cancelled_outcome(self) -> tuple[MessageStatus, GatewayError]:
+        if self.cancel_reason is DropReason.SHUTDOWN:
+            return MessageStatus.INTERRUPTED, ShuttingDown("the server shut down before the answer was complete")
+        late = " (nobody attached in time)" if self.cancel_reason is DropReason.ATTACH_TIMEOUT else ""
+        return MessageStatus.CANCELLED, NoListeners("the request was cancelled: no client was listening" + late)
+
+    async def _open_turn(self) -> list[ChatMessage]:
+        """Write the turn's rows (nothing when stateless); returns the conversation."""
+        turn = self.turn
+        if turn.thread_id is None:
+            self._accept()
+            return turn.messages or [{"role": "user", "content": turn.content}]
+        if turn.messages is not None:
+            messages = turn.messages
+        else:
+            history = await self._store.history(turn.org_id, turn.thread_id)
+            messages = [*history, {"role": "user", "content": turn.content}]
+        insert = asyncio.ensure_future(
+            self._store.begin_turn(org_id=turn.org_id, user=self.user_message, assistant=self._draft))
+        try:
+            await asyncio.shield(insert)
+        except asyncio.CancelledError:
+            await insert  # the rows exist either way: record them
+            self._accept()
+            raise
+        except LookupError:
+            raise NotFound("thread not found (it was deleted)") from None
+        except Exception as exc:
+            log.exception("could not write the turn of thread %s", turn.thread_id)
+            raise GatewayError(f"could not save the message ({exc.__class__.__name__})",
+                               type="store_error") from None
+        self._accept()
+        return messages
+
+    def _accept(self) -> None:
+        self.message = self._draft
+        self._accepted.set()
+
+    async def _pull(self, messages: list[ChatMessage]) -> None:
+        turn = self.turn
+        provider = turn.provider
+        metrics = self._metrics
+        model_label = metrics.model_label(provider.name, turn.model)
+        ttft = metrics.ttft.labels(provider.name, model_label)
+        gap = metrics.inter_token.labels(provider.name)
+        deltas = metrics.deltas.labels(provider.name)
+        request = ProviderRequest(model=turn.model, messages=messages, params=dict(turn.params))
+        started = last = self.upstream_started = time.perf_counter()
+        stream = provider.stream(request)
+        try:
+            async with aclosing(stream):
+                async for chunk in stream:
+                    if chunk.text:
+                        now = time.perf_counter()
+                        if self.ttft_s is None:
+                            self.ttft_s = now - started
+                            ttft.observe(self.ttft_s)
+                        else:
+                            gap.observe(now - last)
+                        last = now
+                        self.log.append(chunk.text)
+                        deltas.inc()
+                    if chunk.usage:
+                        self.usage = chunk.usage
+                    if chunk.meta:
+                        self.extra_meta.update(chunk.meta)
+        finally:
+            if self.cancel_reason is not None and self.zero_since is not None:
+                metrics.cancel_latency.labels(provider.name).observe(time.perf_counter() - self.zero_since)
+
+    async def _close_turn(self, status: MessageStatus, error: GatewayError | None) -> None:
+        """Save the outcome, then end the log: a client that sees ``done`` finds the row saved."""
+        turn = self.turn
+        provider = turn.provider.name
+        if self.message is not None:
+            meta = {**self.message["meta"], **self.extra_meta}
+            if error is not None and status is MessageStatus.ERROR:
+                meta["error"] = error.to_dict()
+            self.message = {**self.message, "status": status, "content": self.log.text(),
+                            "usage": self.usage, "meta": meta}
+            if turn.thread_id is not None:
+                try:
+                    await self._store.finish_turn(message_id=self.stream_id, status=status,
+                                                  content=self.message["content"], usage=self.usage,
+                                                  meta=meta, deltas=self.log.last_seq)
+                except Exception:
+                    log.exception("could not save message %s", self.stream_id)
+        if self.usage:
+            self._metrics.token_usage(provider, self.usage)
+        if self.upstream_started is not None:
+            outcome = status if status in (MessageStatus.COMPLETE, MessageStatus.ERROR) else MessageStatus.CANCELLED
+            self._metrics.upstream_finished(provider=provider, model=turn.model, outcome=outcome,
+                                            duration_s=time.perf_counter() - self.upstream_started)
+        if self.cancel_reason is not None:
+            self._metrics.cancels.labels(provider, self.cancel_reason).inc()
+        self._settle(status, error)
+
+    def _settle(self, status: MessageStatus, error: GatewayError | None) -> None:
+        """Record the outcome and end the log with ``done`` or ``error``; every listener wakes."""
+        self.error = error
+        self.finished_at = self._clock()
+        if error is None:
+            self.state = FlightState.DONE
+            self.log.close(encode_event("done", {"message": self.message}, self.log.last_seq + 1))
+        else:
+            cancelled = status in (MessageStatus.CANCELLED, MessageStatus.INTERRUPTED)
+            self.state = FlightState.CANCELLED if cancelled else FlightState.FAILED
+            self.log.close(encode_event("error", {"error": error.to_dict()}))
+        self.finished.set()
+        self._accepted.set()
+        self._on_end(self)

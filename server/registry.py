@@ -1,0 +1,55 @@
+"""The ``FlightRegistry`` seam: where flights are found by coalesce key and stream id.
+
+:class:`~server.hub.Hub` is the in-process registry; a registry shared by
+several instances (on Redis) implements the same protocol, mirroring remote
+flights into local ones so that fan-out, replay and resume stay local.
+
+Guarantees every implementation keeps:
+
+- **One leader per key.** Of all :meth:`FlightRegistry.submit` calls with the
+  same key while its flight runs, exactly one gets ``LEADER``; the others join
+  that flight. ``submit`` decides and counts the listener in one step, with
+  nothing able to slip in between.
+- **Removal by identity.** A flight that ends never evicts a newer flight of
+  the same key.
+- **Kept results.** A ``DONE`` flight answers identical requests (``CACHE``)
+  for the result TTL unless the request says ``no_cache``; a ``FAILED`` one
+  answers with its error for the error TTL.
+- **Counted listeners.** A flight is aborted only once it has had no listener
+  (and no promised one) for the grace.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .flight import Flight, TurnRequest
+from .states import Role
+
+__all__ = ["FlightRegistry"]
+
+
+class FlightRegistry(Protocol):
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`shutdown` began: ``submit`` then raises ``ShuttingDown``."""
+
+    def submit(self, turn: TurnRequest, *, listen: bool) -> tuple[Flight, Role]:
+        """Join, lead, or take the result of the flight for ``turn``.
+
+        With ``listen`` the caller is counted as a listener at once and must call
+        ``remove_listener`` when it leaves. Synchronous: atomic on the event loop.
+        """
+
+    def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
+        """Mode 3: submit without listening; a running flight is promised to the caller
+        until it attaches with the returned token (or the attach timeout passes)."""
+
+    def stream(self, stream_id: str) -> Flight | None:
+        """The running or kept flight whose assistant message is ``stream_id``."""
+
+    def forget_thread(self, thread_id: str) -> None:
+        """Keep nothing of a deleted thread's flights once they end."""
+
+    async def shutdown(self, *, timeout: float = 10.0) -> None:
+        """Refuse new flights, abort running ones, and wait for their turns to be saved."""

@@ -1,0 +1,167 @@
+"""What every HTTP surface shares: reading bodies, naming the org, opening SSE, errors.
+
+- :func:`read_json` and :func:`json_response`: JSON in and out.
+- :func:`require_org`: the org policy, the same on ``/api`` and ``/v1`` (a
+  missing or malformed org is ``401``).
+- :func:`open_sse` and :func:`send`: an SSE response with keep-alive pings,
+  and writes that drop a client which takes nothing for ``SEND_TIMEOUT_S``.
+- :func:`error_middleware`: one factory, with a renderer per surface; every
+  error answer is counted once, where it is rendered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from aiohttp_sse import EventSourceResponse
+
+from ..appkeys import METRICS, SETTINGS, STREAM_STARTED
+from ..errors import BadRequest, GatewayError, PayloadTooLarge, Unauthorized
+
+__all__ = [
+    "ORG_RE",
+    "SEND_TIMEOUT_S",
+    "error_middleware",
+    "json_response",
+    "last_event_id",
+    "open_sse",
+    "read_json",
+    "require_org",
+    "send",
+]
+
+log = logging.getLogger("server")
+
+ORG_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+#: a write that a client does not take within this long ends its stream
+SEND_TIMEOUT_S = EventSourceResponse.DEFAULT_SEND_TIMEOUT or 120.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object (``{}`` when empty), or a 400 saying what is wrong."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def require_org(request: web.Request, *, allow_query: bool = False, default: str | None = None) -> str:
+    """The org a request names in ``x-org-id`` (or ``?org=`` with ``allow_query``).
+
+    Missing (and no ``default``) or malformed: 401, on every surface.
+    """
+    org = request.headers.get("x-org-id")
+    if org is None and allow_query:
+        org = request.query.get("org")
+    if not org:
+        if default is not None:
+            return default
+        where = "header x-org-id (or ?org= on streams)" if allow_query else "header x-org-id"
+        raise Unauthorized(f"missing {where}: every request names its org")
+    if not ORG_RE.match(org):
+        raise Unauthorized("x-org-id must be 1-128 letters, digits or _.:@-", param="x-org-id")
+    return org
+
+
+def last_event_id(request: web.Request) -> int:
+    """The resume point: ``Last-Event-ID`` or ``?last_event_id=``; 0 when absent."""
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if raw is None or raw == "":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest("Last-Event-ID must be a whole number") from None
+    if value < 0:
+        raise BadRequest("Last-Event-ID must not be negative")
+    return value
+
+
+async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = None) -> EventSourceResponse:
+    """Send the status line of an SSE response that pings while idle.
+
+    From here on an error can no longer change the status: the error
+    middleware lets it through and aiohttp closes the connection.
+    """
+    resp = EventSourceResponse(sep="\n", allow_all_methods=True, headers=headers,
+                               ping_interval=request.config_dict[SETTINGS].ping_interval_s)
+    await resp.prepare(request)
+    request[STREAM_STARTED] = True
+    return resp
+
+
+async def send(resp: EventSourceResponse, frames: bytes) -> None:
+    """Write pre-encoded SSE bytes; a client that takes none for SEND_TIMEOUT_S is dropped
+    (``TimeoutError``)."""
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT_S):
+            await resp.write(frames)
+    except TimeoutError:
+        resp.stop_streaming()
+        raise
+
+
+def _to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | None:
+    """The error an exception stands for, or None when it must propagate as it is
+    (a redirect; a failure after a stream's status line went out)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.config_dict[SETTINGS].max_body_bytes
+        return PayloadTooLarge(f"request body too large (limit {limit} bytes)")
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            return None
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
+        return GatewayError(message, type=kind, status=exc.status)
+    if request.get(STREAM_STARTED):
+        return None  # the status line is gone: aiohttp closes the connection
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return GatewayError("internal server error; the failure was logged")
+
+
+def error_middleware(render: Callable[[GatewayError], web.Response]) -> Middleware:
+    """A middleware answering every error with ``render(error)``, its status and headers.
+
+    It counts the error in ``dac_errors_total`` by the gateway's type, once per
+    request: a chat request whose record already counted its error is skipped.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        metrics = request.config_dict[METRICS]
+        with metrics.request_scope():
+            try:
+                return await handler(request)
+            except Exception as exc:
+                error = _to_gateway_error(request, exc)
+                if error is None:
+                    raise
+                metrics.count_error(error.type)
+                response = render(error)
+                response.headers.update(error.headers())
+                if isinstance(exc, web.HTTPException) and exc.status == 405 and "Allow" in exc.headers:
+                    response.headers["Allow"] = exc.headers["Allow"]
+                return response
+
+    return middleware

@@ -1,0 +1,313 @@
+"""The turn service: the life of one chat request, the same for every HTTP surface.
+
+Both surfaces (``/api`` and ``/v1``) parse their own wire format into a
+:class:`~server.flight.TurnRequest`, then hand it here. This module decides
+and does the rest, with no HTTP in it:
+
+- **the coalesce policy** (:meth:`TurnService.turn`): which requests share a
+  flight. A turn on a thread is keyed by org, thread, provider, model, the new
+  user message and any sampling parameters, whichever surface sent it; a
+  stateless ``/v1`` call by its whole conversation; an ``Idempotency-Key`` by
+  org, surface and key;
+- **the lease** (:meth:`TurnService.lease`, :meth:`TurnService.attach`): the
+  request joins or leads a flight, is counted as a listener until it leaves,
+  and its request record is written once, on the way out, however it ends;
+- **holding the status line** (:meth:`Lease.hold`): bounded by one keep-alive
+  interval on every surface, so an error before the answer starts leaves with
+  its own status;
+- **what a subscriber reads** (:meth:`Lease.frames`, :meth:`Lease.texts`,
+  :meth:`TurnService.stored_frames`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from .config import Settings
+from .errors import GatewayError
+from .eventlog import encode_event
+from .flight import Flight, TurnRequest
+from .metrics import Metrics, RequestRecord
+from .providers import Provider
+from .registry import FlightRegistry
+from .states import DropReason, MessageStatus, Role
+from .store import ChatMessage, Message, Store
+
+__all__ = ["Lease", "Surface", "TurnService", "Until", "coalesce_key"]
+
+
+class Surface(StrEnum):
+    """Where a request came in; an ``Idempotency-Key`` is scoped to it."""
+
+    API = "api"
+    V1 = "v1"
+
+
+def coalesce_key(*parts: str) -> str:
+    """sha1 over the parts, separated so that no two part lists collide."""
+    digest = hashlib.sha1()
+    for part in parts:
+        encoded = part.encode()
+        digest.update(b"%d:" % len(encoded))
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+def _digest(value: Any) -> str:
+    """A stable hash of a JSON value (keys sorted); empty for an empty value."""
+    if not value:
+        return ""
+    return hashlib.sha1(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class Until(StrEnum):
+    """What a surface holds its status line for (at most one keep-alive interval)."""
+
+    #: the turn is accepted: its rows are written, so the stream can name stored messages (/api)
+    ACCEPTED = "accepted"
+    #: the first answer text, so an upstream refusal before it keeps its status (/v1)
+    FIRST_TEXT = "first_text"
+
+
+class Lease:
+    """One client's hold on a flight: a counted listener from submit until it leaves.
+
+    Created by :meth:`TurnService.lease` or :meth:`TurnService.attach`, which
+    write its request record when the ``async with`` block ends.
+    """
+
+    def __init__(self, flight: Flight, role: Role, *, hold_s: float, started: float) -> None:
+        self.flight = flight
+        self.role = role
+        self._hold_s = hold_s
+        #: perf_counter when the request arrived
+        self.started = started
+        #: from the request's arrival to the first answer text handed to the client
+        self.ttft_s: float | None = None
+
+    async def hold(self, until: Until) -> None:
+        """Hold the status line until ``until`` or the flight's end, for at most one
+        keep-alive interval (the same bound on every surface).
+
+        Raises the flight's error when it failed before that point, so the client
+        gets it as a status (404, 429, 502, 503...) rather than inside a stream.
+        After the bound the stream starts anyway and pings while it waits.
+        """
+        flight = self.flight
+        try:
+            async with asyncio.timeout(self._hold_s):
+                if until is Until.FIRST_TEXT:
+                    await flight.log.wait(1)
+                else:
+                    await flight.accepted()
+        except TimeoutError:
+            pass
+        error = flight.error_before(text=until is Until.FIRST_TEXT)
+        if error is not None:
+            raise error
+
+    def meta_frame(self) -> bytes:
+        """The ``meta`` event that opens an ``/api`` stream."""
+        flight = self.flight
+        return encode_event("meta", {
+            "stream_id": flight.stream_id,
+            "thread_id": flight.turn.thread_id,
+            "user_message_id": flight.user_message["message_id"],
+            "coalesce": self.role,
+            "provider": flight.turn.provider.name,
+            "model": flight.turn.model,
+        })
+
+    def _saw_text(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.started
+
+    async def frames(self, cursor: int = 1) -> AsyncIterator[bytes]:
+        """SSE bytes from delta ``cursor`` on, ending with the ``done`` or ``error`` frame."""
+        log_ = self.flight.log
+        while True:
+            chunks, after, finished = log_.read(cursor)
+            if after > cursor:
+                self._saw_text()
+            cursor = after
+            if chunks:
+                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if finished:
+                return
+            await log_.wait(cursor)
+
+    async def texts(self) -> AsyncIterator[tuple[list[str], bool]]:
+        """Every delta text, batched as they arrive: ``(texts, finished)``; for surfaces
+        that frame text their own way. Nothing is ever replaced by a snapshot."""
+        log_ = self.flight.log
+        cursor = 1
+        while True:
+            texts, cursor, finished = log_.texts(cursor)
+            if texts:
+                self._saw_text()
+            yield texts, finished
+            if finished:
+                return
+            await log_.wait(cursor)
+
+    async def result(self) -> Message:
+        """The final assistant message; raises the flight's error."""
+        return await self.flight.result()
+
+
+class TurnService:
+    def __init__(self, *, settings: Settings, registry: FlightRegistry, store: Store, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+
+    # -- the coalesce policy ------------------------------------------------
+
+    def turn(
+        self,
+        *,
+        surface: Surface,
+        org_id: str,
+        thread_id: str | None,
+        content: str,
+        provider: Provider,
+        model: str,
+        streaming: bool,
+        messages: list[ChatMessage] | None = None,
+        params: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        shareable: bool = True,
+        idempotency_key: str | None = None,
+        no_cache: bool = False,
+    ) -> TurnRequest:
+        """The request for one answer, with its coalesce key.
+
+        ``shareable`` False (tools, attachments) means never coalesced and never
+        cached; ``no_cache`` skips a finished result but still joins a running flight.
+        """
+        params = params or {}
+        s = self.settings
+        key = None
+        if shareable and s.coalesce_enabled and (s.stream_fanout_enabled or not streaming):
+            if idempotency_key:
+                key = coalesce_key("idem", surface, org_id, idempotency_key)
+            elif thread_id is not None:
+                key = coalesce_key("turn", org_id, thread_id, provider.name, model, content, _digest(params))
+            else:
+                key = coalesce_key("call", org_id, provider.name, model, _digest(messages), _digest(params))
+        return TurnRequest(org_id=org_id, thread_id=thread_id, content=content, provider=provider, model=model,
+                           messages=messages, params=params, meta=meta or {}, key=key,
+                           no_cache=no_cache or not shareable)
+
+    # -- leases -----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lease(self, turn: TurnRequest, *, route: str, mode: str, started: float) -> AsyncIterator[Lease]:
+        """Join or lead the flight for ``turn`` as a listener, for the ``async with`` block.
+
+        ``started`` is the request's arrival (``time.perf_counter()``).
+        """
+        flight, role = self.registry.submit(turn, listen=True)
+        lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started)
+        async with self._recorded(lease, route=route, mode=mode):
+            yield lease
+
+    @asynccontextmanager
+    async def attach(self, org_id: str, stream_id: str, *, token: str | None,
+                     started: float) -> AsyncIterator[Lease | None]:
+        """Listen to a running or kept flight (``GET /api/streams``); None when this
+        process holds no flight of that id for the org."""
+        flight = self.registry.stream(stream_id)
+        if flight is None or flight.turn.org_id != org_id:
+            yield None
+            return
+        role = Role.CACHE if not flight.running else (Role.LEADER if flight.listeners == 0 else Role.FOLLOWER)
+        flight.add_listener(attach=token)
+        lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started)
+        async with self._recorded(lease, route="streams", mode="sse"):
+            yield lease
+
+    @asynccontextmanager
+    async def _recorded(self, lease: Lease, *, route: str, mode: str) -> AsyncIterator[None]:
+        """Uncount the listener and record the request however the block ends."""
+        flight = lease.flight
+        error: str | None = None
+        left = False
+        try:
+            yield
+            if flight.error is not None and flight.finished.is_set():
+                error = flight.error.type  # told to the client inside its stream
+        except GatewayError as exc:
+            error = exc.type
+            raise
+        except (asyncio.CancelledError, ConnectionResetError, TimeoutError) as exc:
+            # the client left (its handler is cancelled, idle or not; or a write found the
+            # connection gone), or took nothing for the send timeout and was dropped
+            left = True
+            if isinstance(exc, TimeoutError):
+                self.metrics.dropped(DropReason.SLOW_CLIENT)
+            raise
+        finally:
+            flight.remove_listener()
+            chat = route != "streams"
+            self.metrics.record(RequestRecord(
+                route=route, mode=mode, coalesce=lease.role if chat else None,
+                latency_s=time.perf_counter() - lease.started, ttft_s=lease.ttft_s, error=error,
+                client_left=left,
+                queue_wait_s=flight.queue_wait_s if chat and lease.role is Role.LEADER else None,
+            ))
+
+    def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
+        """Mode 3: start or join without listening; returns ``(flight, role, attach token)``.
+
+        A failure the registry already holds (within the error TTL) is raised, so
+        it leaves with its status instead of a 202.
+        """
+        started = time.perf_counter()
+        flight, role, token = self.registry.accept(turn)
+        known = None if flight.running else flight.error
+        self.metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=role,
+                                          latency_s=time.perf_counter() - started,
+                                          error=known.type if known else None))
+        if known is not None:
+            raise known
+        return flight, role, token
+
+    # -- what is stored -------------------------------------------------------------
+
+    async def stored_frames(self, org_id: str, stream_id: str) -> list[bytes] | None:
+        """The ``meta`` and final frames of a finished answer, from the store; None if unknown."""
+        found = await self.store.get_answer(org_id, stream_id)
+        if found is None:
+            return None
+        message, user_message_id, deltas = found
+        meta = encode_event("meta", {
+            "stream_id": stream_id, "thread_id": message["thread_id"], "user_message_id": user_message_id,
+            "coalesce": Role.CACHE, "provider": message["provider"], "model": message["model"],
+        })
+        status = message["status"]
+        if status is MessageStatus.COMPLETE:
+            return [meta, encode_event("done", {"message": message}, deltas + 1)]
+        error = message["meta"].get("error") or {
+            "type": "cancelled" if status is MessageStatus.CANCELLED else "interrupted",
+            "message": f"this answer ended {status}"
+            + (" (the server restarted)" if status is not MessageStatus.CANCELLED else ""),
+            "retryable": True,
+        }
+        return [meta, encode_event("error", {"error": error})]
+
+    async def delete_thread(self, org_id: str, thread_id: str) -> bool:
+        """Delete a thread; its flights keep nothing once they end."""
+        if not await self.store.delete_thread(org_id, thread_id):
+            return False
+        self.registry.forget_thread(thread_id)
+        return True
