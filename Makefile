@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    create .venv if missing, install, start the server on the embedded defaults
-#   make test   the same set-up with the test extras, then the whole suite
+#   make test   the same set-up with the test extras, the static checks, then the whole suite
+#   make check  the static checks alone: ruff, mypy and the import-linter layer contract
 #   make validate  the acceptance suite against a fresh server on a free port
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +10,7 @@ STAMP   = $(VENV)/.installed
 
 NODE_STAMP = node_modules/.package-lock.json
 
-.PHONY: run test validate install clean
+.PHONY: run test check validate install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +31,14 @@ $(NODE_STAMP): package-lock.json
 	@if command -v npm >/dev/null 2>&1; then npm ci --no-audit --no-fund; \
 	else echo "npm not found: browser tests will be skipped"; fi
 
-test: $(STAMP) $(NODE_STAMP)
+# ruff (pyflakes, isort, bugbear, pyupgrade), mypy --strict on server/, and the layers of
+# ARCHITECTURE.md as an import-linter contract (all configured in pyproject.toml)
+check: $(STAMP)
+	$(VENV)/bin/ruff check server
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
+
+test: check $(NODE_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 validate: $(STAMP)

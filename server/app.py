@@ -35,7 +35,7 @@ log = logging.getLogger("server")
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 #: the clock of the flight registry's TTLs, replaceable in tests
-CLOCK = web.AppKey("clock", Clock)
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

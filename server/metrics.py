@@ -46,7 +46,7 @@ __all__ = [
 # No ``*_created`` series: the classic text format turns each into one more gauge
 # per label set, doubling what Prometheus stores for counters and histograms while
 # no query here reads them. (The switch is process-wide; this process is the gateway.)
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 #: 5 ms to 120 s: from a cached answer to a long reasoning stream.
 LATENCY_BUCKETS = (

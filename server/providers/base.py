@@ -63,7 +63,7 @@ class Provider(abc.ABC):
     def not_configured_reason(self) -> str:
         return f"provider {self.name!r} is not configured"
 
-    def validate_model(self, model: str) -> None:
+    def validate_model(self, model: str) -> None:  # noqa: B027 - optional hook
         """Raise BadRequest for a model this provider can never serve (checked before any row is written)."""
 
     def models(self) -> list[str]:
