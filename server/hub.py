@@ -81,10 +81,12 @@ class Hub:
         s = self.settings
         if flight.state is FlightState.RUNNING:
             return flight
-        if flight.state is FlightState.DONE and not turn.no_cache and flight.fresh(s.result_ttl_s):
+        if flight.state is FlightState.DONE:
+            if flight.fresh(s.result_ttl_s):
+                return None if turn.no_cache else flight
+        elif flight.state is FlightState.FAILED and flight.fresh(s.error_ttl_s):
             return flight
-        if flight.state is FlightState.FAILED and flight.fresh(s.error_ttl_s):
-            return flight
+        self._remove(flight)  # past its TTL (its timer has not fired yet): drop it now
         return None
 
     def _start(self, turn: TurnRequest) -> Flight:

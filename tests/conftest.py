@@ -12,7 +12,7 @@ from server.providers import ProviderRegistry, new_session
 
 from .fake_upstream import FakeUpstream
 
-from .helpers import Gateway, start_gateway
+from .helpers import Gateway, ManualClock, start_gateway
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
@@ -22,15 +22,16 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     """Start gateways on 127.0.0.1 with a fresh SQLite file each; all closed at the end.
 
     ``await gateway_factory(providers=registry(...), coalesce_enabled=False, ...)``:
-    keyword arguments other than ``providers`` and ``db_path`` are Settings fields.
+    keyword arguments other than ``providers``, ``db_path`` and ``clock`` (a
+    :class:`ManualClock` for the TTLs) are Settings fields.
     """
     started: list[Gateway] = []
 
     async def make(providers: ProviderRegistry | None = None, db_path: str | None = None,
-                   **settings: Any) -> Gateway:
+                   clock: ManualClock | None = None, **settings: Any) -> Gateway:
         base = Settings.from_env({})
         s = base.with_(db_path=db_path or str(tmp_path / f"dac{len(started)}.db"), **settings)
-        gw = await start_gateway(s, providers)
+        gw = await start_gateway(s, providers, clock=clock)
         started.append(gw)
         return gw
 

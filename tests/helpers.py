@@ -34,6 +34,19 @@ async def within(awaitable: Any, timeout: float = DEFAULT_TIMEOUT, what: str = "
         raise AssertionError(f"timed out after {timeout}s waiting for {what or awaitable!r}") from None
 
 
+class ManualClock:
+    """A monotonic clock that moves only when the test says: TTLs pass without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 # -- a provider the test drives step by step ---------------------------------
 
 
@@ -250,8 +263,9 @@ def registry(*providers: Provider, default: str = "mock") -> ProviderRegistry:
 
 
 async def start_gateway(settings: Settings, providers: ProviderRegistry | None = None,
-                        *, connections: int = 100) -> Gateway:
-    app = make_app(settings, providers=providers)
+                        *, connections: int = 100, clock: ManualClock | None = None) -> Gateway:
+    app = make_app(settings, providers=providers) if clock is None else make_app(
+        settings, providers=providers, clock=clock)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

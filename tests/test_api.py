@@ -7,7 +7,7 @@ from typing import Any
 
 from server.providers import MockProvider
 
-from .helpers import ScriptedProvider, collect, registry, within
+from .helpers import ManualClock, ScriptedProvider, collect, registry, within
 
 FAST = "mock:ttft=0,itl=0,n=4"
 
@@ -123,11 +123,15 @@ async def test_same_prompt_twice_is_served_from_cache(gateway_factory) -> None:
 
 async def test_cache_expires_after_the_result_ttl(gateway_factory) -> None:
     mock = MockProvider()
-    gw = await gateway_factory(providers=registry(mock), result_ttl_s=0.2)
+    clock = ManualClock()
+    gw = await gateway_factory(providers=registry(mock), result_ttl_s=60, clock=clock)
     tid = await gw.new_thread()
     payload = {"content": "ttl", "model": FAST}
     await gw.post(tid, payload)
-    await asyncio.sleep(0.3)
+    clock.advance(59)
+    _, within_ttl = await gw.post(tid, payload)
+    assert within_ttl["coalesce"] == "cache"
+    clock.advance(2)
     _, again = await gw.post(tid, payload)
     assert again["coalesce"] == "leader" and mock.calls == 2
 

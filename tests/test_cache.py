@@ -11,7 +11,7 @@ from typing import Any
 from server.errors import UpstreamError
 
 from .conftest import GatewayFactory
-from .helpers import Gateway, ScriptedProvider, collect, registry, sse_events, text_of, within
+from .helpers import Gateway, ManualClock, ScriptedProvider, collect, registry, sse_events, text_of, within
 from .workload import scrape
 
 
@@ -174,10 +174,11 @@ async def test_lru_by_bytes_counts_utf8_bytes(gateway_factory: GatewayFactory) -
 
 async def test_the_result_ttl_bounds_a_cache_hit(gateway_factory: GatewayFactory) -> None:
     provider = ScriptedProvider()
-    gw = await gateway_factory(providers=registry(provider), result_ttl_s=0.1)
+    clock = ManualClock()
+    gw = await gateway_factory(providers=registry(provider), result_ttl_s=60, clock=clock)
     thread = await gw.new_thread()
     await answered(gw, provider, thread, "short-lived")
-    await asyncio.sleep(0.3)  # past the TTL
+    clock.advance(61)  # past the TTL
     await answered(gw, provider, thread, "short-lived")
     assert len(provider.calls) == 2
     assert (await scrape(gw)).value("dac_cache_entries") == 1  # the expired entry was dropped

@@ -13,7 +13,7 @@ from server.errors import UpstreamError
 from server.providers import MockProvider
 from server.providers.mock import mock_answer
 
-from .helpers import Event, ScriptedProvider, collect, registry, sse_events, text_of, within
+from .helpers import Event, ManualClock, ScriptedProvider, collect, registry, sse_events, text_of, within
 
 
 def body(content: str = "What is DAC?", **extra: Any) -> dict[str, Any]:
@@ -274,7 +274,8 @@ async def test_unknown_or_foreign_stream_is_404_json(gateway_factory) -> None:
 
 async def test_failed_flight_shares_its_error_for_the_error_ttl(gateway_factory) -> None:
     scripted = ScriptedProvider()
-    gw = await gateway_factory(providers=registry(scripted), error_ttl_s=1.5)
+    clock = ManualClock()
+    gw = await gateway_factory(providers=registry(scripted), error_ttl_s=1.5, clock=clock)
     tid = await gw.new_thread()
     posts = [asyncio.create_task(gw.post(tid, body())) for _ in range(3)]
     call = await scripted.next_call()
@@ -292,7 +293,7 @@ async def test_failed_flight_shares_its_error_for_the_error_ttl(gateway_factory)
     messages = (await gw.thread(tid))["messages"]
     assert [(m["role"], m["status"], m["content"]) for m in messages] == [
         ("user", "complete", "What is DAC?"), ("assistant", "error", "half an ")]
-    await asyncio.sleep(1.6)  # past the error TTL
+    clock.advance(1.6)  # past the error TTL
     retry = asyncio.create_task(gw.post(tid, body()))
     second = await scripted.next_call()
     second.send("ok")

@@ -1,0 +1,137 @@
+"""One turn service under both surfaces: the same org policy, status-line hold and coalesce key."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .helpers import ScriptedProvider, collect, registry, text_of, within
+
+QUESTION = "What is DAC?"
+
+
+def api_body(content: str = QUESTION) -> dict[str, Any]:
+    return {"content": content, "provider": "scripted", "model": "scripted"}
+
+
+def v1_body(content: str = QUESTION, **extra: Any) -> dict[str, Any]:
+    return {"model": "scripted/scripted", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def until_listeners(gw: Any, n: int) -> None:
+    async def poll() -> None:
+        while (gw.metrics.registry.get_sample_value("dac_active_listeners") or 0) < n:
+            await asyncio.sleep(0.01)
+
+    await within(poll(), 5, f"{n} listeners")
+
+
+@pytest.mark.parametrize("org", ["bad org!", "x" * 129, "ünïcode"])
+async def test_a_malformed_org_is_401_on_both_surfaces(gateway, org: str) -> None:
+    tid = await gateway.new_thread()
+    headers = {"x-org-id": org}
+    requests = [
+        ("POST", "/api/threads/", {"title": "t"}),
+        ("POST", f"/api/threads/{tid}/messages", {"content": "hi", "model": "mock:ttft=0,itl=0,n=2"}),
+        ("POST", "/v1/chat/completions", {"model": "mock/mock", "messages": [{"role": "user", "content": "hi"}]}),
+    ]
+    for method, path, body in requests:
+        async with gateway.session.request(method, gateway.url + path, json=body, headers=headers) as resp:
+            answer = await resp.json()
+            assert resp.status == 401, (path, answer)
+            assert "x-org-id" in answer["error"]["message"], (path, answer)
+    assert (await gateway.thread(tid))["messages"] == []
+
+
+async def test_a_missing_org_is_401_on_api_and_the_default_org_on_v1(gateway) -> None:
+    async with gateway.session.get(gateway.url + "/api/threads/") as resp:
+        assert resp.status == 401
+    async with gateway.session.post(gateway.url + "/v1/chat/completions",
+                                    json={"model": "mock/mock:ttft=0,itl=0,n=2",
+                                          "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        assert resp.status == 200
+
+
+async def _first_line(resp: aiohttp.ClientResponse, want: bytes) -> None:
+    seen = b""
+    while want not in seen:
+        line = await resp.content.readline()
+        assert line, f"the stream ended before {want!r}; got {seen!r}"
+        seen += line
+
+
+async def test_both_surfaces_start_a_queued_stream_after_one_keepalive_interval(gateway_factory) -> None:
+    """While every provider slot is taken, neither surface holds the status line for longer
+    than one keep-alive interval: both answer 200 and ping while the request waits."""
+    scripted = ScriptedProvider(max_concurrency=1)
+    gw = await gateway_factory(providers=registry(scripted), ping_interval_s=0.2)
+    tid = await gw.new_thread()
+    busy = asyncio.create_task(gw.post(tid, api_body("hold the slot")))
+    first = await scripted.next_call()
+    sse = {**gw.h(), "Accept": "text/event-stream"}
+    async with gw.session.post(f"{gw.url}/api/threads/{tid}/messages", json=api_body("queued"),
+                               headers=sse) as api, \
+            gw.session.post(f"{gw.url}/v1/chat/completions", json=v1_body("queued too", stream=True),
+                            headers=gw.h()) as v1:
+        assert (api.status, v1.status) == (200, 200)
+        await within(_first_line(api, b": ping"), 5, "a ping on /api while queued")
+        await within(_first_line(v1, b": ping"), 5, "a ping on /v1 while queued")
+        assert len(scripted.calls) == 1
+        first.finish()
+        for _ in range(2):
+            call = await scripted.next_call()
+            call.send("late")
+            call.finish()
+        assert text_of(await collect(api)) == "late"
+        rest = (await within(v1.read(), 5, "the /v1 stream to end")).decode()
+        assert '"content":"late"' in rest and rest.endswith("data: [DONE]\n\n")
+    await within(busy)
+
+
+async def test_both_surfaces_answer_a_failure_within_the_hold_with_its_status(gateway_factory) -> None:
+    """A request turned away while the status line is held (the provider queue is full)
+    gets the failure's own status and Retry-After on both surfaces, and writes nothing."""
+    scripted = ScriptedProvider(max_concurrency=1)
+    gw = await gateway_factory(providers=registry(scripted), ping_interval_s=5, queue_timeout_s=0.05)
+    tid = await gw.new_thread()
+    busy = asyncio.create_task(gw.post(tid, api_body("hold the slot")))
+    first = await scripted.next_call()
+    sse = {**gw.h(), "Accept": "text/event-stream"}
+    async with gw.session.post(f"{gw.url}/api/threads/{tid}/messages", json=api_body("turned away"),
+                               headers=sse) as api:
+        assert api.status == 503 and "Retry-After" in api.headers
+        assert (await api.json())["error"]["type"] == "queue_full"
+    async with gw.session.post(f"{gw.url}/v1/chat/completions", json=v1_body("turned away", stream=True),
+                               headers=gw.h()) as v1:
+        assert v1.status == 503 and "Retry-After" in v1.headers
+        assert (await v1.json())["error"]["code"] == "queue_full"
+    first.finish()
+    await within(busy)
+    assert [m["content"] for m in (await gw.thread(tid))["messages"]] == ["hold the slot", ""]
+
+
+async def test_one_question_through_api_and_v1_on_one_thread_is_one_call_and_one_turn(gateway_factory) -> None:
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted))
+    tid = await gw.new_thread()
+    async with gw.open_stream(tid, api_body()) as api:
+        assert api.status == 200
+        call = await scripted.next_call()
+        v1 = asyncio.create_task(gw.session.post(f"{gw.url}/v1/chat/completions", json=v1_body(),
+                                                 headers=gw.h(**{"x-thread-id": tid})))
+        await until_listeners(gw, 2)
+        call.send("one ", "answer")
+        call.finish()
+        events = await collect(api)
+        resp = await within(v1, 5, "the /v1 answer")
+        async with resp:
+            assert resp.status == 200 and resp.headers["x-dac-coalesce"] == "follower"
+            completion = await resp.json()
+    assert text_of(events) == completion["choices"][0]["message"]["content"] == "one answer"
+    assert len(scripted.calls) == 1
+    messages = (await gw.thread(tid))["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [("user", QUESTION), ("assistant", "one answer")]
+    assert completion["id"] == "chatcmpl-" + messages[1]["message_id"].removeprefix("msg_")
