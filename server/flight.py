@@ -27,6 +27,10 @@ long as these owners hold):
 - ``forgotten``: the registry (its thread was deleted).
 - everything else: only the leader task.
 
+One clock per purpose: ``time.perf_counter`` for what is measured (TTFT, queue
+wait, cancel latency), the injected monotonic ``clock`` for what expires
+(result and error TTLs, attach promises), and the loop's timers for the grace.
+
 A flight knows nothing of the registry that holds it: it is given the
 settings, the store, the pacer, the metrics, a clock, and a callback that
 runs once when it ends.
