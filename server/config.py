@@ -61,6 +61,8 @@ class Settings:
     ring_size: int = 4096
     #: keep-alive comment interval on SSE responses
     ping_interval_s: float = 15.0
+    #: a stream client that takes nothing for this long is dropped (reason slow_client)
+    send_timeout_s: float = 120.0
     #: a waiting flight gives up on a provider slot after this long (503 + Retry-After)
     queue_timeout_s: float = 30.0
     #: request bodies larger than this are refused with 413
@@ -91,6 +93,7 @@ class Settings:
             cancel_grace_s=_number(env, "DAC_CANCEL_GRACE_MS", d.cancel_grace_s * 1000) / 1000,
             ring_size=int(_number(env, "DAC_RING_SIZE", d.ring_size, minimum=1)),
             ping_interval_s=_number(env, "DAC_PING_INTERVAL_S", d.ping_interval_s, minimum=0.01),
+            send_timeout_s=_number(env, "DAC_SEND_TIMEOUT_S", d.send_timeout_s, minimum=0.01),
             queue_timeout_s=_number(env, "DAC_QUEUE_TIMEOUT_S", d.queue_timeout_s),
             max_body_bytes=int(_number(env, "DAC_MAX_BODY_BYTES", d.max_body_bytes, minimum=1024)),
             default_provider=env.get("DAC_DEFAULT_PROVIDER") or d.default_provider,

@@ -7,9 +7,19 @@ too (the whole answer is stored at the end anyway), so a subscriber whose
 cursor fell behind the ring gets one ``snapshot`` event with the text so far
 and carries on from the newest delta.
 
-A subscriber is only a cursor (the next sequence number it wants) plus a
-wake-up: there is no per-subscriber queue, so a slow client costs the others
-nothing.
+Two ways to read, neither with a per-subscriber queue, so a slow client costs
+the others nothing:
+
+- **By cursor** (:meth:`EventLog.read`, :meth:`EventLog.wait`): the next
+  sequence number a subscriber wants plus a shared wake-up. Subscribers that
+  replay, catch up, or frame text their own way (``/v1``) read like this.
+- **Pushed** (:meth:`EventLog.subscribe`): a subscriber at the live edge hands
+  the log a :class:`Sink`, and the log writes new frames to every sink itself,
+  once per loop turn (what was appended in one turn goes as one write), with
+  no task woken per subscriber. A sink whose transport is paused (over its
+  high-water mark) is written nothing: it leaves the push set and its
+  subscriber falls back to its cursor and replays. While nothing is appended
+  for ``ping_interval_s``, the log pushes a ``: ping`` comment to every sink.
 
 Invariants (the leader task is the only writer):
 
@@ -18,6 +28,8 @@ Invariants (the leader task is the only writer):
   ``_slots[(s - 1) % capacity]``. The ring grows to ``capacity`` only as deltas
   arrive, so a short answer kept for the result TTL holds only its own frames.
 - once ``final`` is set (a ``done`` or ``error`` frame) nothing is appended.
+- a pushed sink's ``cursor`` is the next sequence number it has not been
+  written; every frame before it was written to it exactly once, in order.
 """
 
 from __future__ import annotations
@@ -27,7 +39,10 @@ from typing import Any, Protocol
 
 import orjson
 
-__all__ = ["EventLog", "FlightLog", "encode_event"]
+__all__ = ["PING", "EventLog", "FlightLog", "Sink", "encode_event"]
+
+#: the keep-alive comment pushed to idle subscribers
+PING = b": ping\n\n"
 
 
 def encode_event(event: str | None, data: Any, id: int | None = None) -> bytes:
@@ -38,6 +53,24 @@ def encode_event(event: str | None, data: Any, id: int | None = None) -> bytes:
     if event is not None:
         head += b"event: " + event.encode() + b"\n"
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class Sink(Protocol):
+    """Where the log pushes a subscriber's frames (an HTTP response's transport)."""
+
+    def push(self, data: bytes) -> bool:
+        """Write ``data`` now, without waiting. Return False, having written nothing,
+        when the transport is paused over its high-water mark or gone."""
+
+
+class _Pushed:
+    """A pushed subscription: the sink's next unwritten seq and how its subscriber waits."""
+
+    __slots__ = ("cursor", "ended")
+
+    def __init__(self, cursor: int, ended: asyncio.Future[int | None]) -> None:
+        self.cursor = cursor
+        self.ended = ended
 
 
 class FlightLog(Protocol):
@@ -73,19 +106,30 @@ class FlightLog(Protocol):
 
     async def wait(self, cursor: int) -> None: ...
 
+    def subscribe(self, sink: Sink, cursor: int) -> asyncio.Future[int | None]: ...
+
+    def unsubscribe(self, sink: Sink) -> None: ...
+
+    def stop(self, sink: Sink) -> bool: ...
+
 
 class EventLog:
     """The in-process :class:`FlightLog`: a ring of encoded frames and the texts."""
 
-    def __init__(self, *, capacity: int) -> None:
+    def __init__(self, *, capacity: int, ping_interval_s: float | None = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
+        self.ping_interval_s = ping_interval_s
         self._slots: list[bytes] = []
         self._parts: list[str] = []
         self.last_seq = 0
         self.final: bytes | None = None
         self._wakeup = asyncio.Event()
+        self._pushed: dict[Sink, _Pushed] = {}
+        self._flush_handle: asyncio.Handle | None = None
+        self._ping_handle: asyncio.TimerHandle | None = None
+        self._pushed_at = 0.0  # loop time of the last write to the sinks
 
     # -- writer side (the leader task) ------------------------------------
 
@@ -101,13 +145,19 @@ class EventLog:
         self._parts.append(text)
         self.last_seq = seq
         self._notify()
+        if self._pushed and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         return seq
 
     def close(self, frame: bytes) -> None:
-        """End the log with a ``done`` or ``error`` frame; later calls change nothing."""
+        """End the log with a ``done`` or ``error`` frame; later calls change nothing.
+
+        The frame is pushed at once, and every pushed subscription ends.
+        """
         if self.final is None:
             self.final = frame
             self._notify()
+            self._flush()
 
     def _notify(self) -> None:
         wakeup, self._wakeup = self._wakeup, asyncio.Event()
@@ -161,3 +211,83 @@ class EventLog:
         """Return once there is something at ``cursor`` or the log is closed."""
         while cursor > self.last_seq and self.final is None:
             await self._wakeup.wait()
+
+    # -- pushed subscribers -------------------------------------------------
+
+    def subscribe(self, sink: Sink, cursor: int) -> asyncio.Future[int | None]:
+        """Push every frame from ``cursor`` on to ``sink``, from the next loop turn.
+
+        Call it at the live edge (``cursor`` is past the last frame read), in the
+        same step as that read. The future ends the subscription: ``None`` once
+        the final frame was written to the sink, or the cursor to replay from
+        when the sink fell behind (nothing from there on was written to it) or
+        was stopped (:meth:`stop`: -1).
+        """
+        ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._pushed[sink] = _Pushed(cursor, ended)
+        loop = asyncio.get_running_loop()
+        if self.last_seq >= cursor or self.final is not None:
+            if self._flush_handle is None:
+                self._flush_handle = loop.call_soon(self._flush)
+        if self._ping_handle is None and self.ping_interval_s:
+            self._pushed_at = loop.time()
+            self._ping_handle = loop.call_later(self.ping_interval_s, self._ping)
+        return ended
+
+    def unsubscribe(self, sink: Sink) -> None:
+        """Stop pushing to ``sink`` (its client left); harmless if it is not pushed to."""
+        self._pushed.pop(sink, None)
+
+    def stop(self, sink: Sink) -> bool:
+        """End ``sink``'s pushed subscription with -1 (its client asked to stop)."""
+        sub = self._pushed.pop(sink, None)
+        if sub is None:
+            return False
+        if not sub.ended.done():
+            sub.ended.set_result(-1)
+        return True
+
+    def _flush(self) -> None:
+        """Write what each pushed sink has not been written yet; end what cannot go on."""
+        self._flush_handle = None
+        if not self._pushed:
+            return
+        last, final = self.last_seq, self.final
+        common, data = -1, b""
+        fallen: list[Sink] = []
+        for sink, sub in self._pushed.items():
+            cursor = sub.cursor
+            if cursor != common:  # almost every sink shares one cursor: one join serves them
+                common, data = cursor, b"".join(self.read(cursor)[0])
+            if data and not sink.push(data):
+                fallen.append(sink)
+                continue
+            sub.cursor = last + 1
+        for sink in fallen:
+            sub = self._pushed.pop(sink)
+            sub.ended.set_result(sub.cursor)
+        if final is not None:
+            for sub in self._pushed.values():
+                sub.ended.set_result(None)
+            self._pushed.clear()
+        if self._ping_handle is not None and (final is not None or not self._pushed):
+            self._ping_handle.cancel()
+            self._ping_handle = None
+        self._pushed_at = asyncio.get_running_loop().time()
+
+    def _ping(self) -> None:
+        """Push a keep-alive comment to every sink if nothing was written for a while."""
+        self._ping_handle = None
+        if not self._pushed or self.final is not None or self.ping_interval_s is None:
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self._pushed_at
+        if idle >= self.ping_interval_s:
+            fallen = [sink for sink in self._pushed if not sink.push(PING)]
+            for sink in fallen:
+                sub = self._pushed.pop(sink)
+                sub.ended.set_result(sub.cursor)
+            self._pushed_at = loop.time()
+            idle = 0.0
+        if self._pushed:
+            self._ping_handle = loop.call_later(self.ping_interval_s - idle, self._ping)

@@ -42,7 +42,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +97,7 @@ class Flight:
         self._metrics = metrics
         self._clock = clock
         self._on_end = on_end
-        self.log: FlightLog = EventLog(capacity=settings.ring_size)
+        self.log: FlightLog = EventLog(capacity=settings.ring_size, ping_interval_s=settings.ping_interval_s)
         self.state = FlightState.RUNNING
         self.finished = asyncio.Event()  # outcome known, log closed
         self._accepted = asyncio.Event()  # ``message`` is set (the turn's rows exist), or the flight ended
@@ -113,15 +113,20 @@ class Flight:
         self.message: Message | None = None
         #: promises to mode-3 clients not attached yet: their attach token -> deadline (clock)
         self._promised: dict[str, float] = {}
+        #: every token handed out for this flight; a Stop call must name one
+        self._issued: set[str] = set()
         self.forgotten = False  # its thread was deleted: keep nothing once it ends
         self.error: GatewayError | None = None
         self.usage: dict[str, Any] | None = None
         self.extra_meta: dict[str, Any] = {}
         self.listeners = 0
+        #: listeners that asked to stop and have not left yet (they no longer hold the flight)
+        self.stopping = 0
         self.zero_since: float | None = None  # perf_counter when the count last reached zero
         self.cancel_reason: DropReason | None = None
         self.queue_wait_s: float | None = None
         self.ttft_s: float | None = None
+        self.first_text_at: float | None = None  # perf_counter of the first delta
         self.upstream_started: float | None = None  # perf_counter when the provider was asked
         self.finished_at: float | None = None  # clock
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -140,8 +145,11 @@ class Flight:
             self._idle_handle.cancel()
             self._idle_handle = None
 
-    def remove_listener(self) -> None:
+    def remove_listener(self, *, stopped: bool = False) -> None:
+        """Uncount a listener; ``stopped``: one that :meth:`stop_listener` counted out already."""
         self.listeners -= 1
+        if stopped:
+            self.stopping -= 1
         self._metrics.active_listeners.dec()
         if self.listeners == 0 and self.running:
             now = self._clock()
@@ -151,11 +159,34 @@ class Flight:
             else:
                 self._arm_idle(self._settings.cancel_grace_s, DropReason.NO_LISTENERS)
 
+    def issue(self, token: str) -> None:
+        """Remember a token handed to a client (a stream_url's, a listener's stop_url)."""
+        self._issued.add(token)
+
+    def stop_listener(self, token: str, *, attached: bool) -> bool:
+        """The client ``token`` names says it stops: a listener about to leave
+        (``attached``), a mode-3 client that has not attached yet, or one that has
+        just gone. When nobody else holds the flight it is aborted now, with no
+        grace. False for a token this flight never issued."""
+        if token not in self._issued:
+            return False
+        self._promised.pop(token, None)
+        if attached:
+            self.stopping += 1
+        if self.listeners - self.stopping == 0 and not self._live_promises():
+            self.abort(DropReason.CLIENT_STOP)
+        return True
+
+    def _live_promises(self) -> bool:
+        now = self._clock()
+        return any(deadline > now for deadline in self._promised.values())
+
     def expect_attach(self) -> str:
         """Promise a client (mode 3) its stream for a while; returns the token its
         stream_url carries, so its attach (and no other) settles the promise."""
         timeout = self._settings.attach_timeout_s
         token = secrets.token_urlsafe(9)
+        self._issued.add(token)
         self._promised[token] = self._clock() + timeout
         if self.listeners == 0 and self.running:
             self._arm_idle(timeout, DropReason.ATTACH_TIMEOUT)
@@ -173,7 +204,7 @@ class Flight:
         self._idle_handle = None
         if not self.running or self.task is None:
             return
-        if reason is not DropReason.SHUTDOWN and self.listeners > 0:
+        if reason is not DropReason.SHUTDOWN and self.listeners - self.stopping > 0:
             return
         if self.zero_since is None:
             self.zero_since = time.perf_counter()
@@ -204,17 +235,6 @@ class Flight:
     def fresh(self, ttl: float) -> bool:
         """Ended less than ``ttl`` seconds ago."""
         return self.finished_at is not None and self._clock() - self.finished_at < ttl
-
-    async def frames(self, cursor: int = 1) -> AsyncIterator[bytes]:
-        """SSE bytes for a subscriber from delta ``cursor`` on, ending with done/error."""
-        log_ = self.log
-        while True:
-            chunks, cursor, finished = log_.read(cursor)
-            if chunks:
-                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if finished:
-                return
-            await log_.wait(cursor)
 
     async def result(self) -> Message:
         """The final assistant message; raises the flight's error."""
@@ -334,6 +354,7 @@ class Flight:
                     if chunk.text:
                         now = time.perf_counter()
                         if self.ttft_s is None:
+                            self.first_text_at = now
                             self.ttft_s = now - started
                             ttft.observe(self.ttft_s)
                         else:

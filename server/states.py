@@ -51,6 +51,8 @@ class DropReason(StrEnum):
     ATTACH_TIMEOUT = "attach_timeout"
     #: the server is shutting down
     SHUTDOWN = "shutdown"
+    #: the client said it stops (``DELETE /api/streams/{id}``): no grace
+    CLIENT_STOP = "client_stop"
 
 
 class Role(StrEnum):

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from .config import Settings
 from .errors import GatewayError
-from .eventlog import encode_event
+from .eventlog import Sink, encode_event
 from .flight import Flight, TurnRequest
 from .metrics import Metrics, RequestRecord
 from .providers import Provider
@@ -41,7 +42,7 @@ from .registry import FlightRegistry
 from .states import DropReason, MessageStatus, Role
 from .store import ChatMessage, Message, Store
 
-__all__ = ["Lease", "Surface", "TurnService", "Until", "coalesce_key"]
+__all__ = ["EventStream", "Lease", "Surface", "TurnService", "Until", "coalesce_key"]
 
 
 class Surface(StrEnum):
@@ -68,6 +69,14 @@ def _digest(value: Any) -> str:
     return hashlib.sha1(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+class EventStream(Sink, Protocol):
+    """A subscriber's SSE connection: awaited writes for replay, pushes at the live edge."""
+
+    async def write(self, data: bytes) -> None:
+        """Write and wait until the transport takes it; a client that takes nothing for
+        the send timeout is dropped (``TimeoutError``)."""
+
+
 class Until(StrEnum):
     """What a surface holds its status line for (at most one keep-alive interval)."""
 
@@ -84,14 +93,20 @@ class Lease:
     write its request record when the ``async with`` block ends.
     """
 
-    def __init__(self, flight: Flight, role: Role, *, hold_s: float, started: float) -> None:
+    def __init__(self, flight: Flight, role: Role, *, hold_s: float, started: float,
+                 token: str | None = None) -> None:
         self.flight = flight
         self.role = role
         self._hold_s = hold_s
         #: perf_counter when the request arrived
         self.started = started
+        #: names this listener for its Stop call (a mode-3 client's attach token, or a new one)
+        self.token = token or secrets.token_urlsafe(9)
         #: from the request's arrival to the first answer text handed to the client
         self.ttft_s: float | None = None
+        #: the client said it stops: its stream ends and it no longer holds the flight
+        self.stopped = False
+        self._out: EventStream | None = None
 
     async def hold(self, until: Until) -> None:
         """Hold the status line until ``until`` or the flight's end, for at most one
@@ -114,7 +129,7 @@ class Lease:
         if error is not None:
             raise error
 
-    def meta_frame(self) -> bytes:
+    def meta_frame(self, **extra: str) -> bytes:
         """The ``meta`` event that opens an ``/api`` stream."""
         flight = self.flight
         return encode_event("meta", {
@@ -124,25 +139,54 @@ class Lease:
             "coalesce": self.role,
             "provider": flight.turn.provider.name,
             "model": flight.turn.model,
+            **extra,
         })
+
+    async def stream(self, out: EventStream, *, meta: bytes, cursor: int = 1) -> None:
+        """Write ``meta``, replay from delta ``cursor``, then let the log push the rest.
+
+        Replay is awaited writes (a slow client is dropped after the send timeout);
+        at the live edge the subscriber hands ``out`` to the log and sleeps until
+        the end, a fall-back (its transport paused: replay again from its cursor)
+        or a stop.
+        """
+        log_ = self.flight.log
+        await out.write(meta)
+        try:
+            while not self.stopped:
+                chunks, after, finished = log_.read(cursor)
+                if after > cursor:
+                    self._saw_text()
+                cursor = after
+                if chunks:
+                    await out.write(b"".join(chunks))
+                    if finished:
+                        return
+                    continue
+                # the live edge: subscribe in the same step as the read, so nothing slips between
+                self._out = out
+                ended = await log_.subscribe(out, cursor)
+                self._out = None
+                if self.ttft_s is None and cursor == 1 and (ended is None or ended > 1):
+                    first = self.flight.first_text_at  # the first delta was pushed to it
+                    if first is not None:
+                        self.ttft_s = max(0.0, first - self.started)
+                if ended is None or ended < 0:
+                    return
+                cursor = ended
+        finally:
+            self._out = None
+            log_.unsubscribe(out)
+
+    def stop(self) -> None:
+        """End this listener's stream where it is; it no longer holds the flight."""
+        self.stopped = True
+        if self._out is not None:
+            self.flight.log.stop(self._out)
 
     def _saw_text(self) -> None:
         if self.ttft_s is None:
             self.ttft_s = time.perf_counter() - self.started
-
-    async def frames(self, cursor: int = 1) -> AsyncIterator[bytes]:
-        """SSE bytes from delta ``cursor`` on, ending with the ``done`` or ``error`` frame."""
-        log_ = self.flight.log
-        while True:
-            chunks, after, finished = log_.read(cursor)
-            if after > cursor:
-                self._saw_text()
-            cursor = after
-            if chunks:
-                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if finished:
-                return
-            await log_.wait(cursor)
 
     async def texts(self) -> AsyncIterator[tuple[list[str], bool]]:
         """Every delta text, batched as they arrive: ``(texts, finished)``; for surfaces
@@ -169,6 +213,8 @@ class TurnService:
         self.registry = registry
         self.store = store
         self.metrics = metrics
+        #: the leases streaming now, by token, for their Stop call
+        self._leases: dict[str, Lease] = {}
 
     # -- the coalesce policy ------------------------------------------------
 
@@ -232,7 +278,9 @@ class TurnService:
             return
         role = Role.CACHE if not flight.running else (Role.LEADER if flight.listeners == 0 else Role.FOLLOWER)
         flight.add_listener(attach=token)
-        lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started)
+        if token is not None and token in self._leases:
+            token = None  # a second connection with one stream_url gets its own token
+        lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started, token=token)
         async with self._recorded(lease, route="streams", mode="sse"):
             yield lease
 
@@ -242,6 +290,8 @@ class TurnService:
         flight = lease.flight
         error: str | None = None
         left = False
+        self._leases[lease.token] = lease
+        flight.issue(lease.token)
         try:
             yield
             if flight.error is not None and flight.finished.is_set():
@@ -257,7 +307,9 @@ class TurnService:
                 self.metrics.dropped(DropReason.SLOW_CLIENT)
             raise
         finally:
-            flight.remove_listener()
+            del self._leases[lease.token]
+            flight.remove_listener(stopped=lease.stopped)
+            left = left or lease.stopped
             chat = route != "streams"
             self.metrics.record(RequestRecord(
                 route=route, mode=mode, coalesce=lease.role if chat else None,
@@ -265,6 +317,24 @@ class TurnService:
                 client_left=left,
                 queue_wait_s=flight.queue_wait_s if chat and lease.role is Role.LEADER else None,
             ))
+
+    def stop(self, org_id: str, stream_id: str, token: str) -> bool:
+        """A client stops on purpose: end the stream of the listener ``token`` names (or
+        drop the promise of a mode-3 client not attached yet). When it was the last one
+        holding the flight, the upstream is aborted at once, with no grace.
+
+        False when the org has no such stream or listener here.
+        """
+        flight = self.registry.stream(stream_id)
+        if flight is None or flight.turn.org_id != org_id:
+            return False
+        lease = self._leases.get(token)
+        if lease is not None and lease.flight is flight:
+            if not lease.stopped:
+                flight.stop_listener(token, attached=True)
+                lease.stop()
+            return True
+        return flight.stop_listener(token, attached=False)
 
     def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
         """Mode 3: start or join without listening; returns ``(flight, role, attach token)``.

@@ -254,6 +254,8 @@ class Stream {
   }
 
   onMeta(meta) {
+    // This connection's own Stop call: DELETE it to abort at once, with no grace.
+    if (meta.stop_url) this.stopUrl = meta.stop_url;
     if (meta.provider && meta.model) {
       this.view.querySelector('.model').textContent = `${meta.provider} · ${meta.model}`;
     }
@@ -347,8 +349,13 @@ class Stream {
     notify(`Error: ${text}`, true);
   }
 
-  /** Stop button: leave the stream; the server cancels once nobody listens. */
+  /** Stop button: say so (DELETE the stop_url: the upstream is aborted at once when
+   * nobody else listens), then leave the stream. */
   stop() {
+    const stopUrl = this.stopUrl || this.url;
+    if (/[?&]attach=/.test(stopUrl)) {
+      fetch(stopUrl, { method: 'DELETE', headers: { 'x-org-id': this.org } }).catch(() => {});
+    }
     this.render();
     this.close('cancelled');
     // Show what was saved: a few words may have arrived upstream meanwhile.

@@ -4,7 +4,10 @@
 - :func:`require_org`: the org policy, the same on ``/api`` and ``/v1`` (a
   missing or malformed org is ``401``).
 - :func:`open_sse` and :func:`send`: an SSE response with keep-alive pings,
-  and writes that drop a client which takes nothing for ``SEND_TIMEOUT_S``.
+  and writes that drop a client which takes nothing for the send timeout
+  (``DAC_SEND_TIMEOUT_S``).
+- :func:`open_event_stream`: an SSE response the flight's log can also push
+  to straight from its append (:class:`SSEStream`); the log sends its pings.
 - :func:`error_middleware`: one factory, with a renderer per surface; every
   error answer is counted once, where it is rendered.
 """
@@ -19,6 +22,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Middleware
 from aiohttp_sse import EventSourceResponse
 
@@ -27,10 +32,10 @@ from ..errors import BadRequest, GatewayError, PayloadTooLarge, Unauthorized
 
 __all__ = [
     "ORG_RE",
-    "SEND_TIMEOUT_S",
     "error_middleware",
     "json_response",
     "last_event_id",
+    "open_event_stream",
     "open_sse",
     "read_json",
     "require_org",
@@ -40,8 +45,10 @@ __all__ = [
 log = logging.getLogger("server")
 
 ORG_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
-#: a write that a client does not take within this long ends its stream
-SEND_TIMEOUT_S = EventSourceResponse.DEFAULT_SEND_TIMEOUT or 120.0
+#: a pushed subscriber whose unsent bytes pass this falls back to replay (aiohttp drains at it too)
+HIGH_WATER_BYTES = 64 * 1024
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "Connection": "keep-alive", "X-Accel-Buffering": "no"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -109,15 +116,79 @@ async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = 
     return resp
 
 
-async def send(resp: EventSourceResponse, frames: bytes) -> None:
-    """Write pre-encoded SSE bytes; a client that takes none for SEND_TIMEOUT_S is dropped
-    (``TimeoutError``)."""
+async def send(resp: web.StreamResponse, frames: bytes, timeout: float) -> None:
+    """Write pre-encoded SSE bytes; a client that takes none for ``timeout`` seconds is
+    dropped (``TimeoutError``, and its connection is closed)."""
     try:
-        async with asyncio.timeout(SEND_TIMEOUT_S):
+        async with asyncio.timeout(timeout):
             await resp.write(frames)
     except TimeoutError:
-        resp.stop_streaming()
+        resp.force_close()
         raise
+
+
+class SSEStream:
+    """An SSE response written two ways (the ``EventStream`` of :mod:`server.turns`).
+
+    :meth:`write` is aiohttp's awaited write, bounded by the send timeout.
+    :meth:`push` writes straight to the transport, framed as an HTTP/1.1 chunk,
+    and never waits: with more than ``HIGH_WATER_BYTES`` unsent, or the
+    connection gone, it writes nothing and says so. The first write must be an
+    awaited one: it carries the status line and headers.
+    """
+
+    __slots__ = ("_chunked", "_timeout", "_transport", "_writer", "response")
+
+    #: the last payload framed, and its framing: a flush pushes one payload to every sink
+    _memo: tuple[bytes, bytes] = (b"", b"")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, writer: AbstractStreamWriter) -> None:
+        self.response = response
+        self._writer = writer
+        self._transport = request.transport
+        self._chunked = request.version >= HttpVersion11
+        self._timeout = request.config_dict[SETTINGS].send_timeout_s
+
+    async def write(self, data: bytes) -> None:
+        """Write in slices of at most ``HIGH_WATER_BYTES``, each time waiting while the
+        transport is over its high-water mark (pushed bytes, which aiohttp's own
+        accounting does not see, count too): at most twice the mark is ever buffered."""
+        view = memoryview(data)
+        try:
+            async with asyncio.timeout(self._timeout):
+                for start in range(0, len(view), HIGH_WATER_BYTES):
+                    await self.response.write(view[start:start + HIGH_WATER_BYTES])
+                    await self._writer.drain()
+        except TimeoutError:
+            self.response.force_close()
+            raise
+
+    def push(self, data: bytes) -> bool:
+        transport = self._transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size() > HIGH_WATER_BYTES:
+            return False
+        if self._chunked:
+            payload, framed = SSEStream._memo
+            if payload is not data:
+                framed = b"%x\r\n%b\r\n" % (len(data), data)
+                SSEStream._memo = (data, framed)
+            data = framed
+        transport.write(data)
+        return True
+
+
+async def open_event_stream(request: web.Request) -> SSEStream:
+    """Send the status line of an SSE response the log can push to (see :class:`SSEStream`).
+
+    As with :func:`open_sse`, an error after this can no longer change the status.
+    """
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    if request.version >= HttpVersion11:
+        response.enable_chunked_encoding()
+    writer = await response.prepare(request)
+    assert writer is not None
+    request[STREAM_STARTED] = True
+    return SSEStream(request, response, writer)
 
 
 def _to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | None:

@@ -16,7 +16,7 @@ from ..appkeys import PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound
 from ..flight import TurnRequest
 from ..turns import Lease, Surface, Until
-from ._http import error_middleware, json_response, last_event_id, open_sse, read_json, require_org, send
+from ._http import error_middleware, json_response, last_event_id, open_event_stream, read_json, require_org
 
 __all__ = ["error_response", "errors", "setup"]
 
@@ -132,7 +132,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     if sse:  # mode 2: the response is the stream
         async with turns.lease(turn, route="messages", mode="sse", started=started) as lease:
             await lease.hold(Until.ACCEPTED)
-            return await _stream(request, lease)
+            return await _stream(request, lease, org)
     if stream:  # mode 3: 202 at once, then the stream_url
         flight, role, attach = turns.accept(turn)
         stream_url = f"/api/streams/{flight.stream_id}?org={org}" + (f"&attach={attach}" if attach else "")
@@ -148,14 +148,13 @@ async def post_message(request: web.Request) -> web.StreamResponse:
 # -- streams ----------------------------------------------------------------
 
 
-async def _stream(request: web.Request, lease: Lease, cursor: int = 1) -> web.StreamResponse:
-    """The flight as ``/api`` SSE: ``meta``, then deltas from ``cursor``, then done/error."""
-    resp = await open_sse(request)
-    async with resp:  # stops the keep-alive pings however the stream ends
-        await send(resp, lease.meta_frame())
-        async for frames in lease.frames(cursor):
-            await send(resp, frames)
-    return resp
+async def _stream(request: web.Request, lease: Lease, org: str, cursor: int = 1) -> web.StreamResponse:
+    """The flight as ``/api`` SSE: ``meta`` (with this listener's ``stop_url``), then
+    deltas from ``cursor``, then done/error."""
+    out = await open_event_stream(request)
+    stop_url = f"/api/streams/{lease.flight.stream_id}?org={org}&attach={lease.token}"
+    await lease.stream(out, meta=lease.meta_frame(stop_url=stop_url), cursor=cursor)
+    return out.response
 
 
 async def get_stream(request: web.Request) -> web.StreamResponse:
@@ -166,14 +165,29 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     turns = request.app[TURNS]
     async with turns.attach(org, stream_id, token=request.query.get("attach"), started=started) as lease:
         if lease is not None:
-            return await _stream(request, lease, after + 1)
+            return await _stream(request, lease, org, after + 1)
     frames = await turns.stored_frames(org, stream_id)
     if frames is None:
         raise NotFound("stream not found")
-    resp = await open_sse(request)
-    async with resp:
-        await send(resp, b"".join(frames))
-    return resp
+    out = await open_event_stream(request)
+    await out.write(b"".join(frames))
+    return out.response
+
+
+async def stop_stream(request: web.Request) -> web.Response:
+    """``DELETE /api/streams/{id}?org=&attach=``: the client stops on purpose (204).
+
+    Its stream ends; when it was the last listener the upstream is aborted at
+    once, with no grace. Other listeners keep the flight.
+    """
+    org = require_org(request, allow_query=True)
+    token = request.query.get("attach")
+    if not token:
+        raise BadRequest("?attach= is required: the token of the stream_url (or of the meta event's stop_url)",
+                         param="attach")
+    if not request.app[TURNS].stop(org, request.match_info["stream_id"], token):
+        raise NotFound("stream not found")
+    return web.Response(status=204)
 
 
 def setup(app: web.Application) -> None:
@@ -185,3 +199,4 @@ def setup(app: web.Application) -> None:
     r.add_delete("/api/threads/{thread_id}", delete_thread)
     r.add_post("/api/threads/{thread_id}/messages", post_message)
     r.add_get("/api/streams/{stream_id}", get_stream)
+    r.add_delete("/api/streams/{stream_id}", stop_stream)

@@ -354,7 +354,7 @@ async def _stream(request: web.Request, lease: Lease, call: _Call) -> web.Stream
             if finished:
                 frames.extend(_ending(answer, flight, call))
             if frames:
-                await send(resp, b"".join(frames))
+                await send(resp, b"".join(frames), request.config_dict[SETTINGS].send_timeout_s)
                 frames = []
     return resp
 

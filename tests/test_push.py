@@ -1,0 +1,200 @@
+"""Frames pushed from the log to subscribers at the live edge, and the fall-back to a cursor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import pytest
+
+from server.eventlog import PING, EventLog, encode_event
+from server.routes import _http
+
+from .helpers import ScriptedProvider, collect, registry, text_of, within
+
+
+class FakeSink:
+    """A transport that takes everything until the test pauses it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.pushes = 0
+        self.paused = False
+
+    def push(self, data: bytes) -> bool:
+        if self.paused:
+            return False
+        self.data += data
+        self.pushes += 1
+        return True
+
+    def events(self) -> list[tuple[str, int | None, str]]:
+        """(event, id, data) of every frame written, pings as ("ping", None, "")."""
+        out = []
+        for block in bytes(self.data).split(b"\n\n")[:-1]:
+            if block == PING.rstrip(b"\n"):
+                out.append(("ping", None, ""))
+                continue
+            fields = dict(line.split(": ", 1) for line in block.decode().split("\n"))
+            out.append((fields["event"], int(fields["id"]) if "id" in fields else None, fields["data"]))
+        return out
+
+
+def delta(seq: int, text: str) -> tuple[str, int, str]:
+    return ("delta", seq, f'{{"text":"{text}"}}')
+
+
+async def test_a_pushed_subscriber_gets_every_frame_once_in_order_batched_per_loop_turn() -> None:
+    log = EventLog(capacity=8)
+    sink = FakeSink()
+    ended = log.subscribe(sink, 1)
+    log.append("a")
+    log.append("b")  # same loop turn: one write
+    await asyncio.sleep(0)
+    assert sink.pushes == 1 and sink.events() == [delta(1, "a"), delta(2, "b")]
+    log.append("c")
+    await asyncio.sleep(0)
+    log.close(encode_event("done", {}, 4))
+    assert await within(ended, 1, "the subscription to end") is None
+    assert sink.events() == [delta(1, "a"), delta(2, "b"), delta(3, "c"), ("done", 4, "{}")]
+
+
+async def test_a_paused_sink_falls_back_to_its_cursor_and_the_log_keeps_nothing_for_it() -> None:
+    log = EventLog(capacity=8)
+    sink = FakeSink()
+    ended = log.subscribe(sink, 1)
+    log.append("a")
+    await asyncio.sleep(0)
+    sink.paused = True
+    log.append("b")
+    log.append("c")
+    await asyncio.sleep(0)
+    assert await within(ended, 1, "the fall-back") == 2  # b was not written: replay from 2
+    assert sink.events() == [delta(1, "a")]
+    assert not log._pushed  # no queue of frames kept for it
+    # the subscriber catches up by cursor, then is pushed to again
+    sink.paused = False
+    frames, cursor, finished = log.read(2)
+    assert sink.push(b"".join(frames)) and (cursor, finished) == (4, False)
+    ended = log.subscribe(sink, cursor)
+    log.append("d")
+    await asyncio.sleep(0)
+    log.close(encode_event("done", {}, 5))
+    assert await within(ended, 1, "the end") is None
+    assert sink.events() == [delta(1, "a"), delta(2, "b"), delta(3, "c"), delta(4, "d"), ("done", 5, "{}")]
+
+
+async def test_a_subscriber_joining_before_a_flush_is_not_written_what_it_read_itself() -> None:
+    log = EventLog(capacity=8)
+    first, second = FakeSink(), FakeSink()
+    log.subscribe(first, 1)
+    log.append("a")
+    log.append("b")
+    frames, cursor, _ = log.read(1)  # the newcomer replays a and b itself ...
+    second.push(b"".join(frames))
+    log.subscribe(second, cursor)  # ... and joins before the pending flush
+    log.append("c")
+    await asyncio.sleep(0)
+    assert first.events() == second.events() == [delta(1, "a"), delta(2, "b"), delta(3, "c")]
+
+
+async def test_a_sink_the_ring_left_behind_gets_a_snapshot() -> None:
+    log = EventLog(capacity=2)
+    sink = FakeSink()
+    log.subscribe(sink, 1)
+    for text in "abcd":  # four deltas in one loop turn: 1 and 2 leave the ring before the flush
+        log.append(text)
+    await asyncio.sleep(0)
+    assert sink.events() == [("snapshot", 4, '{"text":"abcd"}')]
+
+
+async def test_an_idle_log_pings_its_pushed_subscribers() -> None:
+    log = EventLog(capacity=8, ping_interval_s=0.02)
+    sink = FakeSink()
+    log.subscribe(sink, 1)
+
+    async def pinged() -> None:
+        while ("ping", None, "") not in sink.events():
+            await asyncio.sleep(0.01)
+
+    await within(pinged(), 2, "a ping")
+    log.close(encode_event("done", {}, 1))
+    assert log._ping_handle is None  # no timer outlives the log
+
+
+async def test_stop_ends_a_subscription_with_minus_one() -> None:
+    log = EventLog(capacity=8)
+    sink = FakeSink()
+    ended = log.subscribe(sink, 1)
+    assert log.stop(sink) and not log.stop(sink)
+    assert await within(ended, 1, "the stop") == -1
+
+
+# -- over real sockets ------------------------------------------------------------
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_never_buffers_without_bound(
+        gateway_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subscriber whose socket stops taking bytes falls back from push to awaited writes
+    (its transport buffer stays under twice the high-water mark), is dropped
+    after the send timeout, and the others get every delta in order."""
+    biggest, fell_back, shrunk = [0], [0], set()
+    push = _http.SSEStream.push
+
+    def spy(self: _http.SSEStream, data: bytes) -> bool:
+        transport = self._transport
+        assert transport is not None
+        if id(transport) not in shrunk:  # small kernel buffers: the transport's own buffer fills soon
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            shrunk.add(id(transport))
+        before = transport.get_write_buffer_size()
+        ok = push(self, data)
+        biggest[0] = max(biggest[0], before)
+        fell_back[0] += not ok
+        return ok
+
+    monkeypatch.setattr(_http.SSEStream, "push", spy)
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), send_timeout_s=0.5)
+    tid = await gw.new_thread()
+    body = {"content": "flood", "provider": "scripted", "model": "scripted"}
+    dropped = {"reason": "slow_client"}
+    async with gw.open_stream(tid, body) as fast:
+        call = await scripted.next_call()
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(tuple(gw.runner.addresses[0][:2]))
+        slow.setblocking(False)
+        _, writer = await asyncio.open_connection(sock=slow)
+        payload = json.dumps(body)
+        writer.write((f"POST /api/threads/{tid}/messages HTTP/1.1\r\nHost: x\r\nx-org-id: org_a\r\n"
+                      f"Accept: text/event-stream\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(payload)}\r\n\r\n{payload}").encode())
+        await within(_until(lambda: (gw.metrics.registry.get_sample_value("dac_active_listeners") or 0) >= 2),
+                     5, "the slow client to join")
+        chunk, sent = "x" * 2000, 0
+        reading = asyncio.create_task(collect(fast, timeout=30))  # the fast client reads all along
+        while not fell_back[0] and sent < 2000:
+            call.send(chunk)
+            sent += 1
+            await asyncio.sleep(0.001)
+        await within(_until(lambda: gw.metrics.registry.get_sample_value("dac_listeners_dropped_total",
+                                                                          dropped) == 1.0),
+                     5, "the slow client to be dropped")
+        call.send("end")
+        call.finish()
+        events = await within(reading, 30, "the fast client's stream")
+        writer.close()
+    assert 0 < sent < 2000 and fell_back[0] >= 1
+    assert text_of(events) == chunk * sent + "end"
+    assert [e.id for e in events if e.event == "delta"] == list(range(1, sent + 2))
+    assert events[-1].event == "done"
+    assert biggest[0] <= 2 * _http.HIGH_WATER_BYTES
+    assert len(scripted.calls) == 1 and call.yielded == sent + 1
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
