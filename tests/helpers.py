@@ -1,4 +1,4 @@
-"""Shared test parts: a server on a real socket, a scripted provider, an SSE reader.
+"""Shared test parts: a server on a real socket, a scripted provider, SSE collection.
 
 Everything here talks to 127.0.0.1 only, and every wait has a timeout whose
 failure says what arrived.
@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from server.app import HUB, METRICS, STORE, make_app
 from server.config import Settings
 from server.errors import GatewayError
 from server.providers import Chunk, MockProvider, Provider, ProviderRegistry, ProviderRequest
+from tools.sse import SseEvent, sse_events
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -116,44 +116,12 @@ async def stream_failure(provider: Provider, request: ProviderRequest) -> tuple[
     raise AssertionError(f"the stream ended without an error after {text!r}")
 
 
-# -- SSE ----------------------------------------------------------------------
+# -- SSE (read with tools.sse) -----------------------------------------------
 
 
-@dataclass
-class Event:
-    event: str
-    data: Any
-    id: int | None = None
-
-
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Event]:
-    """Parse an SSE response into events (comments skipped)."""
-    event, data, eid = "message", [], None
-    while True:
-        raw = await resp.content.readline()
-        if not raw:
-            return
-        line = raw.decode().rstrip("\r\n")
-        if line == "":
-            if data:
-                yield Event(event, orjson.loads("\n".join(data)), eid)
-            event, data, eid = "message", [], None
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-            elif name == "id":
-                eid = int(value)
-
-
-async def collect(resp: aiohttp.ClientResponse, timeout: float = DEFAULT_TIMEOUT) -> list[Event]:
+async def collect(resp: aiohttp.ClientResponse, timeout: float = DEFAULT_TIMEOUT) -> list[SseEvent]:
     """Every event of a stream until it ends."""
-    events: list[Event] = []
+    events: list[SseEvent] = []
 
     async def run() -> None:
         async for ev in sse_events(resp):
@@ -167,14 +135,14 @@ async def collect(resp: aiohttp.ClientResponse, timeout: float = DEFAULT_TIMEOUT
     return events
 
 
-def text_of(events: list[Event]) -> str:
+def text_of(events: list[SseEvent]) -> str:
     """The answer as a client would rebuild it: deltas appended, snapshots replacing."""
     text = ""
     for ev in events:
         if ev.event == "delta":
-            text += ev.data["text"]
+            text += ev.json()["text"]
         elif ev.event == "snapshot":
-            text = ev.data["text"]
+            text = ev.json()["text"]
     return text
 
 

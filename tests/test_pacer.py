@@ -173,7 +173,7 @@ async def test_a_full_queue_past_its_timeout_answers_503_and_writes_nothing(
     async with gw.session.get(gw.url + accepted["stream_url"]) as resp:
         events = await collect(resp)
     assert [e.event for e in events] == ["meta", "error"]
-    assert events[-1].data["error"]["type"] == "queue_full" and events[-1].data["error"]["retryable"]
+    assert events[-1].json()["error"]["type"] == "queue_full" and events[-1].json()["error"]["retryable"]
     messages = (await gw.thread(tid))["messages"]
     assert [m["content"] for m in messages] == ["first", ""]  # only the running turn
 

@@ -5,7 +5,6 @@
   the server never share an interpreter and the server's CPU and memory can be
   read from ``/proc``.
 - :class:`Gateway`: a thin aiohttp client for the HTTP contract (API.md).
-- :func:`sse_events`: an SSE reader that stamps each event with its arrival time.
 - :func:`markdown_table`, :func:`progress`, :func:`prometheus_samples` and the
   ``/proc`` readers.
 
@@ -26,13 +25,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import percentile
@@ -42,7 +39,6 @@ __all__ = [
     "ROOT",
     "Gateway",
     "ServerProcess",
-    "SseEvent",
     "cpu_split",
     "free_port",
     "http_open",
@@ -56,7 +52,6 @@ __all__ = [
     "progress",
     "prometheus_samples",
     "raise_open_files",
-    "sse_events",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,46 +241,6 @@ class ServerProcess:
 
 
 # -- the HTTP contract --------------------------------------------------------
-
-
-@dataclass(slots=True)
-class SseEvent:
-    event: str
-    data: bytes
-    id: int | None
-    #: time.monotonic() when the event's blank line arrived
-    at: float
-
-    def json(self) -> Any:
-        return orjson.loads(self.data)
-
-
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
-    """The events of an SSE response as they arrive; comments (``: ping``) are skipped."""
-    event, data, eid = "message", b"", None
-    monotonic = time.monotonic
-    readline = resp.content.readline
-    while True:
-        line = await readline()
-        if not line:
-            return
-        line = line.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield SseEvent(event, data, eid, monotonic())
-            event, data, eid = "message", b"", None
-        elif line[0] == 0x3A:  # ':' comment
-            continue
-        else:
-            name, _, value = line.partition(b":")
-            if value[:1] == b" ":
-                value = value[1:]
-            if name == b"data":
-                data = value if not data else data + b"\n" + value
-            elif name == b"event":
-                event = value.decode()
-            elif name == b"id":
-                eid = int(value)
 
 
 class Gateway:

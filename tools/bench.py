@@ -70,8 +70,8 @@ from tools._common import (
     progress,
     prometheus_samples,
     raise_open_files,
-    sse_events,
 )
+from tools.sse import sse_events
 
 # -- section 5: fan-out of one flight ------------------------------------------------
 
@@ -99,18 +99,6 @@ class FanoutJob:
     url: str
     org: str
     tokens: list[str]
-
-
-def _parse_frame(frame: bytes) -> tuple[str, int | None, bytes]:
-    event, eid, data = "message", None, b""
-    for line in frame.split(b"\n"):
-        if line.startswith(b"data: "):
-            data = line[6:]
-        elif line.startswith(b"event: "):
-            event = line[7:].decode()
-        elif line.startswith(b"id: "):
-            eid = int(line[4:])
-    return event, eid, data
 
 
 async def _subscribe_all(index: int, count: int, inbox: Any, outbox: Any) -> None:
@@ -150,34 +138,28 @@ async def _subscribe_all(index: int, count: int, inbox: Any, outbox: Any) -> Non
                     if resp.status != 200:
                         problems.append(f"HTTP {resp.status}")
                         return
-                    buffer = b""
-                    async for chunk in resp.content.iter_any():
-                        now = monotonic()
-                        buffer += chunk
-                        while (end := buffer.find(b"\n\n")) >= 0:
-                            frame, buffer = buffer[:end], buffer[end + 2:]
-                            event, seq, data = _parse_frame(frame)
-                            if event == "delta":
-                                assert seq is not None
-                                if not 1 <= seq <= n or mine[seq - 1]:
-                                    problems.append(f"unexpected or repeated delta {seq}")
-                                elif orjson.loads(data)["text"] != tokens[seq - 1]:
-                                    problems.append(f"wrong text in delta {seq}")
-                                else:
-                                    mine[seq - 1] = now
-                            elif event == "meta":
-                                if holding:
-                                    holding = False
-                                    gate.release()
-                                    attach()
-                            elif event == "done":
-                                done = orjson.loads(data)["message"]["content"] == full_text
-                                if not done:
-                                    problems.append("done with a different text")
-                            elif event == "snapshot":
-                                problems.append("fell behind the ring (snapshot)")
-                            elif event == "error":
-                                problems.append(f"error event {data[:200]!r}")
+                    async for ev in sse_events(resp):
+                        seq = ev.id
+                        if ev.event == "delta":
+                            if seq is None or not 1 <= seq <= n or mine[seq - 1]:
+                                problems.append(f"unexpected or repeated delta {seq}")
+                            elif ev.json()["text"] != tokens[seq - 1]:
+                                problems.append(f"wrong text in delta {seq}")
+                            else:
+                                mine[seq - 1] = ev.at
+                        elif ev.event == "meta":
+                            if holding:
+                                holding = False
+                                gate.release()
+                                attach()
+                        elif ev.event == "done":
+                            done = ev.json()["message"]["content"] == full_text
+                            if not done:
+                                problems.append("done with a different text")
+                        elif ev.event == "snapshot":
+                            problems.append("fell behind the ring (snapshot)")
+                        elif ev.event == "error":
+                            problems.append(f"error event {ev.data[:200]!r}")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 problems.append(f"{exc.__class__.__name__}: {exc}")
             finally:

@@ -53,8 +53,8 @@ from tools._common import (
     ms,
     percentile,
     progress,
-    sse_events,
 )
+from tools.sse import sse_events
 
 DEFAULT_BASE = "http://127.0.0.1:8000"
 DEFAULT_PROVIDER = "mock"
