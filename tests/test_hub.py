@@ -74,7 +74,7 @@ async def wait_status(gw: Any, thread_id: str, status: str, org: str = "org_a") 
     """Poll the thread until its assistant message reaches ``status`` (bounded)."""
     async def poll() -> dict[str, Any]:
         while True:
-            messages = (await gw.thread(thread_id, org))["messages"]
+            messages = (await gw.thread(thread_id, org=org))["messages"]
             if messages and messages[-1]["status"] == status:
                 return messages[-1]
             await asyncio.sleep(0.02)

@@ -4,7 +4,6 @@
   process on a free 127.0.0.1 port with a fresh SQLite file, so the load and
   the server never share an interpreter and the server's CPU and memory can be
   read from ``/proc``.
-- :class:`Gateway`: a thin aiohttp client for the HTTP contract (API.md).
 - :func:`markdown_table`, :func:`progress`, :func:`prometheus_samples` and the
   ``/proc`` readers.
 
@@ -29,7 +28,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import percentile
@@ -37,7 +35,7 @@ from server.metrics import percentile
 __all__ = [
     "DEFAULT_ORG",
     "ROOT",
-    "Gateway",
+    "Samples",
     "ServerProcess",
     "cpu_split",
     "free_port",
@@ -240,62 +238,14 @@ class ServerProcess:
         self._tmp.cleanup()
 
 
-# -- the HTTP contract --------------------------------------------------------
+# -- metrics ------------------------------------------------------------------
+
+#: ``/metrics`` samples: {(sample name, sorted labels): value}
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-class Gateway:
-    """The calls of API.md the tools make, over one aiohttp session."""
-
-    def __init__(self, session: aiohttp.ClientSession, base: str, *, org: str = DEFAULT_ORG) -> None:
-        self.session = session
-        self.base = base.rstrip("/")
-        self.org = org
-
-    def headers(self, **extra: str) -> dict[str, str]:
-        return {"x-org-id": self.org, **extra}
-
-    async def new_thread(self, title: str = "tools") -> str:
-        async with self.session.post(f"{self.base}/api/threads/", json={"title": title},
-                                     headers=self.headers()) as resp:
-            if resp.status != 201:
-                raise RuntimeError(f"creating a thread: HTTP {resp.status} {await resp.text()}")
-            return str((await resp.json())["thread_id"])
-
-    async def thread(self, thread_id: str) -> dict[str, Any]:
-        async with self.session.get(f"{self.base}/api/threads/{thread_id}", headers=self.headers()) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"reading thread {thread_id}: HTTP {resp.status} {await resp.text()}")
-            return dict(await resp.json())
-
-    async def post(self, thread_id: str, body: dict[str, Any],
-                   headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
-        """A non-stream message: (status, JSON body)."""
-        async with self.session.post(f"{self.base}/api/threads/{thread_id}/messages", json=body,
-                                     headers=self.headers(**(headers or {}))) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-    def open_stream(self, thread_id: str, body: dict[str, Any]) -> Any:
-        """A streaming POST (the response is the SSE stream); use as ``async with``."""
-        return self.session.post(f"{self.base}/api/threads/{thread_id}/messages", json=body,
-                                 headers=self.headers(Accept="text/event-stream"))
-
-    async def performance(self, last_n: int) -> dict[str, Any]:
-        async with self.session.get(f"{self.base}/api/metrics/performance",
-                                    params={"last_n": str(max(1, last_n))}) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"/api/metrics/performance: HTTP {resp.status} {await resp.text()}")
-            return dict(await resp.json())
-
-    async def prometheus(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """``/metrics`` as {(sample name, sorted labels): value}; empty if the server has none."""
-        async with self.session.get(f"{self.base}/metrics") as resp:
-            if resp.status != 200:
-                return {}
-            return prometheus_samples(await resp.text())
-
-
-def prometheus_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+def prometheus_samples(text: str) -> Samples:
+    out: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value

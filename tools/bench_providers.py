@@ -40,6 +40,7 @@ if __package__ in (None, ""):
 
 import aiohttp
 
+from tools.client import GatewayClient
 from tools.sse import SseEvent, sse_events
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,8 @@ async def stop(proc: asyncio.subprocess.Process) -> str:
 
 class Client:
     def __init__(self, http: aiohttp.ClientSession, *, fake: str, gateway: str, kind: str, tokens: int) -> None:
-        self.http, self.fake, self.gateway, self.kind, self.tokens = http, fake, gateway, kind, tokens
+        self.http, self.fake, self.kind, self.tokens = http, fake, kind, tokens
+        self.gateway = GatewayClient(http, gateway, org=ORG)
         self.prompts = 0
 
     def prompt(self) -> str:
@@ -104,15 +106,13 @@ class Client:
         return ttft
 
     async def thread(self) -> str:
-        async with self.http.post(f"{self.gateway}/api/threads/", json={}, headers={"x-org-id": ORG}) as resp:
-            return str((await resp.json())["thread_id"])
+        return await self.gateway.new_thread("bench")
 
     async def through(self, thread_id: str, prompt: str) -> float:
         """TTFT of one streaming request through the gateway."""
         started = time.monotonic()
-        async with self.http.post(f"{self.gateway}/api/threads/{thread_id}/messages",
-                                  json={"content": prompt, "provider": self.kind, "model": "bench"},
-                                  headers={"x-org-id": ORG, "Accept": "text/event-stream"}) as resp:
+        async with self.gateway.open_stream(thread_id,
+                                            {"content": prompt, "provider": self.kind, "model": "bench"}) as resp:
             assert resp.status == 200, await resp.text()
             ttft = None
             async for ev in sse_events(resp):
