@@ -13,7 +13,7 @@ from server.providers.anthropic import DEFAULT_MAX_TOKENS
 from server.providers.mock import mock_answer
 
 from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
-from .helpers import collect, stream_failure as failure, stream_chunks as run, text_of
+from .helpers import collect, stream_chunks as run, stream_failure as failure, text_of
 
 KEY = DEFAULT_API_KEY
 

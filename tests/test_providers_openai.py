@@ -17,7 +17,7 @@ from server.providers.mock import mock_answer
 from server.providers.upstream import Timeouts
 
 from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
-from .helpers import collect, stream_failure as failure, stream_chunks as run, text_of, within
+from .helpers import collect, stream_chunks as run, stream_failure as failure, text_of, within
 
 KEY = DEFAULT_API_KEY
 
