@@ -34,7 +34,7 @@ $(NODE_STAMP): package-lock.json
 # ruff (pyflakes, isort, bugbear, pyupgrade), mypy --strict on server/, and the layers of
 # ARCHITECTURE.md as an import-linter contract (all configured in pyproject.toml)
 check: $(STAMP)
-	$(VENV)/bin/ruff check server
+	$(VENV)/bin/ruff check server tests tools
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 

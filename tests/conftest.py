@@ -11,7 +11,6 @@ from server.config import Settings
 from server.providers import ProviderRegistry, new_session
 
 from .fake_upstream import FakeUpstream
-
 from .helpers import Gateway, ManualClock, start_gateway
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]

@@ -1,4 +1,4 @@
-"""Shared test parts: a server on a real socket, a scripted provider, an SSE reader.
+"""Shared test parts: a server on a real socket, a scripted provider, SSE collection.
 
 Everything here talks to 127.0.0.1 only, and every wait has a timeout whose
 failure says what arrived.
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from server.app import make_app
@@ -21,6 +20,8 @@ from server.appkeys import METRICS, REGISTRY, STORE
 from server.config import Settings
 from server.errors import GatewayError
 from server.providers import Chunk, MockProvider, Provider, ProviderRegistry, ProviderRequest
+from tools.client import GatewayClient
+from tools.sse import SseEvent, sse_events
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -130,44 +131,12 @@ async def stream_failure(provider: Provider, request: ProviderRequest) -> tuple[
     raise AssertionError(f"the stream ended without an error after {text!r}")
 
 
-# -- SSE ----------------------------------------------------------------------
+# -- SSE (read with tools.sse) -----------------------------------------------
 
 
-@dataclass
-class Event:
-    event: str
-    data: Any
-    id: int | None = None
-
-
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Event]:
-    """Parse an SSE response into events (comments skipped)."""
-    event, data, eid = "message", [], None
-    while True:
-        raw = await resp.content.readline()
-        if not raw:
-            return
-        line = raw.decode().rstrip("\r\n")
-        if line == "":
-            if data:
-                yield Event(event, orjson.loads("\n".join(data)), eid)
-            event, data, eid = "message", [], None
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-            elif name == "id":
-                eid = int(value)
-
-
-async def collect(resp: aiohttp.ClientResponse, timeout: float = DEFAULT_TIMEOUT) -> list[Event]:
+async def collect(resp: aiohttp.ClientResponse, timeout: float = DEFAULT_TIMEOUT) -> list[SseEvent]:
     """Every event of a stream until it ends."""
-    events: list[Event] = []
+    events: list[SseEvent] = []
 
     async def run() -> None:
         async for ev in sse_events(resp):
@@ -181,27 +150,32 @@ async def collect(resp: aiohttp.ClientResponse, timeout: float = DEFAULT_TIMEOUT
     return events
 
 
-def text_of(events: list[Event]) -> str:
+def text_of(events: list[SseEvent]) -> str:
     """The answer as a client would rebuild it: deltas appended, snapshots replacing."""
     text = ""
     for ev in events:
         if ev.event == "delta":
-            text += ev.data["text"]
+            text += ev.json()["text"]
         elif ev.event == "snapshot":
-            text = ev.data["text"]
+            text = ev.json()["text"]
     return text
 
 
 # -- a gateway on a real socket ---------------------------------------------------
 
 
-@dataclass
-class Gateway:
-    url: str
-    app: web.Application
-    runner: web.AppRunner
-    session: aiohttp.ClientSession
-    settings: Settings
+class Gateway(GatewayClient):
+    """A gateway in this process on a real socket: the shared client (org ``org_a`` unless a
+    call names another), and the app's hub, store and metrics for the tests to look into."""
+
+    def __init__(self, url: str, app: web.Application, runner: web.AppRunner, session: aiohttp.ClientSession,
+                 settings: Settings) -> None:
+        super().__init__(session, url, org="org_a")
+        self.app = app
+        self.runner = runner
+        self.settings = settings
+
+    h = GatewayClient.headers
 
     @property
     def hub(self):  # noqa: ANN201
@@ -215,41 +189,10 @@ class Gateway:
     def metrics(self):  # noqa: ANN201
         return self.app[METRICS]
 
-    def h(self, org: str = "org_a", **extra: str) -> dict[str, str]:
-        return {"x-org-id": org, **extra}
-
-    async def new_thread(self, org: str = "org_a", title: str = "test") -> str:
-        async with self.session.post(f"{self.url}/api/threads/", json={"title": title},
-                                     headers=self.h(org)) as resp:
-            assert resp.status == 201, await resp.text()
-            return (await resp.json())["thread_id"]
-
-    async def thread(self, thread_id: str, org: str = "org_a") -> dict[str, Any]:
-        async with self.session.get(f"{self.url}/api/threads/{thread_id}", headers=self.h(org)) as resp:
-            assert resp.status == 200, await resp.text()
-            return await resp.json()
-
-    async def post(self, thread_id: str, body: dict[str, Any], *, org: str = "org_a",
-                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        """A non-stream message; returns (status, JSON body)."""
-
-        async def send() -> tuple[int, Any]:
-            async with self.session.post(f"{self.url}/api/threads/{thread_id}/messages", json=body,
-                                         headers={**self.h(org), **(headers or {})}) as resp:
-                return resp.status, await resp.json(content_type=None)
-
-        return await within(send(), what="POST messages")
-
-    def open_stream(self, thread_id: str, body: dict[str, Any], *, org: str = "org_a",
-                    headers: dict[str, str] | None = None) -> Any:
-        """A streaming POST (mode 2); use as ``async with``."""
-        return self.session.post(f"{self.url}/api/threads/{thread_id}/messages", json=body,
-                                 headers={**self.h(org), "Accept": "text/event-stream", **(headers or {})})
-
-    async def performance(self, last_n: int = 1000) -> dict[str, Any]:
-        async with self.session.get(f"{self.url}/api/metrics/performance?last_n={last_n}") as resp:
-            assert resp.status == 200
-            return await resp.json()
+    async def post(self, thread_id: str, body: dict[str, Any], *, org: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        """A non-stream message, within the default timeout; returns (status, JSON body)."""
+        return await within(super().post(thread_id, body, org=org, headers=headers), what="POST messages")
 
     async def close(self) -> None:
         await self.session.close()

@@ -206,8 +206,8 @@ async def test_sse_stream_done_matches_stored_message(gateway) -> None:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         events = await collect(resp)
     stored = (await gateway.thread(tid))["messages"][-1]
-    assert events[-1].data["message"] == stored
-    assert events[0].data["user_message_id"] == (await gateway.thread(tid))["messages"][0]["message_id"]
+    assert events[-1].json()["message"] == stored
+    assert events[0].json()["user_message_id"] == (await gateway.thread(tid))["messages"][0]["message_id"]
 
 
 async def test_idle_stream_gets_keepalive_comments(gateway_factory) -> None:

@@ -9,9 +9,10 @@ import asyncio
 from typing import Any
 
 from server.errors import UpstreamError
+from tools.sse import sse_events
 
 from .conftest import GatewayFactory
-from .helpers import Gateway, ManualClock, ScriptedProvider, collect, registry, sse_events, text_of, within
+from .helpers import Gateway, ManualClock, ScriptedProvider, collect, registry, text_of, within
 from .workload import scrape
 
 
@@ -71,10 +72,10 @@ async def test_a_cache_hit_streams_the_whole_answer_again(gateway_factory: Gatew
 
     async with gw.open_stream(thread, ask("Stream it back")) as resp:
         events = await collect(resp)
-    assert events[0].event == "meta" and events[0].data["coalesce"] == "cache"
-    assert events[0].data["stream_id"] == first["message"]["message_id"]
+    assert events[0].event == "meta" and events[0].json()["coalesce"] == "cache"
+    assert events[0].json()["stream_id"] == first["message"]["message_id"]
     assert text_of(events) == "one two three"
-    assert events[-1].event == "done" and events[-1].data["message"] == first["message"]
+    assert events[-1].event == "done" and events[-1].json()["message"] == first["message"]
 
     # mode 3: the 202 names the finished stream, which answers at once
     async with gw.session.post(f"{gw.url}/api/threads/{thread}/messages",
@@ -99,7 +100,7 @@ async def test_no_cache_asks_again_but_still_joins_a_running_flight(gateway_fact
     call = await provider.next_call()
     async with gw.open_stream(thread, ask("Fresh please"), headers=no_cache) as resp:
         follower_meta = await within(anext(sse_events(resp)), what="the follower's meta")
-        assert follower_meta.data["coalesce"] == "follower"
+        assert follower_meta.json()["coalesce"] == "follower"
         call.send("new")
         call.finish()
         await within(resp.read(), what="the follower's stream to end")

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 import pytest
 
 from server.eventlog import EventLog, encode_event
+from tools.sse import EventDecoder
 
 from .helpers import within
 
 
 def parse(frames: list[bytes]) -> list[tuple[str, int | None, dict]]:
-    out = []
-    for frame in b"".join(frames).split(b"\n\n"):
-        if not frame:
-            continue
-        fields = dict(line.split(b": ", 1) for line in frame.split(b"\n"))
-        eid = int(fields[b"id"]) if b"id" in fields else None
-        out.append((fields[b"event"].decode(), eid, orjson.loads(fields[b"data"])))
-    return out
+    return [(ev.event, ev.id, ev.json()) for ev in EventDecoder().feed(b"".join(frames))]
 
 
 def test_encode_event_is_sse() -> None:

@@ -12,8 +12,9 @@ from server.appkeys import PROVIDERS
 from server.errors import UpstreamError
 from server.providers import MockProvider
 from server.providers.mock import mock_answer
+from tools.sse import SseEvent, sse_events
 
-from .helpers import Event, ManualClock, ScriptedProvider, collect, registry, sse_events, text_of, within
+from .helpers import ManualClock, ScriptedProvider, collect, registry, text_of, within
 
 
 def body(content: str = "What is DAC?", **extra: Any) -> dict[str, Any]:
@@ -26,7 +27,7 @@ class Stream:
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self.resp = resp
-        self.events: list[Event] = []
+        self.events: list[SseEvent] = []
         self.changed = asyncio.Event()
         self.task = asyncio.create_task(self._read())
 
@@ -45,7 +46,7 @@ class Stream:
         except AssertionError:
             raise AssertionError(f"{what}; events so far: {self.events!r}") from None
 
-    async def finish(self) -> list[Event]:
+    async def finish(self) -> list[SseEvent]:
         await within(self.task, 10, "the stream to end")
         return self.events
 
@@ -73,7 +74,7 @@ async def wait_status(gw: Any, thread_id: str, status: str, org: str = "org_a") 
     """Poll the thread until its assistant message reaches ``status`` (bounded)."""
     async def poll() -> dict[str, Any]:
         while True:
-            messages = (await gw.thread(thread_id, org))["messages"]
+            messages = (await gw.thread(thread_id, org=org))["messages"]
             if messages and messages[-1]["status"] == status:
                 return messages[-1]
             await asyncio.sleep(0.02)
@@ -128,8 +129,8 @@ async def test_twenty_streams_joining_mid_stream_all_get_the_full_text(gateway_f
         assert [e.id for e in deltas] == [1, 2, 3, 4, 5]
         assert s.text == expected
         assert s.events[-1].event == "done"
-        assert s.events[-1].data["message"]["content"] == expected
-    assert [s.events[0].data["coalesce"] for s in streams].count("leader") == 1
+        assert s.events[-1].json()["message"]["content"] == expected
+    assert [s.events[0].json()["coalesce"] for s in streams].count("leader") == 1
     assert len(scripted.calls) == 1
     messages = (await gw.thread(tid))["messages"]
     assert len(messages) == 2 and messages[1]["content"] == expected
@@ -231,7 +232,7 @@ async def test_resume_with_last_event_id_and_finished_stream_from_store(gateway_
     call = await scripted.next_call()
     call.send("a", "b", "c", "d")
     await s.until(lambda evs: len(evs) >= 5, "four deltas")
-    stream_id = s.events[0].data["stream_id"]
+    stream_id = s.events[0].json()["stream_id"]
     url = f"{gw.url}/api/streams/{stream_id}"
     # a second client resumes after event 2 while the flight runs
     async with gw.session.get(url, headers={**gw.h(), "Last-Event-ID": "2"}) as resp:
@@ -242,16 +243,16 @@ async def test_resume_with_last_event_id_and_finished_stream_from_store(gateway_
         call.finish()
         events = await resumed.finish()
     assert [(e.event, e.id) for e in events] == [("meta", None), ("delta", 3), ("delta", 4), ("delta", 5), ("done", 6)]
-    assert "".join(e.data["text"] for e in events if e.event == "delta") == "cde"
+    assert "".join(e.json()["text"] for e in events if e.event == "delta") == "cde"
     await s.finish()
     # ?last_event_id= works the same for clients that cannot set headers; once the
     # flight is gone, the stream is answered from the store
     async with gw.session.get(f"{url}?org=org_a&last_event_id=5") as resp:
         events = await collect(resp)
     assert [(e.event, e.id) for e in events] == [("meta", None), ("done", 6)]  # done keeps its id
-    assert events[0].data["user_message_id"] == s.events[0].data["user_message_id"]
-    assert events[-1].data["message"]["content"] == "abcde"
-    assert events[-1].data["message"]["status"] == "complete"
+    assert events[0].json()["user_message_id"] == s.events[0].json()["user_message_id"]
+    assert events[-1].json()["message"]["content"] == "abcde"
+    assert events[-1].json()["message"]["status"] == "complete"
 
 
 async def test_unknown_or_foreign_stream_is_404_json(gateway_factory) -> None:
@@ -262,7 +263,7 @@ async def test_unknown_or_foreign_stream_is_404_json(gateway_factory) -> None:
         assert (await resp.json())["error"]["type"] == "not_found"
     tid = await gw.new_thread()
     [s] = await open_streams(gw, tid, 1)
-    stream_id = s.events[0].data["stream_id"]
+    stream_id = s.events[0].json()["stream_id"]
     async with gw.session.get(f"{gw.url}/api/streams/{stream_id}?org=org_b") as resp:
         assert resp.status == 404
     call = await scripted.next_call()
@@ -309,8 +310,8 @@ async def test_stream_gets_error_event_and_partial_text_is_kept(gateway_factory)
     async with gw.open_stream(tid, {"content": "cut", "model": "mock:ttft=0,itl=0,n=10,failat=4"}) as resp:
         events = await collect(resp)
     assert [e.event for e in events] == ["meta", "delta", "delta", "delta", "delta", "error"]
-    assert events[-1].data["error"]["type"] == "upstream_error"
-    assert events[-1].data["error"]["retryable"] is True
+    assert events[-1].json()["error"]["type"] == "upstream_error"
+    assert events[-1].json()["error"]["retryable"] is True
     message = (await gw.thread(tid))["messages"][-1]
     assert message["status"] == "error"
     assert message["content"] == "".join(mock_answer("cut", 10)[:4])
@@ -334,7 +335,7 @@ async def test_fanout_disabled_gives_each_stream_its_own_call(gateway_factory) -
     tid = await gw.new_thread()
     payload = {"content": "same", "model": "mock:ttft=50,itl=1,n=3"}
 
-    async def stream() -> list[Event]:
+    async def stream() -> list[SseEvent]:
         async with gw.open_stream(tid, payload) as resp:
             return await collect(resp)
 
@@ -358,7 +359,7 @@ async def test_stream_mode_3_accepted_then_event_source(gateway_factory) -> None
     assert accepted["stream_url"].startswith(f"/api/streams/{accepted['stream_id']}?org=org_a&attach=")
     async with gw.session.get(gw.url + accepted["stream_url"]) as resp:  # no header, like EventSource
         events = await collect(resp)
-    assert events[0].data["stream_id"] == accepted["stream_id"]
+    assert events[0].json()["stream_id"] == accepted["stream_id"]
     assert text_of(events) == "".join(mock_answer("hello", 6))
     assert events[-1].event == "done"
 
@@ -386,7 +387,7 @@ async def test_a_listener_joining_during_the_grace_keeps_the_flight(gateway_fact
     a.leave()
     await within(_listeners(gw, 0), 5, "the first listener to leave")
     [b] = await open_streams(gw, tid, 1)  # within the grace
-    assert b.events[0].data["coalesce"] == "follower"
+    assert b.events[0].json()["coalesce"] == "follower"
     await asyncio.sleep(0.4)  # past the grace: the flight must still run
     assert not call.closed.is_set()
     call.send("kept")
@@ -407,7 +408,7 @@ async def test_subscriber_behind_the_ring_gets_a_snapshot_then_tails(gateway_fac
     [late] = await open_streams(gw, tid, 1)  # deltas 1-3 are gone from the ring
     await late.until(lambda evs: len(evs) >= 2, "the snapshot")
     assert (late.events[1].event, late.events[1].id) == ("snapshot", 6)
-    assert late.events[1].data["text"] == "t1 t2 t3 t4 t5 t6 "
+    assert late.events[1].json()["text"] == "t1 t2 t3 t4 t5 t6 "
     call.send("t7")
     call.finish()
     await late.finish()
@@ -486,7 +487,7 @@ async def test_stream_and_stream_url_while_waiting_for_a_provider_slot(gateway_f
         third.send("three")
         third.finish()
         rest = await collect(queued)
-    assert text_of(events) == "two" and events[0].data["stream_id"] == accepted["stream_id"]
+    assert text_of(events) == "two" and events[0].json()["stream_id"] == accepted["stream_id"]
     assert text_of(rest) == "three"
     await within(first)
 
@@ -503,7 +504,7 @@ async def test_a_deleted_threads_running_stream_is_not_kept_after_it_ends(gatewa
     call.finish()
     await s.finish()
     assert s.text == "late"  # the listener still got its answer
-    async with gw.session.get(f"{gw.url}/api/streams/{s.events[0].data['stream_id']}?org=org_a") as resp:
+    async with gw.session.get(f"{gw.url}/api/streams/{s.events[0].json()['stream_id']}?org=org_a") as resp:
         assert resp.status == 404
 
 
@@ -592,7 +593,7 @@ async def test_a_stream_url_whose_flight_ended_before_its_rows_answers_its_error
         assert resp.status == 200
         events = await collect(resp)
     assert [e.event for e in events] == ["meta", "error"]
-    assert events[-1].data["error"]["type"] == "cancelled"
+    assert events[-1].json()["error"]["type"] == "cancelled"
     call.finish()
     await within(busy)
     assert [m["content"] for m in (await gw.thread(tid))["messages"]] == ["first", ""]  # nothing of it stored

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .helpers import sse_events, within
+from tools.sse import sse_events
+
+from .helpers import within
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,8 +52,8 @@ async def test_sigterm_tells_listeners_and_saves_the_turn(tmp_path: Path) -> Non
 
                 await within(read(), 20, "the stream to end after SIGTERM")
         assert events[-1].event == "error", events
-        assert events[-1].data["error"]["type"] == "shutting_down"
-        assert events[-1].data["error"]["retryable"] is True
+        assert events[-1].json()["error"]["type"] == "shutting_down"
+        assert events[-1].json()["error"]["retryable"] is True
         assert await within(proc.wait(), 20, "the process to exit") == 0
     finally:
         if proc.returncode is None:

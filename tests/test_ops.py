@@ -62,7 +62,7 @@ async def test_ten_identical_streams_make_one_upstream_call(gateway_factory: Gat
 
     assert sorted(r.role for r in results) == ["follower"] * 9 + ["leader"]
     for r in results:
-        assert "".join(ev.data["text"] for ev in r.events if ev.event == "delta") == ANSWER
+        assert "".join(ev.json()["text"] for ev in r.events if ev.event == "delta") == ANSWER
         assert r.events[-1].event == "done"
     assert len(provider.calls) == 1
 

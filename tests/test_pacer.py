@@ -39,7 +39,7 @@ async def test_at_most_limit_calls_and_the_rest_in_arrival_order() -> None:
     assert pacer.snapshot()["p"] == {"limit": 2, "running": 2, "waiting": 3}
     for done, then in (("b", "c"), ("a", "d"), ("c", "e")):
         gates[done].set()
-        await wait_until(lambda: then in log, f"{then} to get a slot")
+        await wait_until(lambda then=then: then in log, f"{then} to get a slot")
     for gate in gates.values():
         gate.set()
     await within(asyncio.gather(*tasks))
@@ -122,9 +122,9 @@ async def test_two_slots_and_five_flights_never_run_more_than_two_calls(
         body = {"content": prompt, "provider": provider, "model": "m"}
         posts.append(asyncio.create_task(gw.post(tid, body)))
         if i < 2:
-            await wait_until(lambda: len(fake.calls) == i + 1, f"call {i} to reach the fake")
+            await wait_until(lambda i=i: len(fake.calls) == i + 1, f"call {i} to reach the fake")
         else:
-            await wait_until(lambda: pacer.snapshot()[provider]["waiting"] == i - 1, f"flight {i} to queue")
+            await wait_until(lambda i=i: pacer.snapshot()[provider]["waiting"] == i - 1, f"flight {i} to queue")
     assert fake.active == 2 and len(fake.calls) == 2
     assert pacer.snapshot()[provider] == {"limit": 2, "running": 2, "waiting": 3}
     # the queued flights wrote nothing yet: the thread holds the two running turns only
@@ -132,7 +132,7 @@ async def test_two_slots_and_five_flights_never_run_more_than_two_calls(
     for i in range(5):
         fake.calls[i].release()
         if i + 2 < 5:
-            await wait_until(lambda: len(fake.calls) == i + 3, f"call {i + 2} to start")
+            await wait_until(lambda i=i: len(fake.calls) == i + 3, f"call {i + 2} to start")
             assert fake.active <= 2
     results = await within(asyncio.gather(*posts), 20, "five answers")
     assert [status for status, _ in results] == [200] * 5
@@ -173,7 +173,7 @@ async def test_a_full_queue_past_its_timeout_answers_503_and_writes_nothing(
     async with gw.session.get(gw.url + accepted["stream_url"]) as resp:
         events = await collect(resp)
     assert [e.event for e in events] == ["meta", "error"]
-    assert events[-1].data["error"]["type"] == "queue_full" and events[-1].data["error"]["retryable"]
+    assert events[-1].json()["error"]["type"] == "queue_full" and events[-1].json()["error"]["retryable"]
     messages = (await gw.thread(tid))["messages"]
     assert [m["content"] for m in messages] == ["first", ""]  # only the running turn
 

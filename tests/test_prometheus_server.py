@@ -293,8 +293,9 @@ async def test_real_prometheus_evaluates_every_dashboard_query(
 
         for phase in ("one", "two"):
             requests = await mixed_workload(gw, provider, thread, phase)
-            local = await scrape_until(gw, lambda s: s.value("dac_coalesce_total") >= requests * (
-                1 if phase == "one" else 2), f"phase {phase} recorded")
+            total = requests * (1 if phase == "one" else 2)
+            local = await scrape_until(gw, lambda s, total=total: s.value("dac_coalesce_total") >= total,
+                                       f"phase {phase} recorded")
             await prom.sees("sum(dac_coalesce_total)", local.value("dac_coalesce_total"))
             await prom.sees("sum(dac_cancels_total)", local.value("dac_cancels_total"))
 

@@ -114,7 +114,7 @@ async def test_streamed_text_is_the_stored_text(backend: Backend) -> None:
     stored = (await gw.thread(backend.tid))["messages"]
     assert [(m["role"], m["status"]) for m in stored] == [("user", "complete"), ("assistant", "complete")]
     assert stored[1]["content"] == EXPECTED
-    assert events[-1].data["message"] == stored[1]
+    assert events[-1].json()["message"] == stored[1]
     assert stored[1]["usage"]["completion_tokens"] == N
     # a non-stream request gives the same answer for the same prompt elsewhere
     other = await gw.new_thread()
@@ -128,7 +128,7 @@ async def test_upstream_failure_is_an_error_event_and_a_stored_error(backend: Ba
     async with gw.open_stream(backend.tid, backend.body("fail")) as resp:
         events = await collect(resp)
     assert [e.event for e in events] == ["meta", "error"]
-    error = events[-1].data["error"]
+    error = events[-1].json()["error"]
     assert error["type"] == "upstream_error" and error["retryable"] is True
     stored = (await gw.thread(backend.tid))["messages"][-1]
     assert stored["status"] == "error" and stored["content"] == ""
@@ -145,7 +145,7 @@ async def test_a_cut_stream_ends_in_error_and_keeps_the_partial_text(backend: Ba
     partial = "".join(mock_answer(PROMPT, N)[:3])
     assert [e.event for e in events] == ["meta", "delta", "delta", "delta", "error"]
     assert text_of(events) == partial
-    assert events[-1].data["error"]["type"] == "upstream_error"
+    assert events[-1].json()["error"]["type"] == "upstream_error"
     stored = (await gw.thread(backend.tid))["messages"][-1]
     assert (stored["status"], stored["content"]) == ("error", partial)
     # the failed answer is not part of the conversation sent next time
@@ -173,7 +173,7 @@ async def test_fifty_identical_requests_make_one_upstream_call(backend: Backend)
     assert backend.calls == 1
     assert {s.text for s in streams} == {EXPECTED}
     assert {r["message"]["content"] for _, r in results} == {EXPECTED}
-    roles = [s.events[0].data["coalesce"] for s in streams] + [r["coalesce"] for _, r in results]
+    roles = [s.events[0].json()["coalesce"] for s in streams] + [r["coalesce"] for _, r in results]
     assert roles.count("leader") == 1
     if backend.name != "mock":
         assert roles.count("follower") == 49  # all joined the running flight, none came late

@@ -13,7 +13,7 @@ from server.providers.anthropic import DEFAULT_MAX_TOKENS
 from server.providers.mock import mock_answer
 
 from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
-from .helpers import collect, stream_failure as failure, stream_chunks as run, text_of
+from .helpers import collect, stream_chunks as run, stream_failure as failure, text_of
 
 KEY = DEFAULT_API_KEY
 
@@ -126,7 +126,7 @@ async def test_a_stream_through_the_gateway_keeps_text_usage_and_a_cut(
     fake.script(Script(n=5))
     async with gw.open_stream(tid, {"content": "tell me", "provider": "anthropic"}) as resp:
         events = await collect(resp)
-    message = events[-1].data["message"]
+    message = events[-1].json()["message"]
     assert text_of(events) == message["content"] == "".join(mock_answer("tell me", 5))
     assert message["model"] == "claude-3-5-haiku-latest"  # the built-in default
     assert message["usage"]["completion_tokens"] == 5 and message["usage"]["prompt_tokens"] == 2

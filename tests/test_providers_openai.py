@@ -17,7 +17,7 @@ from server.providers.mock import mock_answer
 from server.providers.upstream import Timeouts
 
 from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
-from .helpers import collect, stream_failure as failure, stream_chunks as run, text_of, within
+from .helpers import collect, stream_chunks as run, stream_failure as failure, text_of, within
 
 KEY = DEFAULT_API_KEY
 
@@ -132,7 +132,7 @@ async def test_perplexity_extras_land_in_meta_and_usage_on_the_message(
                                     "reason": "research", "scope": "team"}) as resp:
         events = await collect(resp)
     assert fake.calls[0].path == "/chat/completions"
-    message = events[-1].data["message"]
+    message = events[-1].json()["message"]
     assert text_of(events) == message["content"] == "".join(mock_answer("news?", 4))
     assert message["meta"] == {"reason": "research", "scope": "team", "citations": citations,
                                "search_results": results, "finish_reason": "stop"}
@@ -157,7 +157,7 @@ async def test_a_missing_first_token_ends_in_upstream_timeout_and_closes_the_cal
     async with gw.open_stream(tid, {"content": "hi", "provider": "openai"}) as resp:
         events = await collect(resp)
     assert events[-1].event == "error"
-    error = events[-1].data["error"]
+    error = events[-1].json()["error"]
     assert error["type"] == "upstream_timeout" and error["retryable"] is True
     assert "no first token within 0.3s" in error["message"]
     call = fake.calls[0]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .helpers import ScriptedProvider, collect, registry, sse_events, text_of, within
+from tools.sse import sse_events
+
+from .helpers import ScriptedProvider, collect, registry, text_of, within
 
 #: long enough that only the Stop call, not the grace or the attach timeout, can explain an abort
 SLOW = {"cancel_grace_s": 30.0, "attach_timeout_s": 30.0}
@@ -26,7 +28,7 @@ async def meta_of(resp: Any) -> dict[str, Any]:
     events = sse_events(resp)
     first = await within(events.__anext__(), 5, "the meta event")
     assert first.event == "meta"
-    return first.data
+    return first.json()
 
 
 async def final_message(gw: Any, tid: str) -> dict[str, Any]:
@@ -51,7 +53,7 @@ async def test_stop_of_the_last_listener_aborts_the_upstream_at_once(gateway_fac
     accept = await accepted(gw, tid)
     async with gw.session.get(gw.url + accept["stream_url"]) as stream:
         events = sse_events(stream)
-        meta = (await within(events.__anext__(), 5, "the meta event")).data
+        meta = (await within(events.__anext__(), 5, "the meta event")).json()
         call = await scripted.next_call()
         call.send("partial")
         assert (await within(events.__anext__(), 5, "the delta")).event == "delta"

@@ -206,12 +206,12 @@ def test_validate_says_when_it_cannot_reach_the_server() -> None:
     assert "cannot run against" in out.stderr
 
 
-# -- tools/bench.py and tools/bench_fanout.py -------------------------------------------
+# -- python -m tools.bench and tools/bench_fanout.py ------------------------------------
 
 
 def test_bench_quick_measures_every_section(tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
-    out = run([sys.executable, "tools/bench.py", "--quick", "--json", str(path)])
+    out = run([sys.executable, "-m", "tools.bench", "--quick", "--json", str(path)])
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads(path.read_text())
     assert set(report["sections"]) == {"1", "2", "3", "4", "5", "6"}

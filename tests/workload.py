@@ -17,8 +17,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.errors import UpstreamError
+from tools.sse import SseEvent, sse_events
 
-from .helpers import DEFAULT_TIMEOUT, Event, Gateway, ScriptedProvider, sse_events, within
+from .helpers import DEFAULT_TIMEOUT, Gateway, ScriptedProvider, within
 
 #: the answer every coalesced workload streams
 TOKENS = ("Coalesced", " answers", " arrive", " once.")
@@ -95,7 +96,7 @@ def roles_recorded(n: int) -> Callable[[Scrape], bool]:
 @dataclass
 class StreamResult:
     meta: dict[str, Any]
-    events: list[Event]
+    events: list[SseEvent]
 
     @property
     def role(self) -> str:
@@ -116,11 +117,11 @@ async def coalesced_streams(gw: Gateway, provider: ScriptedProvider, thread_id: 
             events = sse_events(resp)
             meta = await within(anext(events), what="the meta event")
             assert meta.event == "meta", meta
-            attached.append(meta.data)
+            attached.append(meta.json())
             if len(attached) == n:
                 all_attached.set()
             rest = [ev async for ev in events]
-            return StreamResult(meta.data, rest)
+            return StreamResult(meta.json(), rest)
 
     tasks = [asyncio.ensure_future(client()) for _ in range(n)]
     try:
@@ -151,7 +152,7 @@ async def abandoned_stream(gw: Gateway, provider: ScriptedProvider, thread_id: s
         assert resp.status == 200, await resp.text()
         events = sse_events(resp)
         meta = await within(anext(events), what="the meta event")
-        flight = gw.hub.stream(meta.data["stream_id"])
+        flight = gw.hub.stream(meta.json()["stream_id"])
         assert flight is not None
         call = await provider.next_call()
         call.send("partial")

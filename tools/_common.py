@@ -4,8 +4,6 @@
   process on a free 127.0.0.1 port with a fresh SQLite file, so the load and
   the server never share an interpreter and the server's CPU and memory can be
   read from ``/proc``.
-- :class:`Gateway`: a thin aiohttp client for the HTTP contract (API.md).
-- :func:`sse_events`: an SSE reader that stamps each event with its arrival time.
 - :func:`markdown_table`, :func:`progress`, :func:`prometheus_samples` and the
   ``/proc`` readers.
 
@@ -26,13 +24,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import percentile
@@ -40,9 +35,8 @@ from server.metrics import percentile
 __all__ = [
     "DEFAULT_ORG",
     "ROOT",
-    "Gateway",
+    "Samples",
     "ServerProcess",
-    "SseEvent",
     "cpu_split",
     "free_port",
     "http_open",
@@ -56,7 +50,6 @@ __all__ = [
     "progress",
     "prometheus_samples",
     "raise_open_files",
-    "sse_events",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,102 +238,14 @@ class ServerProcess:
         self._tmp.cleanup()
 
 
-# -- the HTTP contract --------------------------------------------------------
+# -- metrics ------------------------------------------------------------------
+
+#: ``/metrics`` samples: {(sample name, sorted labels): value}
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-@dataclass(slots=True)
-class SseEvent:
-    event: str
-    data: bytes
-    id: int | None
-    #: time.monotonic() when the event's blank line arrived
-    at: float
-
-    def json(self) -> Any:
-        return orjson.loads(self.data)
-
-
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
-    """The events of an SSE response as they arrive; comments (``: ping``) are skipped."""
-    event, data, eid = "message", b"", None
-    monotonic = time.monotonic
-    readline = resp.content.readline
-    while True:
-        line = await readline()
-        if not line:
-            return
-        line = line.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield SseEvent(event, data, eid, monotonic())
-            event, data, eid = "message", b"", None
-        elif line[0] == 0x3A:  # ':' comment
-            continue
-        else:
-            name, _, value = line.partition(b":")
-            if value[:1] == b" ":
-                value = value[1:]
-            if name == b"data":
-                data = value if not data else data + b"\n" + value
-            elif name == b"event":
-                event = value.decode()
-            elif name == b"id":
-                eid = int(value)
-
-
-class Gateway:
-    """The calls of API.md the tools make, over one aiohttp session."""
-
-    def __init__(self, session: aiohttp.ClientSession, base: str, *, org: str = DEFAULT_ORG) -> None:
-        self.session = session
-        self.base = base.rstrip("/")
-        self.org = org
-
-    def headers(self, **extra: str) -> dict[str, str]:
-        return {"x-org-id": self.org, **extra}
-
-    async def new_thread(self, title: str = "tools") -> str:
-        async with self.session.post(f"{self.base}/api/threads/", json={"title": title},
-                                     headers=self.headers()) as resp:
-            if resp.status != 201:
-                raise RuntimeError(f"creating a thread: HTTP {resp.status} {await resp.text()}")
-            return str((await resp.json())["thread_id"])
-
-    async def thread(self, thread_id: str) -> dict[str, Any]:
-        async with self.session.get(f"{self.base}/api/threads/{thread_id}", headers=self.headers()) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"reading thread {thread_id}: HTTP {resp.status} {await resp.text()}")
-            return dict(await resp.json())
-
-    async def post(self, thread_id: str, body: dict[str, Any],
-                   headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
-        """A non-stream message: (status, JSON body)."""
-        async with self.session.post(f"{self.base}/api/threads/{thread_id}/messages", json=body,
-                                     headers=self.headers(**(headers or {}))) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-    def open_stream(self, thread_id: str, body: dict[str, Any]) -> Any:
-        """A streaming POST (the response is the SSE stream); use as ``async with``."""
-        return self.session.post(f"{self.base}/api/threads/{thread_id}/messages", json=body,
-                                 headers=self.headers(Accept="text/event-stream"))
-
-    async def performance(self, last_n: int) -> dict[str, Any]:
-        async with self.session.get(f"{self.base}/api/metrics/performance",
-                                    params={"last_n": str(max(1, last_n))}) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"/api/metrics/performance: HTTP {resp.status} {await resp.text()}")
-            return dict(await resp.json())
-
-    async def prometheus(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """``/metrics`` as {(sample name, sorted labels): value}; empty if the server has none."""
-        async with self.session.get(f"{self.base}/metrics") as resp:
-            if resp.status != 200:
-                return {}
-            return prometheus_samples(await resp.text())
-
-
-def prometheus_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+def prometheus_samples(text: str) -> Samples:
+    out: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
@@ -360,7 +265,7 @@ def metric_sum(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float],
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 

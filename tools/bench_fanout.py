@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fan-out of one mock flight to 100, 500 and 1000 SSE subscribers: section 5 of tools/bench.py.
+"""Fan-out of one mock flight to 100, 500 and 1000 SSE subscribers: section 5 of ``python -m tools.bench``.
 
     tools/bench_fanout.py [--subscribers 100,500,1000] [--tokens 50] [--repeats 3] [--quick] [--json FILE]
 
@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.bench import main
+from tools.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(fanout_only=True))

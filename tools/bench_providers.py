@@ -35,7 +35,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import aiohttp
+
+from tools.client import GatewayClient
+from tools.sse import SseEvent, sse_events
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key"
@@ -70,7 +76,8 @@ async def stop(proc: asyncio.subprocess.Process) -> str:
 
 class Client:
     def __init__(self, http: aiohttp.ClientSession, *, fake: str, gateway: str, kind: str, tokens: int) -> None:
-        self.http, self.fake, self.gateway, self.kind, self.tokens = http, fake, gateway, kind, tokens
+        self.http, self.fake, self.kind, self.tokens = http, fake, kind, tokens
+        self.gateway = GatewayClient(http, gateway, org=ORG)
         self.prompts = 0
 
     def prompt(self) -> str:
@@ -83,45 +90,47 @@ class Client:
         if self.kind == "anthropic":
             url, body = f"{self.fake}/v1/messages", {"model": "bench", "messages": messages, "max_tokens": 1024,
                                                      "stream": True}
-            headers, marker = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}, b'"text_delta"'
+            headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
         else:
             url, body = f"{self.fake}/v1/chat/completions", {"model": "bench", "messages": messages, "stream": True,
                                                              "stream_options": {"include_usage": True}}
-            headers, marker = {"Authorization": f"Bearer {KEY}"}, None
-        started = time.perf_counter()
+            headers = {"Authorization": f"Bearer {KEY}"}
+        started = time.monotonic()
         async with self.http.post(url, json=body, headers=headers) as resp:
             assert resp.status == 200, await resp.text()
             ttft = None
-            async for line in resp.content:
-                if ttft is None and line.startswith(b"data: {") and (
-                        marker in line if marker else _openai_text(line)):
-                    ttft = time.perf_counter() - started
+            async for ev in sse_events(resp):
+                if ttft is None and _has_text(self.kind, ev):
+                    ttft = ev.at - started
         assert ttft is not None
         return ttft
 
     async def thread(self) -> str:
-        async with self.http.post(f"{self.gateway}/api/threads/", json={}, headers={"x-org-id": ORG}) as resp:
-            return str((await resp.json())["thread_id"])
+        return await self.gateway.new_thread("bench")
 
     async def through(self, thread_id: str, prompt: str) -> float:
         """TTFT of one streaming request through the gateway."""
-        started = time.perf_counter()
-        async with self.http.post(f"{self.gateway}/api/threads/{thread_id}/messages",
-                                  json={"content": prompt, "provider": self.kind, "model": "bench"},
-                                  headers={"x-org-id": ORG, "Accept": "text/event-stream"}) as resp:
+        started = time.monotonic()
+        async with self.gateway.open_stream(thread_id,
+                                            {"content": prompt, "provider": self.kind, "model": "bench"}) as resp:
             assert resp.status == 200, await resp.text()
             ttft = None
-            async for line in resp.content:
-                if ttft is None and line.startswith(b"event: delta"):
-                    ttft = time.perf_counter() - started
-                if line.startswith(b"event: error"):
-                    raise SystemExit(f"the gateway answered an error: {await resp.text()}")
+            async for ev in sse_events(resp):
+                if ttft is None and ev.event == "delta":
+                    ttft = ev.at - started
+                if ev.event == "error":
+                    raise SystemExit(f"the gateway answered an error: {ev.data.decode()}")
         assert ttft is not None
         return ttft
 
 
-def _openai_text(line: bytes) -> bool:
-    chunk = json.loads(line[6:])
+def _has_text(kind: str, ev: SseEvent) -> bool:
+    """Whether an upstream event carries a piece of the answer (OpenAI's ``[DONE]`` does not)."""
+    if not ev.data.startswith(b"{"):
+        return False
+    chunk = ev.json()
+    if kind == "anthropic":
+        return (chunk.get("delta") or {}).get("type") == "text_delta"
     return any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or ())
 
 

@@ -46,15 +46,15 @@ import orjson
 
 from tools._common import (
     DEFAULT_ORG,
-    Gateway,
     ServerProcess,
     markdown_table,
     metric_sum,
     ms,
     percentile,
     progress,
-    sse_events,
 )
+from tools.client import GatewayClient
+from tools.sse import sse_events
 
 DEFAULT_BASE = "http://127.0.0.1:8000"
 DEFAULT_PROVIDER = "mock"
@@ -124,7 +124,7 @@ def pct(value: float) -> str:
 
 
 class Validator:
-    def __init__(self, *, gateway: Gateway, provider: str, model: str, duration_s: float,
+    def __init__(self, *, gateway: GatewayClient, provider: str, model: str, duration_s: float,
                  cancel_trials: int) -> None:
         self.gw = gateway
         self.provider = provider
@@ -149,10 +149,10 @@ class Validator:
         return result
 
     async def probe(self) -> None:
-        async with self.gw.session.get(f"{self.gw.base}/readyz") as resp:
+        async with self.gw.session.get(f"{self.gw.url}/readyz") as resp:
             if resp.status != 200:
-                raise RuntimeError(f"{self.gw.base}/readyz answered {resp.status}")
-        async with self.gw.session.get(f"{self.gw.base}/metrics") as resp:
+                raise RuntimeError(f"{self.gw.url}/readyz answered {resp.status}")
+        async with self.gw.session.get(f"{self.gw.url}/metrics") as resp:
             text = await resp.text() if resp.status == 200 else ""
         self.has_upstream_counter = "dac_upstream_calls" in text
         self.has_cancel_histogram = "dac_cancel_latency_seconds" in text
@@ -172,7 +172,7 @@ class Validator:
         outcomes: list[tuple[int, Any, float]] = []
         remaining = iter(range(BURST_REQUESTS))
         async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
-            burst_gw = Gateway(session, self.gw.base, org=self.gw.org)
+            burst_gw = GatewayClient(session, self.gw.url, org=self.gw.org)
 
             async def connection() -> None:
                 # Like autocannon -c 10 -a 50: ten connections, each sending its next request when answered.
@@ -458,7 +458,7 @@ async def run(args: argparse.Namespace) -> tuple[Validator, float]:
     connector = aiohttp.TCPConnector(limit=200)
     async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
         validator = Validator(
-            gateway=Gateway(session, args.base, org=args.org), provider=args.provider, model=args.model,
+            gateway=GatewayClient(session, args.base, org=args.org), provider=args.provider, model=args.model,
             duration_s=args.duration, cancel_trials=args.cancel_trials,
         )
         await validator.probe()
