@@ -29,7 +29,7 @@ HOLD_S = 0.05
 
 async def test_health_and_readiness(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory()
-    for path, expected in (("/healthz", {"status": "ok"}), ("/readyz", {"status": "ready"})):
+    for path, expected in (("/healthz", {"status": "ok"}), ("/readyz", {"status": "ready", "store": "sqlite"})):
         async with gw.session.get(gw.url + path) as resp:
             assert resp.status == 200
             assert await resp.json() == expected
