@@ -30,6 +30,7 @@ the versions recorded.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POOL_SIZE = 10
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
+#: how long close() waits for the queries in progress
+CLOSE_TIMEOUT_S = 10.0
 #: the setting the URL comes from, named in every failure to open
 SETTING = "DAC_DATABASE_URL"
 
@@ -211,6 +214,9 @@ class PostgresStore:
     async def open(self) -> None:
         """Connect, migrate, then mark rows left ``streaming`` as ``interrupted``.
 
+        With several instances on one database that includes the answers other
+        live instances are streaming; their ``finish_turn`` still lands.
+
         Fails with :class:`StoreOpenError` naming ``DAC_DATABASE_URL`` when the URL
         is wrong or the server does not answer within the connect timeout.
         """
@@ -241,9 +247,16 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
+        """Wait for the queries in progress (at most :data:`CLOSE_TIMEOUT_S`), then disconnect."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await pool.close()
+        except TimeoutError:
+            log.warning("PostgreSQL queries still running after %g s at close: cut", CLOSE_TIMEOUT_S)
+            pool.terminate()
 
     @property
     def _p(self) -> asyncpg.Pool[asyncpg.Record]:
