@@ -92,14 +92,19 @@ async def test_port_and_settings_from_the_environment(tmp_path: Path) -> None:
     assert (tmp_path / "env.db").exists()
 
 
-async def test_a_bad_setting_stops_the_start_with_its_name(tmp_path: Path) -> None:
+async def failed_start(env: dict[str, str]) -> tuple[int | None, bytes]:
+    """Start ``python -m server`` with ``env`` added, expecting it to stop: its status and output."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", cwd=ROOT,
-        env={**os.environ, "COALESCE_ENABLED": "maybe", "DAC_DB": str(tmp_path / "x.db")},
+        sys.executable, "-m", "server", "--port", "0", cwd=ROOT, env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await within(proc.communicate(), 20)
-    assert proc.returncode == 2
+    out, _ = await within(proc.communicate(), 20, "the process to stop")
+    return proc.returncode, out
+
+
+async def test_a_bad_setting_stops_the_start_with_its_name(tmp_path: Path) -> None:
+    status, out = await failed_start({"COALESCE_ENABLED": "maybe", "DAC_DB": str(tmp_path / "x.db")})
+    assert status == 2
     assert b"COALESCE_ENABLED must be 0 or 1" in out
 
 
@@ -110,13 +115,8 @@ async def test_a_database_that_does_not_answer_stops_the_start_naming_the_settin
     for url, expected in ((f"postgresql://dac:s3cret@127.0.0.1:{port}/dac", b"cannot connect to PostgreSQL"),
                           ("mysql://dac:s3cret@127.0.0.1/dac", b"must start with postgresql:// or postgres://")):
         started = time.perf_counter()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", "--port", "0", cwd=ROOT,
-            env={**os.environ, "DAC_DATABASE_URL": url, "DAC_DB": str(tmp_path / "unused.db")},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await within(proc.communicate(), 20, "the process to stop")
-        assert proc.returncode == 2, out
+        status, out = await failed_start({"DAC_DATABASE_URL": url, "DAC_DB": str(tmp_path / "unused.db")})
+        assert status == 2, out
         assert b"error: DAC_DATABASE_URL" in out and expected in out, out
         assert b"s3cret" not in out and b"listening" not in out
         assert time.perf_counter() - started < 10
