@@ -15,6 +15,7 @@ import uvloop
 from .app import serve
 from .config import Settings
 from .providers import ProviderConfigError
+from .store import StoreOpenError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 1
-    except ProviderConfigError as exc:
+    except (ProviderConfigError, StoreOpenError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

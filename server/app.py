@@ -1,7 +1,8 @@
 """The aiohttp application: the composition of every layer.
 
-This module picks the implementations behind the seams (the SQLite store, the
-in-process hub) and mounts the routes; nothing imports it but ``__main__``.
+This module picks the implementations behind the seams (the store: PostgreSQL
+when ``DAC_DATABASE_URL`` is set, else SQLite; the in-process hub) and mounts
+the routes; nothing imports it but ``__main__``.
 Resources live in one ``cleanup_ctx`` generator under typed ``web.AppKey``s:
 the store opens before the first request and closes after the last flight
 has been saved; ``on_shutdown`` tells listeners and cancels flights first.
@@ -24,12 +25,14 @@ from .flight import Clock
 from .hub import Hub
 from .metrics import Metrics
 from .pacer import Pacer
+from .pg_store import PostgresStore
 from .providers import ProviderRegistry, build_registry
 from .routes import api, openai_compat, ops
 from .sqlite_store import SQLiteStore
+from .store import Store
 from .turns import TurnService
 
-__all__ = ["make_app", "serve"]
+__all__ = ["build_store", "make_app", "serve"]
 
 log = logging.getLogger("server")
 
@@ -38,12 +41,23 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 
+def build_store(settings: Settings) -> Store:
+    """PostgreSQL when ``DAC_DATABASE_URL`` is set, else SQLite at ``DAC_DB``; not opened yet."""
+    if settings.database_url:
+        return PostgresStore(settings.database_url, pool_size=settings.database_pool_size)
+    return SQLiteStore(settings.db_path)
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     if PROVIDERS not in app:  # first: a bad providers setting stops the start before the store opens
         app[PROVIDERS] = await build_registry(settings)
-    store = SQLiteStore(settings.db_path)
-    await store.open()
+    store = build_store(settings)
+    try:
+        await store.open()
+    except BaseException:
+        await app[PROVIDERS].aclose()
+        raise
     app[STORE] = store
     app[PACER] = Pacer(queue_timeout_s=settings.queue_timeout_s)
     hub = Hub(settings=settings, store=store, pacer=app[PACER], metrics=app[METRICS], clock=app[CLOCK])
@@ -110,7 +124,7 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
     if announce:
         for address in runner.addresses:
             host, port = address[0], address[1]
-            print(f"DAC gateway listening on http://{host}:{port} (db {settings.db_path})", flush=True)
+            print(f"DAC gateway listening on http://{host}:{port} (db {settings.database})", flush=True)
     try:
         await stop.wait()
     finally:

@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["Settings"]
+__all__ = ["DATABASE_SCHEMES", "Settings", "redact_url"]
+
+#: the URL schemes of ``DAC_DATABASE_URL`` (both name PostgreSQL, as libpq accepts)
+DATABASE_SCHEMES = ("postgresql", "postgres")
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -38,11 +42,42 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     return value
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, fit for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
+def _database_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("DAC_DATABASE_URL", "").strip()
+    if not raw:
+        return None
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as exc:
+        raise ValueError(f"DAC_DATABASE_URL is not a valid URL ({exc}): {redact_url(raw)!r}") from None
+    if parts.scheme not in DATABASE_SCHEMES:
+        raise ValueError(f"DAC_DATABASE_URL must start with postgresql:// or postgres://, not {redact_url(raw)!r}")
+    return raw
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     db_path: str = "./data/dac.db"
+    #: ``postgresql://...``: threads and messages on PostgreSQL; None: SQLite at ``db_path``
+    database_url: str | None = None
+    #: PostgreSQL connections one process keeps at most
+    database_pool_size: int = 10
     coalesce_enabled: bool = True
     stream_fanout_enabled: bool = True
     #: how long a failed flight answers identical requests with its error
@@ -83,6 +118,8 @@ class Settings:
             host=env.get("DAC_HOST") or d.host,
             port=int(_number(env, "DAC_PORT", d.port)),
             db_path=env.get("DAC_DB") or d.db_path,
+            database_url=_database_url(env),
+            database_pool_size=int(_number(env, "DAC_DATABASE_POOL_SIZE", d.database_pool_size, minimum=1)),
             coalesce_enabled=_flag(env, "COALESCE_ENABLED", d.coalesce_enabled),
             stream_fanout_enabled=_flag(env, "STREAM_FANOUT_ENABLED", d.stream_fanout_enabled),
             error_ttl_s=_number(env, "DAC_ERROR_TTL_S", d.error_ttl_s),
@@ -102,6 +139,11 @@ class Settings:
             perf_window=int(_number(env, "DAC_PERF_WINDOW", d.perf_window, minimum=1)),
             env=env,
         )
+
+    @property
+    def database(self) -> str:
+        """Where threads are kept, for messages: the PostgreSQL URL without its password, or the SQLite file."""
+        return redact_url(self.database_url) if self.database_url else self.db_path
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]

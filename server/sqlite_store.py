@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterable
+import sqlite3
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,7 +23,18 @@ import aiosqlite
 import orjson
 
 from .states import MessageStatus
-from .store import ChatMessage, Message, StoredAnswer, Thread, new_id, now_iso
+from .store import (
+    MESSAGE_COLUMNS,
+    ChatMessage,
+    Message,
+    StoredAnswer,
+    StoreOpenError,
+    Thread,
+    conversation,
+    message_from_row,
+    new_id,
+    now_iso,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -53,27 +65,6 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (thread_id, seq);
 """
 
-_MESSAGE_COLUMNS = (
-    "message_id, thread_id, role, content, status, provider, model, created_at, usage, meta"
-)
-
-
-def _message(row: Iterable[Any]) -> Message:
-    message_id, thread_id, role, content, status, provider, model, created_at, usage, meta = row
-    return {
-        "message_id": message_id,
-        "thread_id": thread_id,
-        "role": role,
-        "content": content,
-        "status": MessageStatus(status),
-        "provider": provider,
-        "model": model,
-        "created_at": created_at,
-        "usage": orjson.loads(usage) if usage else None,
-        "meta": orjson.loads(meta) if meta else {},
-    }
-
-
 class SQLiteStore:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -82,7 +73,18 @@ class SQLiteStore:
         # Guards the writer connection: one write transaction at a time.
         self._write_lock = asyncio.Lock()
 
+    @property
+    def engine(self) -> str:
+        return "sqlite"
+
     async def open(self) -> None:
+        try:
+            await self._open()
+        except (OSError, sqlite3.Error) as exc:
+            await self.close()
+            raise StoreOpenError(f"DAC_DB: cannot use the SQLite file {self.path}: {exc}") from exc
+
+    async def _open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         self._writer = await aiosqlite.connect(self.path, isolation_level=None)
@@ -172,43 +174,27 @@ class SQLiteStore:
 
     async def messages(self, org_id: str, thread_id: str) -> list[Message]:
         async with self._r.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE org_id = ? AND thread_id = ? ORDER BY seq",
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE org_id = ? AND thread_id = ? ORDER BY seq",
             (org_id, thread_id),
         ) as cur:
             rows = await cur.fetchall()
-        return [_message(row) for row in rows]
+        return [message_from_row(row) for row in rows]
 
     async def history(self, org_id: str, thread_id: str) -> list[ChatMessage]:
-        """The conversation to send upstream, oldest first.
-
-        Cancelled, failed and interrupted assistant answers are left out, and
-        so are user messages whose answer never completed.
-        """
-        messages = await self.messages(org_id, thread_id)
-        convo: list[ChatMessage] = []
-        for i, m in enumerate(messages):
-            if m["role"] == "assistant":
-                if m["status"] == "complete":
-                    convo.append({"role": "assistant", "content": m["content"]})
-                continue
-            answer = messages[i + 1] if i + 1 < len(messages) else None
-            if answer is not None and answer["role"] == "assistant" and answer["status"] != "complete":
-                continue
-            convo.append({"role": "user", "content": m["content"]})
-        return convo
+        return conversation(await self.messages(org_id, thread_id))
 
     async def get_message(self, org_id: str, message_id: str) -> Message | None:
         async with self._r.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE org_id = ? AND message_id = ?",
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE org_id = ? AND message_id = ?",
             (org_id, message_id),
         ) as cur:
             row = await cur.fetchone()
-        return None if row is None else _message(row)
+        return None if row is None else message_from_row(row)
 
     async def get_answer(self, org_id: str, message_id: str) -> StoredAnswer | None:
         """An assistant message, the id of the user message it answers, and its delta count."""
         async with self._r.execute(
-            f"SELECT {_MESSAGE_COLUMNS}, deltas, (SELECT u.message_id FROM messages u"
+            f"SELECT {MESSAGE_COLUMNS}, deltas, (SELECT u.message_id FROM messages u"
             " WHERE u.thread_id = m.thread_id AND u.seq < m.seq AND u.role = 'user'"
             " ORDER BY u.seq DESC LIMIT 1) FROM messages m"
             " WHERE m.org_id = ? AND m.message_id = ? AND m.role = 'assistant'",
@@ -217,7 +203,7 @@ class SQLiteStore:
             row = await cur.fetchone()
         if row is None:
             return None
-        return StoredAnswer(_message(row[:10]), row[11], int(row[10]))
+        return StoredAnswer(message_from_row(row), row[11], int(row[10]))
 
     async def begin_turn(self, *, org_id: str, user: Message, assistant: Message) -> None:
         """Insert the user message and the ``streaming`` assistant message together."""

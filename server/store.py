@@ -1,9 +1,9 @@
 """The ``Store`` seam: threads and messages, whatever the database.
 
-:class:`Store` is the protocol every backend implements (SQLite today, in
-:mod:`server.sqlite_store`; PostgreSQL beside it later), and this module holds
-the types it speaks in. The flight and the HTTP layer use only this protocol;
-``app.py`` picks the implementation.
+:class:`Store` is the protocol every backend implements (SQLite in
+:mod:`server.sqlite_store`, PostgreSQL in :mod:`server.pg_store`), and this
+module holds the types it speaks in and the rules they share. The flight and
+the HTTP layer use only this protocol; ``app.py`` picks the implementation.
 
 The guarantees every implementation gives, and one behavioural suite checks:
 
@@ -15,23 +15,33 @@ The guarantees every implementation gives, and one behavioural suite checks:
 - **Read your writes.** A read that starts after a write returned sees it.
 - **Nothing stays streaming.** :meth:`Store.open` marks any row left
   ``streaming`` by a process that died as ``interrupted``.
+- **One order.** Messages come back oldest first, in the order their turns were
+  written (a turn's two rows side by side); threads newest first.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Protocol, TypedDict
+
+import orjson
 
 from .states import MessageStatus
 
 __all__ = [
+    "MESSAGE_COLUMNS",
     "ChatMessage",
     "Message",
     "Store",
+    "StoreOpenError",
     "StoredAnswer",
     "Thread",
+    "conversation",
     "draft_turn",
+    "iso_time",
+    "message_from_row",
     "new_id",
     "now_iso",
 ]
@@ -73,8 +83,16 @@ class StoredAnswer(NamedTuple):
     deltas: int
 
 
+class StoreOpenError(RuntimeError):
+    """:meth:`Store.open` cannot use the database; the message names the setting to fix."""
+
+
 class Store(Protocol):
     """Threads and messages. Each method states what it promises beyond the module's rules."""
+
+    @property
+    def engine(self) -> str:
+        """The database behind the store, as ``/readyz`` reports it: ``"sqlite"`` or ``"postgresql"``."""
 
     @property
     def is_open(self) -> bool:
@@ -83,7 +101,8 @@ class Store(Protocol):
     async def open(self) -> None:
         """Create or migrate the schema, then mark rows left ``streaming`` as ``interrupted``.
 
-        Raises when the database cannot be used; nothing is served before it returns.
+        Raises :class:`StoreOpenError` when the database cannot be used; nothing is
+        served before it returns.
         """
 
     async def close(self) -> None:
@@ -128,8 +147,54 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def iso_time(moment: datetime) -> str:
+    """A time as messages and threads carry it: UTC, milliseconds, ``Z``."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_time(datetime.now(UTC))
+
+
+#: the columns :func:`message_from_row` reads, in its order
+MESSAGE_COLUMNS = "message_id, thread_id, role, content, status, provider, model, created_at, usage, meta"
+
+
+def message_from_row(row: Iterable[Any]) -> Message:
+    """A stored message from a row that starts with :data:`MESSAGE_COLUMNS`: ``usage`` and
+    ``meta`` as JSON text, ``created_at`` as contract text or a ``datetime``."""
+    message_id, thread_id, role, content, status, provider, model, created_at, usage, meta = tuple(row)[:10]
+    return {
+        "message_id": message_id,
+        "thread_id": thread_id,
+        "role": role,
+        "content": content,
+        "status": MessageStatus(status),
+        "provider": provider,
+        "model": model,
+        "created_at": created_at if isinstance(created_at, str) else iso_time(created_at),
+        "usage": orjson.loads(usage) if usage else None,
+        "meta": orjson.loads(meta) if meta else {},
+    }
+
+
+def conversation(messages: list[Message]) -> list[ChatMessage]:
+    """The conversation a thread's messages (oldest first) send upstream, for :meth:`Store.history`.
+
+    Completed answers and the questions they answer; a cancelled, failed or
+    interrupted answer is left out, and so is the question it failed to answer.
+    """
+    convo: list[ChatMessage] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            if m["status"] == MessageStatus.COMPLETE:
+                convo.append({"role": "assistant", "content": m["content"]})
+            continue
+        answer = messages[i + 1] if i + 1 < len(messages) else None
+        if answer is not None and answer["role"] == "assistant" and answer["status"] != MessageStatus.COMPLETE:
+            continue
+        convo.append({"role": "user", "content": m["content"]})
+    return convo
 
 
 def draft_turn(

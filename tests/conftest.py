@@ -10,6 +10,7 @@ import pytest
 from server.config import Settings
 from server.providers import ProviderRegistry, new_session
 
+from .engines import postgres  # noqa: F401  (a fixture)
 from .fake_upstream import FakeUpstream
 from .helpers import Gateway, ManualClock, start_gateway
 
@@ -17,8 +18,23 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
-    """Start gateways on 127.0.0.1 with a fresh SQLite file each; all closed at the end.
+def engine(request: pytest.FixtureRequest) -> str:
+    """The store engine behind the test's gateways: ``sqlite``, or each one under ``@on_every_engine``."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def database_url(engine: str, request: pytest.FixtureRequest) -> str | None:
+    """None for SQLite; for PostgreSQL, a URL whose schema is the test's own."""
+    if engine == "sqlite":
+        return None
+    return request.getfixturevalue("postgres").new_url()
+
+
+@pytest.fixture
+async def gateway_factory(tmp_path: Path, database_url: str | None) -> AsyncIterator[GatewayFactory]:
+    """Start gateways on 127.0.0.1 with a fresh SQLite file each (or, under
+    ``@on_every_engine``, on PostgreSQL, sharing the test's schema); all closed at the end.
 
     ``await gateway_factory(providers=registry(...), coalesce_enabled=False, ...)``:
     keyword arguments other than ``providers``, ``db_path`` and ``clock`` (a
@@ -29,6 +45,7 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     async def make(providers: ProviderRegistry | None = None, db_path: str | None = None,
                    clock: ManualClock | None = None, **settings: Any) -> Gateway:
         base = Settings.from_env({})
+        settings = {"database_url": database_url, **settings}
         s = base.with_(db_path=db_path or str(tmp_path / f"dac{len(started)}.db"), **settings)
         gw = await start_gateway(s, providers, clock=clock)
         started.append(gw)

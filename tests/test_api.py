@@ -7,11 +7,13 @@ from typing import Any
 
 from server.providers import MockProvider
 
+from .engines import on_every_engine
 from .helpers import ManualClock, ScriptedProvider, collect, registry, within
 
 FAST = "mock:ttft=0,itl=0,n=4"
 
 
+@on_every_engine
 async def test_thread_lifecycle_and_listing_newest_first(gateway) -> None:
     a = await gateway.new_thread(title="first")
     b = await gateway.new_thread(title="second")
@@ -45,6 +47,7 @@ async def test_thread_title_defaults_and_is_validated(gateway) -> None:
         assert "title" in (await resp.json())["error"]["message"]
 
 
+@on_every_engine
 async def test_orgs_see_only_their_own_threads(gateway) -> None:
     mine = await gateway.new_thread(org="org_a")
     async with gateway.session.get(f"{gateway.url}/api/threads/", headers=gateway.h("org_b")) as resp:
@@ -103,6 +106,7 @@ async def test_unknown_route_and_method_answer_json(gateway) -> None:
         assert resp.status == 405 and (await resp.json())["error"]["type"] == "method_not_allowed"
 
 
+@on_every_engine
 async def test_same_prompt_twice_is_served_from_cache(gateway_factory) -> None:
     mock = MockProvider()
     gw = await gateway_factory(providers=registry(mock))
@@ -161,6 +165,7 @@ async def test_idempotency_key_is_the_coalesce_key(gateway_factory) -> None:
     assert mock.calls == 2
 
 
+@on_every_engine
 async def test_history_is_sent_upstream_without_failed_answers(gateway_factory) -> None:
     scripted = ScriptedProvider()
     gw = await gateway_factory(providers=registry(scripted))
@@ -200,6 +205,7 @@ async def test_health_and_readiness(gateway) -> None:
             assert resp.status == 200
 
 
+@on_every_engine
 async def test_sse_stream_done_matches_stored_message(gateway) -> None:
     tid = await gateway.new_thread()
     async with gateway.open_stream(tid, {"content": "store me", "model": FAST}) as resp:

@@ -14,6 +14,7 @@ from server.providers import MockProvider
 from server.providers.mock import mock_answer
 from tools.sse import SseEvent, sse_events
 
+from .engines import on_every_engine
 from .helpers import ManualClock, ScriptedProvider, collect, registry, text_of, within
 
 
@@ -81,6 +82,7 @@ async def wait_status(gw: Any, thread_id: str, status: str, org: str = "org_a") 
     return await within(poll(), 5, f"assistant message to become {status!r}")
 
 
+@on_every_engine
 async def test_burst_of_50_identical_posts_makes_one_call_and_two_messages(gateway_factory) -> None:
     mock = MockProvider()
     gw = await gateway_factory(providers=registry(mock))
@@ -224,6 +226,7 @@ async def test_non_stream_client_disconnect_cancels_upstream(gateway_factory) ->
     await wait_status(gw, tid, "cancelled")
 
 
+@on_every_engine
 async def test_resume_with_last_event_id_and_finished_stream_from_store(gateway_factory) -> None:
     scripted = ScriptedProvider()
     gw = await gateway_factory(providers=registry(scripted), result_ttl_s=0.0)
@@ -347,6 +350,7 @@ async def test_fanout_disabled_gives_each_stream_its_own_call(gateway_factory) -
     assert mock.calls == 5 and {s for s, _ in results2} == {200}
 
 
+@on_every_engine
 async def test_stream_mode_3_accepted_then_event_source(gateway_factory) -> None:
     gw = await gateway_factory()
     tid = await gw.new_thread()

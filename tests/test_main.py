@@ -6,14 +6,18 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
 from tools.sse import sse_events
 
+from .engines import PostgresServer
 from .helpers import within
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +30,18 @@ async def start_server(db: Path, *args: str, env: dict[str, str] | None = None) 
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None
-    line = (await within(proc.stdout.readline(), 20, "the listening line")).decode()
-    match = re.search(r"listening on (http://\S+)", line)
-    assert match, line
+    seen = ""  # log lines (a migration applied, say) may come first
+
+    async def listening() -> re.Match[str] | None:
+        nonlocal seen
+        while line := (await proc.stdout.readline()).decode():  # type: ignore[union-attr]
+            seen += line
+            if match := re.search(r"listening on (http://\S+)", line):
+                return match
+        return None
+
+    match = await within(listening(), 20, "the listening line")
+    assert match, seen
     return proc, match.group(1)
 
 
@@ -81,12 +94,62 @@ async def test_port_and_settings_from_the_environment(tmp_path: Path) -> None:
     assert (tmp_path / "env.db").exists()
 
 
-async def test_a_bad_setting_stops_the_start_with_its_name(tmp_path: Path) -> None:
+async def failed_start(env: dict[str, str]) -> tuple[int | None, bytes]:
+    """Start ``python -m server`` with ``env`` added, expecting it to stop: its status and output."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", cwd=ROOT,
-        env={**os.environ, "COALESCE_ENABLED": "maybe", "DAC_DB": str(tmp_path / "x.db")},
+        sys.executable, "-m", "server", "--port", "0", cwd=ROOT, env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await within(proc.communicate(), 20)
-    assert proc.returncode == 2
+    out, _ = await within(proc.communicate(), 20, "the process to stop")
+    return proc.returncode, out
+
+
+async def test_a_bad_setting_stops_the_start_with_its_name(tmp_path: Path) -> None:
+    status, out = await failed_start({"COALESCE_ENABLED": "maybe", "DAC_DB": str(tmp_path / "x.db")})
+    assert status == 2
     assert b"COALESCE_ENABLED must be 0 or 1" in out
+
+
+async def test_a_database_that_does_not_answer_stops_the_start_naming_the_setting(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a local port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for url, expected in ((f"postgresql://dac:s3cret@127.0.0.1:{port}/dac", b"cannot connect to PostgreSQL"),
+                          ("mysql://dac:s3cret@127.0.0.1/dac", b"must start with postgresql:// or postgres://")):
+        started = time.perf_counter()
+        status, out = await failed_start({"DAC_DATABASE_URL": url, "DAC_DB": str(tmp_path / "unused.db")})
+        assert status == 2, out
+        assert b"error: DAC_DATABASE_URL" in out and expected in out, out
+        assert b"s3cret" not in out and b"listening" not in out
+        assert time.perf_counter() - started < 10
+    assert not (tmp_path / "unused.db").exists()
+
+
+async def test_the_gateway_runs_on_postgresql(tmp_path: Path, postgres: PostgresServer) -> None:
+    schema = postgres.new_schema()
+    url = postgres.url_for(schema)
+    proc, base = await start_server(tmp_path / "unused.db", env={"DAC_DATABASE_URL": url})
+    assert base.startswith("http://127.0.0.1:")
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/readyz") as resp:
+                assert await resp.json() == {"status": "ready", "store": "postgresql"}
+            h = {"x-org-id": "org_a"}
+            async with http.post(f"{base}/api/threads/", json={}, headers=h) as resp:
+                tid = (await resp.json())["thread_id"]
+            async with http.post(f"{base}/api/threads/{tid}/messages", headers=h,
+                                 json={"content": "hi", "model": "mock:ttft=0,itl=0,n=3"}) as resp:
+                assert resp.status == 200, await resp.text()
+        proc.send_signal(signal.SIGINT)
+        assert await within(proc.wait(), 20, "the process to exit") == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert not (tmp_path / "unused.db").exists()
+    conn = await within(asyncpg.connect(postgres.url, timeout=5))
+    try:
+        rows = await conn.fetch(f'SELECT role, status FROM "{schema}".messages ORDER BY seq')
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("user", "complete"), ("assistant", "complete")]

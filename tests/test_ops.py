@@ -12,6 +12,7 @@ from server.appkeys import PACER
 from server.errors import UpstreamError
 
 from .conftest import GatewayFactory
+from .engines import on_every_engine
 from .helpers import ScriptedProvider, registry, within
 from .workload import (
     ANSWER,
@@ -27,9 +28,10 @@ from .workload import (
 HOLD_S = 0.05
 
 
-async def test_health_and_readiness(gateway_factory: GatewayFactory) -> None:
+@on_every_engine
+async def test_health_and_readiness(gateway_factory: GatewayFactory, engine: str) -> None:
     gw = await gateway_factory()
-    for path, expected in (("/healthz", {"status": "ok"}), ("/readyz", {"status": "ready"})):
+    for path, expected in (("/healthz", {"status": "ok"}), ("/readyz", {"status": "ready", "store": engine})):
         async with gw.session.get(gw.url + path) as resp:
             assert resp.status == 200
             assert await resp.json() == expected

@@ -1,16 +1,31 @@
-"""The SQLite store: WAL, turns in one transaction, org scoping, restart recovery."""
+"""The Store's promises, checked on every engine: SQLite and PostgreSQL.
+
+Each test runs once per engine (the ``engine`` fixture below), on a database of
+its own: a temporary SQLite file, or a fresh PostgreSQL schema. The checks that
+only make sense for one engine follow the suite (WAL here, migrations and the
+pool in test_pg_store.py).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from server.sqlite_store import SQLiteStore as Store
+from server.app import build_store
+from server.config import Settings
+from server.sqlite_store import SQLiteStore
 from server.states import MessageStatus
-from server.store import Message, draft_turn
+from server.store import Message, Store, StoreOpenError, draft_turn
+
+from .engines import ENGINES
+from .helpers import within
+
+NewStore = Callable[[], Store]
 
 
 async def begin(store: Store, *, org_id: str, thread_id: str, content: str = "x",
@@ -18,21 +33,39 @@ async def begin(store: Store, *, org_id: str, thread_id: str, content: str = "x"
     """Draft a turn and write its two rows, as a flight does."""
     user, assistant = draft_turn(thread_id=thread_id, content=content, provider="mock", model="mock",
                                  meta=meta or {})
-    await store.begin_turn(org_id=org_id, user=user, assistant=assistant)
+    await within(store.begin_turn(org_id=org_id, user=user, assistant=assistant), what="begin_turn")
     return user, assistant
 
 
+async def finish(store: Store, assistant: Message, status: MessageStatus, content: str = "answer", *,
+                 usage: dict[str, Any] | None = None, meta: dict[str, Any] | None = None, deltas: int = 0) -> None:
+    await within(store.finish_turn(message_id=assistant["message_id"], status=status, content=content,
+                                   usage=usage, meta=meta or {}, deltas=deltas), what="finish_turn")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def store(tmp_path: Path):
-    s = Store(str(tmp_path / "sub" / "dac.db"))
-    await s.open()
+def new_store(tmp_path: Path, database_url: str | None) -> NewStore:
+    """Stores on the test's database, as the settings pick them, not yet opened:
+    each one is what another process (or a restart) would see."""
+    settings = Settings.from_env({}).with_(db_path=str(tmp_path / "sub" / "dac.db"), database_url=database_url)
+    return lambda: build_store(settings)
+
+
+@pytest.fixture
+async def store(new_store: NewStore) -> AsyncIterator[Store]:
+    s = new_store()
+    await within(s.open(), what="the store to open")
     yield s
-    await s.close()
+    await within(s.close(), what="the store to close")
 
 
-async def test_creates_its_folder_and_uses_wal(store: Store) -> None:
-    with sqlite3.connect(store.path) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+async def test_each_engine_names_itself(store: Store, engine: str) -> None:
+    assert store.engine == engine and store.is_open
 
 
 async def test_turn_rows_are_written_together_and_scoped_by_org(store: Store) -> None:
@@ -40,46 +73,179 @@ async def test_turn_rows_are_written_together_and_scoped_by_org(store: Store) ->
     user, assistant = await begin(store, org_id="org_a", thread_id=t["thread_id"], content="hi",
                                   meta={"reason": "r"})
     assert (user["role"], assistant["status"]) == ("user", "streaming")
-    await store.finish_turn(message_id=assistant["message_id"], status=MessageStatus.COMPLETE, content="hello",
-                            usage={"total_tokens": 3}, meta={"reason": "r", "citations": ["u"]})
+    assert [m["status"] for m in await store.messages("org_a", t["thread_id"])] == ["complete", "streaming"]
+    await finish(store, assistant, MessageStatus.COMPLETE, "hello", usage={"total_tokens": 3},
+                 meta={"reason": "r", "citations": ["u"]})
     messages = await store.messages("org_a", t["thread_id"])
     assert [(m["role"], m["status"], m["content"]) for m in messages] == [
         ("user", "complete", "hi"), ("assistant", "complete", "hello")]
+    assert messages[0] == user
     assert messages[1]["usage"] == {"total_tokens": 3}
     assert messages[1]["meta"]["citations"] == ["u"]
+    assert await store.get_message("org_a", assistant["message_id"]) == messages[1]
     assert await store.messages("org_b", t["thread_id"]) == []
+    assert await store.history("org_b", t["thread_id"]) == []
     assert await store.get_thread("org_b", t["thread_id"]) is None
     assert await store.get_message("org_b", assistant["message_id"]) is None
+    assert await store.get_answer("org_b", assistant["message_id"]) is None
+    assert await store.count_messages("org_b", t["thread_id"]) == 0
 
 
 async def test_a_turn_on_a_foreign_or_missing_thread_writes_nothing(store: Store) -> None:
     t = await store.create_thread("org_a", "t")
     for org, thread in (("org_b", t["thread_id"]), ("org_a", "thr_missing")):
+        user, assistant = draft_turn(thread_id=thread, content="x", provider="mock", model="mock", meta={})
         with pytest.raises(LookupError):
-            await begin(store, org_id=org, thread_id=thread)
-    with sqlite3.connect(store.path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+            await within(store.begin_turn(org_id=org, user=user, assistant=assistant))
+        for reader in ("org_a", "org_b"):
+            assert await store.get_message(reader, user["message_id"]) is None
+            assert await store.get_message(reader, assistant["message_id"]) is None
+            assert await store.count_messages(reader, thread) == 0
 
 
-async def test_restart_leaves_no_message_streaming(tmp_path: Path) -> None:
-    path = str(tmp_path / "dac.db")
-    first = Store(path)
-    await first.open()
+async def test_threads_are_listed_newest_first_per_org(store: Store) -> None:
+    made = [await store.create_thread("org_a", f"t{i}") for i in range(5)]  # several share a millisecond
+    await store.create_thread("org_b", "theirs")
+    listed = await store.list_threads("org_a")
+    assert listed == made[::-1]
+    assert await store.list_threads("org_a", limit=2) == [made[4], made[3]]
+    assert await store.get_thread("org_a", made[0]["thread_id"]) == made[0]
+    assert [t["title"] for t in await store.list_threads("org_b")] == ["theirs"]
+    assert await store.list_threads("org_c") == []
+
+
+async def test_messages_come_oldest_first_and_history_keeps_only_completed_turns(store: Store) -> None:
+    t = (await store.create_thread("org_a", "t"))["thread_id"]
+    outcomes = [MessageStatus.COMPLETE, MessageStatus.ERROR, MessageStatus.CANCELLED, MessageStatus.INTERRUPTED,
+                MessageStatus.COMPLETE]
+    for i, status in enumerate(outcomes):
+        _, assistant = await begin(store, org_id="org_a", thread_id=t, content=f"q{i}")
+        await finish(store, assistant, status, f"a{i}")
+    await begin(store, org_id="org_a", thread_id=t, content="q5")  # still streaming
+    messages = await store.messages("org_a", t)
+    assert [m["content"] for m in messages] == [x for i in range(5) for x in (f"q{i}", f"a{i}")] + ["q5", ""]
+    assert await store.count_messages("org_a", t) == 12
+    assert await store.history("org_a", t) == [
+        {"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"},
+        {"role": "user", "content": "q4"}, {"role": "assistant", "content": "a4"}]
+
+
+async def test_an_answer_names_its_question_and_its_stream_length(store: Store) -> None:
+    t = (await store.create_thread("org_a", "t"))["thread_id"]
+    first_user, first = await begin(store, org_id="org_a", thread_id=t, content="one")
+    second_user, second = await begin(store, org_id="org_a", thread_id=t, content="two")
+    await finish(store, first, MessageStatus.COMPLETE, "1", deltas=7)
+    found = await store.get_answer("org_a", first["message_id"])
+    assert found is not None
+    assert (found.user_message_id, found.deltas, found.message["content"]) == (first_user["message_id"], 7, "1")
+    found = await store.get_answer("org_a", second["message_id"])
+    assert found is not None and found.user_message_id == second_user["message_id"]
+    assert found.message["status"] == "streaming" and found.deltas == 0
+    assert await store.get_answer("org_a", first_user["message_id"]) is None  # a question is not an answer
+
+
+async def test_turns_written_at_once_on_one_thread_keep_their_rows_side_by_side(store: Store) -> None:
+    t = (await store.create_thread("org_a", "t"))["thread_id"]
+    turns = await within(asyncio.gather(*[begin(store, org_id="org_a", thread_id=t, content=f"q{i}")
+                                          for i in range(20)]), what="20 turns at once")
+    messages = await store.messages("org_a", t)
+    pairs = [(messages[i]["message_id"], messages[i + 1]["message_id"]) for i in range(0, len(messages), 2)]
+    assert sorted(pairs) == sorted((u["message_id"], a["message_id"]) for u, a in turns)
+    for _, assistant in turns:
+        found = await store.get_answer("org_a", assistant["message_id"])
+        assert found is not None and found.message["content"] == ""
+
+
+async def test_text_and_json_read_back_as_written(store: Store) -> None:
+    t = await store.create_thread("org_a", "Ünïcødé ✓ 日本語")
+    content = "emoji 🦜, quotes ' \" \\, newline\n" + "x" * 200_000
+    meta = {"z": 1, "a": [1.5, None, True], "nested": {"k": "v"}, "reason": "r", "big": 2**53, "nul": "\u0000"}
+    usage = {"prompt_tokens": 10, "completion_tokens": 5}
+    _, assistant = await begin(store, org_id="org_a", thread_id=t["thread_id"], content=content, meta=meta)
+    await finish(store, assistant, MessageStatus.COMPLETE, content[::-1], usage=usage, meta=meta, deltas=3)
+    user, answer = await store.messages("org_a", t["thread_id"])
+    assert (await store.get_thread("org_a", t["thread_id"])) == t
+    assert user["content"] == content and answer["content"] == content[::-1]
+    assert answer["meta"] == meta and list(answer["meta"]) == list(meta)  # key order too
+    assert answer["usage"] == usage
+    assert answer["created_at"] == assistant["created_at"]
+
+
+async def test_a_nul_character_does_not_stop_a_turn(store: Store) -> None:
+    t = (await store.create_thread("org_a", "t"))["thread_id"]
+    _, assistant = await begin(store, org_id="org_a", thread_id=t, content="a\x00b")
+    await finish(store, assistant, MessageStatus.COMPLETE, "c\x00d")
+    user, answer = await store.messages("org_a", t)
+    # SQLite keeps U+0000; PostgreSQL's text cannot, and keeps U+FFFD in its place
+    assert user["content"] in ("a\x00b", "a\ufffdb")
+    assert (answer["status"], answer["content"]) in (("complete", "c\x00d"), ("complete", "c\ufffdd"))
+
+
+async def test_restart_leaves_no_message_streaming(new_store: NewStore) -> None:
+    first = new_store()
+    await within(first.open())
     t = await first.create_thread("org_a", "t")
+    _, done = await begin(first, org_id="org_a", thread_id=t["thread_id"])
+    await finish(first, done, MessageStatus.COMPLETE)
     _, assistant = await begin(first, org_id="org_a", thread_id=t["thread_id"])
     await first.close()  # the process died mid-flight
-    second = Store(path)
-    await second.open()
+    assert not first.is_open
+    second = new_store()
+    await within(second.open())
     try:
+        statuses = [m["status"] for m in await second.messages("org_a", t["thread_id"])]
+        assert statuses == ["complete", "complete", "complete", "interrupted"]
         message = await second.get_message("org_a", assistant["message_id"])
         assert message is not None and message["status"] == "interrupted"
     finally:
         await second.close()
 
 
+async def test_two_stores_on_one_database_see_each_others_writes(store: Store, new_store: NewStore) -> None:
+    other = new_store()
+    await within(other.open())
+    try:
+        t = await store.create_thread("org_a", "t")
+        assert await other.list_threads("org_a") == [t]
+        _, assistant = await begin(other, org_id="org_a", thread_id=t["thread_id"])
+        await finish(store, assistant, MessageStatus.COMPLETE, "from the first")
+        assert (await other.messages("org_a", t["thread_id"]))[1]["content"] == "from the first"
+        assert await other.delete_thread("org_a", t["thread_id"])
+        assert await store.get_thread("org_a", t["thread_id"]) is None
+    finally:
+        await other.close()
+
+
 async def test_deleting_a_thread_removes_its_messages(store: Store) -> None:
     t = await store.create_thread("org_a", "t")
-    await begin(store, org_id="org_a", thread_id=t["thread_id"])
+    _, assistant = await begin(store, org_id="org_a", thread_id=t["thread_id"])
     assert not await store.delete_thread("org_b", t["thread_id"])
+    assert await store.count_messages("org_a", t["thread_id"]) == 2
     assert await store.delete_thread("org_a", t["thread_id"])
     assert await store.count_messages("org_a", t["thread_id"]) == 0
+    assert await store.get_message("org_a", assistant["message_id"]) is None
+    assert await store.list_threads("org_a") == []
+    assert not await store.delete_thread("org_a", t["thread_id"])
+    with pytest.raises(LookupError):  # a turn on the deleted thread
+        await begin(store, org_id="org_a", thread_id=t["thread_id"])
+
+
+# -- SQLite only --------------------------------------------------------------
+
+
+async def test_sqlite_creates_its_folder_and_uses_wal(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "sub" / "dac.db"))
+    await within(store.open())
+    try:
+        with sqlite3.connect(store.path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        await store.close()
+
+
+async def test_sqlite_file_that_cannot_be_opened_names_dac_db(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    store = SQLiteStore(str(tmp_path / "taken" / "dac.db"))
+    with pytest.raises(StoreOpenError, match="DAC_DB"):
+        await within(store.open())
+    assert not store.is_open

@@ -23,7 +23,7 @@ async def readyz(request: web.Request) -> web.Response:
     store = request.app.get(STORE)
     if store is None or not store.is_open:
         return json_response({"status": "starting"}, status=503)
-    return json_response({"status": "ready"})
+    return json_response({"status": "ready", "store": store.engine})
 
 
 async def prometheus(request: web.Request) -> web.Response:
