@@ -42,10 +42,14 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 
 def build_store(settings: Settings) -> Store:
-    """PostgreSQL when ``DAC_DATABASE_URL`` is set, else SQLite at ``DAC_DB``; not opened yet."""
+    """PostgreSQL when ``DAC_DATABASE_URL`` is set, else SQLite at ``DAC_DB``; not opened yet.
+
+    A single instance is the only writer of its SQLite file, so that store keeps
+    its caches (no read from disk before an upstream call).
+    """
     if settings.database_url:
         return PostgresStore(settings.database_url, pool_size=settings.database_pool_size)
-    return SQLiteStore(settings.db_path)
+    return SQLiteStore(settings.db_path, cache=True)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

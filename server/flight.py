@@ -101,6 +101,9 @@ class Flight:
         self.state = FlightState.RUNNING
         self.finished = asyncio.Event()  # outcome known, log closed
         self._accepted = asyncio.Event()  # ``message`` is set (the turn's rows exist), or the flight ended
+        self._opening: asyncio.Future[None] | None = None  # the write of the turn's rows
+        self._rows_failed: GatewayError | None = None
+        self._pulling = False
         # Ids and times are fixed at once, so a stream can be named (202, stream_url)
         # and attached to while the flight still waits for a provider slot.
         self.user_message, self._draft = draft_turn(
@@ -277,12 +280,19 @@ class Flight:
                 async with self._pacer.slot(provider.name, provider.max_concurrency) as waited:
                     self.queue_wait_s = waited
                     self._metrics.queue_wait.labels(provider.name).observe(waited)
-                    messages = await self._open_turn()
+                    messages = await self._conversation()
+                    self._open_turn()  # the rows are written while the provider thinks
                     await self._pull(messages)
+                    await self._turn_opened()  # an answer ends only once its rows exist
                 status = MessageStatus.COMPLETE
             except asyncio.CancelledError:
-                cancelled = True
-                status, error = self._cancelled_outcome()
+                if self._rows_failed is not None and self.cancel_reason is None:
+                    error = self._rows_failed  # the rows could not be written: the upstream was cut
+                    if self.task is not None:
+                        self.task.uncancel()
+                else:
+                    cancelled = True
+                    status, error = self._cancelled_outcome()
             except GatewayError as exc:
                 error = exc
             except Exception as exc:  # a bug or an adapter's unexpected failure: report, don't hang
@@ -305,33 +315,54 @@ class Flight:
         late = " (nobody attached in time)" if self.cancel_reason is DropReason.ATTACH_TIMEOUT else ""
         return MessageStatus.CANCELLED, NoListeners("the request was cancelled: no client was listening" + late)
 
-    async def _open_turn(self) -> list[ChatMessage]:
-        """Write the turn's rows (nothing when stateless); returns the conversation."""
+    async def _conversation(self) -> list[ChatMessage]:
+        """What goes upstream: the request's own messages, or the thread's history (kept in
+        memory by the store where it can) plus the new user message."""
+        turn = self.turn
+        if turn.messages is not None:
+            return turn.messages
+        if turn.thread_id is None:
+            return [{"role": "user", "content": turn.content}]
+        history = await self._store.history(turn.org_id, turn.thread_id)
+        return [*history, {"role": "user", "content": turn.content}]
+
+    def _open_turn(self) -> None:
+        """Start writing the turn's rows (none when stateless: accepted at once).
+
+        The write runs beside the upstream call. If it fails, the upstream is cut
+        and the flight fails with the store's error; the write is one transaction,
+        so nothing is half-written.
+        """
         turn = self.turn
         if turn.thread_id is None:
             self._accept()
-            return turn.messages or [{"role": "user", "content": turn.content}]
-        if turn.messages is not None:
-            messages = turn.messages
-        else:
-            history = await self._store.history(turn.org_id, turn.thread_id)
-            messages = [*history, {"role": "user", "content": turn.content}]
-        insert = asyncio.ensure_future(
+            return
+        self._opening = asyncio.ensure_future(
             self._store.begin_turn(org_id=turn.org_id, user=self.user_message, assistant=self._draft))
-        try:
-            await asyncio.shield(insert)
-        except asyncio.CancelledError:
-            await insert  # the rows exist either way: record them
+        self._opening.add_done_callback(self._rows_written)
+
+    def _rows_written(self, opening: asyncio.Future[None]) -> None:
+        if opening.cancelled():
+            return
+        exc = opening.exception()
+        if exc is None:
             self._accept()
-            raise
-        except LookupError:
-            raise NotFound("thread not found (it was deleted)") from None
-        except Exception as exc:
-            log.exception("could not write the turn of thread %s", turn.thread_id)
-            raise GatewayError(f"could not save the message ({exc.__class__.__name__})",
-                               type="store_error") from None
-        self._accept()
-        return messages
+            return
+        if isinstance(exc, LookupError):
+            self._rows_failed = NotFound("thread not found (it was deleted)")
+        else:
+            log.error("could not write the turn of thread %s", self.turn.thread_id, exc_info=exc)
+            self._rows_failed = GatewayError(f"could not save the message ({exc.__class__.__name__})",
+                                             type="store_error")
+        if self._pulling and self.task is not None:
+            self.task.cancel()
+
+    async def _turn_opened(self) -> None:
+        """Wait for the turn's rows; raise what stopped them."""
+        if self._opening is not None:
+            await asyncio.wait([self._opening])
+        if self._rows_failed is not None:
+            raise self._rows_failed
 
     def _accept(self) -> None:
         self.message = self._draft
@@ -348,6 +379,7 @@ class Flight:
         request = ProviderRequest(model=turn.model, messages=messages, params=dict(turn.params))
         started = last = self.upstream_started = time.perf_counter()
         stream = provider.stream(request)
+        self._pulling = True
         try:
             async with aclosing(stream):
                 async for chunk in stream:
@@ -367,6 +399,7 @@ class Flight:
                     if chunk.meta:
                         self.extra_meta.update(chunk.meta)
         finally:
+            self._pulling = False
             if self.cancel_reason is not None and self.zero_since is not None:
                 metrics.cancel_latency.labels(provider.name).observe(time.perf_counter() - self.zero_since)
 
@@ -374,6 +407,8 @@ class Flight:
         """Save the outcome, then end the log: a client that sees ``done`` finds the row saved."""
         turn = self.turn
         provider = turn.provider.name
+        if self._opening is not None:
+            await asyncio.wait([self._opening])  # the rows exist either way once it ends: record them
         if self.message is not None:
             meta = {**self.message["meta"], **self.extra_meta}
             if error is not None and status is MessageStatus.ERROR:

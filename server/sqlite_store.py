@@ -1,8 +1,20 @@
-"""The embedded :class:`~server.store.Store`: SQLite through aiosqlite.
+"""The embedded :class:`~server.store.Store`: SQLite, one writer thread, group commit.
 
-WAL mode; one writer connection guarded by a lock, so every write
-transaction runs alone; one reader connection. Every query is scoped by
-``org_id``: another org's thread is indistinguishable from a missing one.
+WAL mode. Reads go through one aiosqlite connection. Writes go through one
+``sqlite3`` connection on its own thread, with **group commit**: every write
+asked for while the previous transaction was committing joins the next one,
+so many turns' rows share one transaction and one thread hop. Each write runs
+inside its own savepoint, so a write that fails (a foreign thread) undoes only
+its own rows and fails only its own caller; a commit that fails fails every
+caller of that transaction, and nothing of it is kept. A caller is answered
+once its transaction has committed.
+
+With ``cache`` (for a process that is the only writer of its file, as the
+single-instance default is), two caches kept coherent by the store's own
+writes: the threads seen (``get_thread``) and the conversation of recent
+threads (``history``), so a turn reads nothing from disk before its upstream
+call. Without it every read goes to the file, so several processes may share it. Every query is scoped by ``org_id``: another org's thread is
+indistinguishable from a missing one.
 
 A turn is written in one transaction: the user message and the assistant
 message (status ``streaming``) together; the assistant row is then updated
@@ -13,11 +25,13 @@ died mid-flight) becomes ``interrupted``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -30,13 +44,18 @@ from .store import (
     StoredAnswer,
     StoreOpenError,
     Thread,
-    conversation,
     message_from_row,
     new_id,
     now_iso,
 )
 
 __all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+#: threads whose conversation is kept in memory, least recently used dropped first
+HISTORY_CACHE_THREADS = 1024
+#: threads remembered as existing (thread_id -> its org and row)
+THREAD_CACHE_SIZE = 8192
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS threads (
@@ -65,13 +84,41 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (thread_id, seq);
 """
 
+class _History:
+    """The completed turns of one thread, ordered by the user message's ``seq``."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[int, str, str]]) -> None:
+        self.pairs = pairs  # (user seq, question, answer)
+
+    def add(self, seq: int, question: str, answer: str) -> None:
+        bisect.insort(self.pairs, (seq, question, answer))
+
+    def conversation(self) -> list[ChatMessage]:
+        convo: list[ChatMessage] = []
+        for _, question, answer in self.pairs:
+            convo.append({"role": "user", "content": question})
+            convo.append({"role": "assistant", "content": answer})
+        return convo
+
+
+_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+
+
 class SQLiteStore:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, cache: bool = False) -> None:
         self.path = path
-        self._writer: aiosqlite.Connection | None = None
+        self.cache = cache
         self._reader: aiosqlite.Connection | None = None
-        # Guards the writer connection: one write transaction at a time.
-        self._write_lock = asyncio.Lock()
+        self._conn: sqlite3.Connection | None = None  # the writer: used on its thread only
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="dac-sqlite-writer")
+        self._queue: list[_Write] = []
+        self._committing: asyncio.Task[None] | None = None
+        self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
+        self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
+        self._versions: dict[tuple[str, str], int] = {}  # bumped by every write a history depends on
+        self._pending: dict[str, tuple[str, str, int, str]] = {}  # assistant id -> org, thread, user seq, question
 
     @property
     def engine(self) -> str:
@@ -87,33 +134,39 @@ class SQLiteStore:
     async def _open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._writer.execute("PRAGMA journal_mode=WAL")
-        await self._writer.execute("PRAGMA synchronous=NORMAL")
-        await self._writer.execute("PRAGMA foreign_keys=ON")
-        await self._writer.execute("PRAGMA busy_timeout=5000")
-        await self._writer.executescript(SCHEMA)
-        await self._writer.execute(
-            "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'"
-        )
+        loop = asyncio.get_running_loop()
+        self._conn = await loop.run_in_executor(self._thread, self._connect)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
 
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(SCHEMA)
+            conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        """Wait for the writes under way, then close; a closed store cannot be opened again."""
+        if self._committing is not None:
+            await self._committing
+        if self._reader is not None:
+            await self._reader.close()
+        conn, self._reader, self._conn = self._conn, None, None
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
+        self._thread.shutdown(wait=False)
 
     @property
     def is_open(self) -> bool:
-        return self._writer is not None
-
-    @property
-    def _w(self) -> aiosqlite.Connection:
-        if self._writer is None:
-            raise RuntimeError("store is not open")
-        return self._writer
+        return self._conn is not None
 
     @property
     def _r(self) -> aiosqlite.Connection:
@@ -121,29 +174,80 @@ class SQLiteStore:
             raise RuntimeError("store is not open")
         return self._reader
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The writer inside one transaction, alone: committed on exit, rolled back on any error."""
-        async with self._write_lock:
-            db = self._w
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+    # -- group commit ---------------------------------------------------------
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``op`` on the writer thread inside the next transaction; its result once committed."""
+        if self._conn is None:
+            raise RuntimeError("store is not open")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._queue.append((op, done))
+        if self._committing is None:
+            self._committing = loop.create_task(self._commit_all())
+        return await asyncio.shield(done)  # a caller that leaves does not undo a committed write
+
+    async def _commit_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    results = await loop.run_in_executor(self._thread, self._transaction, [op for op, _ in batch])
+                except Exception as exc:  # the commit itself failed: nothing of the batch is kept
+                    results = [(False, exc)] * len(batch)
+                for (_, done), (ok, value) in zip(batch, results, strict=True):
+                    if done.cancelled():
+                        continue
+                    if ok:
+                        done.set_result(value)
+                    else:
+                        done.set_exception(value)
+        finally:
+            self._committing = None
+
+    def _transaction(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """On the writer thread: every op in one transaction, each in its own savepoint."""
+        conn = self._conn
+        assert conn is not None
+        results: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op(conn)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    results.append((False, exc))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
 
     # -- threads -------------------------------------------------------------
 
     async def create_thread(self, org_id: str, title: str) -> Thread:
         thread: Thread = {"thread_id": new_id("thr"), "title": title, "created_at": now_iso()}
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO threads (thread_id, org_id, title, created_at) VALUES (?, ?, ?, ?)",
-                (thread["thread_id"], org_id, title, thread["created_at"]),
-            )
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO threads (thread_id, org_id, title, created_at) VALUES (?, ?, ?, ?)",
+                       (thread["thread_id"], org_id, title, thread["created_at"]))
+
+        await self._write(insert)
+        self._remember(org_id, thread)
         return thread
+
+    def _remember(self, org_id: str, thread: Thread) -> None:
+        if not self.cache:
+            return
+        self._threads[thread["thread_id"]] = (org_id, thread)
+        self._threads.move_to_end(thread["thread_id"])
+        while len(self._threads) > THREAD_CACHE_SIZE:
+            self._threads.popitem(last=False)
 
     async def list_threads(self, org_id: str, *, limit: int = 200) -> list[Thread]:
         async with self._r.execute(
@@ -155,6 +259,9 @@ class SQLiteStore:
         return [{"thread_id": t, "title": title, "created_at": c} for t, title, c in rows]
 
     async def get_thread(self, org_id: str, thread_id: str) -> Thread | None:
+        known = self._threads.get(thread_id)
+        if known is not None:
+            return known[1].copy() if known[0] == org_id else None
         async with self._r.execute(
             "SELECT thread_id, title, created_at FROM threads WHERE org_id = ? AND thread_id = ?",
             (org_id, thread_id),
@@ -162,13 +269,22 @@ class SQLiteStore:
             row = await cur.fetchone()
         if row is None:
             return None
-        return {"thread_id": row[0], "title": row[1], "created_at": row[2]}
+        thread: Thread = {"thread_id": row[0], "title": row[1], "created_at": row[2]}
+        self._remember(org_id, thread)
+        return thread.copy()
 
     async def delete_thread(self, org_id: str, thread_id: str) -> bool:
-        async with self._transaction() as db:
-            await db.execute("DELETE FROM messages WHERE org_id = ? AND thread_id = ?", (org_id, thread_id))
-            cur = await db.execute("DELETE FROM threads WHERE org_id = ? AND thread_id = ?", (org_id, thread_id))
+        def delete(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM messages WHERE org_id = ? AND thread_id = ?", (org_id, thread_id))
+            cur = db.execute("DELETE FROM threads WHERE org_id = ? AND thread_id = ?", (org_id, thread_id))
             return cur.rowcount > 0
+
+        deleted = await self._write(delete)
+        if deleted:
+            self._threads.pop(thread_id, None)
+            self._histories.pop((org_id, thread_id), None)
+            self._bump((org_id, thread_id))
+        return deleted
 
     # -- messages ------------------------------------------------------------
 
@@ -181,7 +297,35 @@ class SQLiteStore:
         return [message_from_row(row) for row in rows]
 
     async def history(self, org_id: str, thread_id: str) -> list[ChatMessage]:
-        return conversation(await self.messages(org_id, thread_id))
+        """The conversation to send upstream, oldest first: each completed answer and the
+        question it answers. Served from memory for recent threads."""
+        key = (org_id, thread_id)
+        cached = self._histories.get(key)
+        if cached is None:
+            version = self._versions.get(key, 0)
+            cached = _History(await self._completed_pairs(org_id, thread_id))
+            if not self.cache or self._versions.get(key, 0) != version:  # a write landed meanwhile
+                return cached.conversation()
+            self._histories[key] = cached
+            while len(self._histories) > HISTORY_CACHE_THREADS:
+                self._histories.popitem(last=False)
+        self._histories.move_to_end(key)
+        return cached.conversation()
+
+    async def _completed_pairs(self, org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
+        async with self._r.execute(
+            "SELECT seq, role, content, status FROM messages WHERE org_id = ? AND thread_id = ? ORDER BY seq",
+            (org_id, thread_id),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        pairs = []
+        for (seq, role, question, _), after in zip(rows, rows[1:], strict=False):
+            if role == "user" and after[1] == "assistant" and after[3] == MessageStatus.COMPLETE:
+                pairs.append((int(seq), str(question), str(after[2])))
+        return pairs
+
+    def _bump(self, key: tuple[str, str]) -> None:
+        self._versions[key] = self._versions.get(key, 0) + 1
 
     async def get_message(self, org_id: str, message_id: str) -> Message | None:
         async with self._r.execute(
@@ -208,23 +352,25 @@ class SQLiteStore:
     async def begin_turn(self, *, org_id: str, user: Message, assistant: Message) -> None:
         """Insert the user message and the ``streaming`` assistant message together."""
         thread_id = user["thread_id"]
-        insert = (
-            "INSERT INTO messages (message_id, thread_id, org_id, role, content, status, provider,"
-            " model, created_at, usage, meta) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?"
-            " WHERE EXISTS (SELECT 1 FROM threads WHERE thread_id = ? AND org_id = ?)"
-        )
+        assert thread_id is not None
         rows = [
             (m["message_id"], thread_id, org_id, m["role"], m["content"], str(m["status"]), m["provider"],
              m["model"], m["created_at"], orjson.dumps(m["meta"]).decode(), thread_id, org_id)
             for m in (user, assistant)
         ]
-        async with self._transaction() as db:
-            inserted = 0
+
+        def insert(db: sqlite3.Connection) -> int:
+            seq = 0
             for args in rows:
-                cur = await db.execute(insert, args)
-                inserted += cur.rowcount
-            if inserted != 2:  # the thread is not this org's (or is gone): write nothing
-                raise LookupError(thread_id)
+                cur = db.execute(_INSERT_MESSAGE, args)
+                if cur.rowcount != 1:  # the thread is not this org's (or is gone): write nothing
+                    raise LookupError(thread_id)
+                seq = seq or int(cur.lastrowid or 0)
+            return seq
+
+        seq = await self._write(insert)
+        if self.cache:
+            self._pending[assistant["message_id"]] = (org_id, thread_id, seq, user["content"])
 
     async def finish_turn(
         self,
@@ -236,12 +382,22 @@ class SQLiteStore:
         meta: dict[str, Any],
         deltas: int = 0,
     ) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "UPDATE messages SET status = ?, content = ?, usage = ?, meta = ?, deltas = ? WHERE message_id = ?",
-                (str(status), content, None if usage is None else orjson.dumps(usage).decode(),
-                 orjson.dumps(meta).decode(), deltas, message_id),
-            )
+        args = (str(status), content, None if usage is None else orjson.dumps(usage).decode(),
+                orjson.dumps(meta).decode(), deltas, message_id)
+
+        def update(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE messages SET status = ?, content = ?, usage = ?, meta = ?, deltas = ?"
+                       " WHERE message_id = ?", args)
+
+        pending = self._pending.pop(message_id, None)
+        await self._write(update)
+        if pending is not None and status is MessageStatus.COMPLETE:
+            org_id, thread_id, seq, question = pending
+            key = (org_id, thread_id)
+            self._bump(key)
+            history = self._histories.get(key)
+            if history is not None:
+                history.add(seq, question, content)
 
     async def count_messages(self, org_id: str, thread_id: str) -> int:
         async with self._r.execute(
@@ -249,3 +405,10 @@ class SQLiteStore:
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (message_id, thread_id, org_id, role, content, status, provider,"
+    " model, created_at, usage, meta) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?"
+    " WHERE EXISTS (SELECT 1 FROM threads WHERE thread_id = ? AND org_id = ?)"
+)

@@ -34,9 +34,11 @@ async def meta_of(resp: Any) -> dict[str, Any]:
 async def final_message(gw: Any, tid: str) -> dict[str, Any]:
     """The thread's answer once its flight has saved it (bounded poll)."""
     async def poll() -> dict[str, Any]:
-        while (message := (await gw.thread(tid))["messages"][-1])["status"] == "streaming":
+        while True:  # the rows are written beside the upstream call: they may not exist yet
+            messages = (await gw.thread(tid))["messages"]
+            if messages and messages[-1]["status"] != "streaming":
+                return messages[-1]
             await asyncio.sleep(0.01)
-        return message
 
     return await within(poll(), 5, "the answer to be saved")
 

@@ -20,7 +20,7 @@ from server.app import build_store
 from server.config import Settings
 from server.sqlite_store import SQLiteStore
 from server.states import MessageStatus
-from server.store import Message, Store, StoreOpenError, draft_turn
+from server.store import Message, Store, StoreOpenError, conversation, draft_turn
 
 from .engines import ENGINES
 from .helpers import within
@@ -201,8 +201,14 @@ async def test_restart_leaves_no_message_streaming(new_store: NewStore) -> None:
         await second.close()
 
 
-async def test_two_stores_on_one_database_see_each_others_writes(store: Store, new_store: NewStore) -> None:
-    other = new_store()
+async def test_two_stores_on_one_database_see_each_others_writes(
+        store: Store, new_store: NewStore, tmp_path: Path, engine: str) -> None:
+    if engine == "sqlite":  # several processes on one file: the store without its caches
+        await store.close()
+        store, other = SQLiteStore(str(tmp_path / "shared.db")), SQLiteStore(str(tmp_path / "shared.db"))
+        await within(store.open())
+    else:
+        other = new_store()
     await within(other.open())
     try:
         t = await store.create_thread("org_a", "t")
@@ -214,6 +220,46 @@ async def test_two_stores_on_one_database_see_each_others_writes(store: Store, n
         assert await store.get_thread("org_a", t["thread_id"]) is None
     finally:
         await other.close()
+        if engine == "sqlite":
+            await store.close()
+
+
+async def test_the_single_instance_sqlite_store_answers_history_from_memory(tmp_path: Path) -> None:
+    """The store a single instance builds keeps each thread's conversation in memory,
+    coherent with its own writes: completed turns in the order they were written,
+    whatever order they finished in; failed turns left out; a deleted thread forgotten."""
+    settings = Settings.from_env({}).with_(db_path=str(tmp_path / "one.db"))
+    store = build_store(settings)
+    assert isinstance(store, SQLiteStore) and store.cache
+    await within(store.open())
+    try:
+        t = (await store.create_thread("org_a", "t"))["thread_id"]
+        assert await store.history("org_a", t) == []  # loaded once, then kept
+        _, first = await begin(store, org_id="org_a", thread_id=t, content="q1")
+        _, second = await begin(store, org_id="org_a", thread_id=t, content="q2")
+        _, third = await begin(store, org_id="org_a", thread_id=t, content="q3")
+        await finish(store, second, MessageStatus.COMPLETE, "a2")
+        await finish(store, third, MessageStatus.ERROR, "half")
+        await finish(store, first, MessageStatus.COMPLETE, "a1")
+        reads = 0
+        read = store._completed_pairs
+
+        async def counted(org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
+            nonlocal reads
+            reads += 1
+            return await read(org_id, thread_id)
+
+        store._completed_pairs = counted  # type: ignore[method-assign]
+        expected = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                    {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+        assert await store.history("org_a", t) == expected
+        assert reads == 0
+        assert conversation(await store.messages("org_a", t)) == expected  # the rule both engines share
+        assert await store.delete_thread("org_a", t)
+        assert await store.history("org_a", t) == [] and reads == 1
+        assert await store.get_thread("org_a", t) is None
+    finally:
+        await store.close()
 
 
 async def test_deleting_a_thread_removes_its_messages(store: Store) -> None:
@@ -249,3 +295,35 @@ async def test_sqlite_file_that_cannot_be_opened_names_dac_db(tmp_path: Path) ->
     with pytest.raises(StoreOpenError, match="DAC_DB"):
         await within(store.open())
     assert not store.is_open
+
+
+async def test_group_commit_answers_each_caller_with_its_own_rows(tmp_path: Path) -> None:
+    """Turns asked for at once share transactions, yet a turn on a foreign thread fails
+    alone: its caller gets LookupError and its rows are not written; the others' are."""
+    store = SQLiteStore(str(tmp_path / "group.db"), cache=True)
+    await within(store.open())
+    transactions = 0
+    run = store._transaction
+
+    def counted(ops: list[Any]) -> list[tuple[bool, Any]]:
+        nonlocal transactions
+        transactions += 1
+        return run(ops)
+
+    store._transaction = counted  # type: ignore[method-assign]
+    try:
+        mine = (await store.create_thread("org_a", "mine"))["thread_id"]
+        theirs = (await store.create_thread("org_b", "theirs"))["thread_id"]
+        transactions = 0
+        turns = [draft_turn(thread_id=theirs if i % 5 == 0 else mine, content=f"q{i}", provider="mock",
+                            model="mock", meta={}) for i in range(40)]
+        results = await within(asyncio.gather(*[store.begin_turn(org_id="org_a", user=u, assistant=a)
+                                                for u, a in turns], return_exceptions=True))
+        assert transactions < len(turns) / 4  # grouped
+        failed = [i for i, r in enumerate(results) if isinstance(r, LookupError)]
+        assert failed == list(range(0, 40, 5)) and all(r is None for i, r in enumerate(results) if i % 5)
+        stored = {m["content"] for m in await store.messages("org_a", mine) if m["role"] == "user"}
+        assert stored == {f"q{i}" for i in range(40) if i % 5}
+        assert await store.messages("org_b", theirs) == []
+    finally:
+        await store.close()

@@ -137,3 +137,26 @@ async def test_one_question_through_api_and_v1_on_one_thread_is_one_call_and_one
     messages = (await gw.thread(tid))["messages"]
     assert [(m["role"], m["content"]) for m in messages] == [("user", QUESTION), ("assistant", "one answer")]
     assert completion["id"] == "chatcmpl-" + messages[1]["message_id"].removeprefix("msg_")
+
+
+async def test_a_turn_whose_rows_fail_after_the_upstream_call_started_is_an_error_with_nothing_written(
+        gateway_factory, tmp_path) -> None:
+    """The rows are written while the provider thinks; when that write fails (here a real
+    SQLite error, from a trigger), the upstream call is cut and the client gets the store's
+    error. The turn's transaction wrote nothing."""
+    import sqlite3
+
+    scripted = ScriptedProvider()
+    db = str(tmp_path / "failing.db")
+    gw = await gateway_factory(providers=registry(scripted), db_path=db)
+    tid = await gw.new_thread()
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TRIGGER no_room BEFORE INSERT ON messages WHEN NEW.content LIKE 'boom%'"
+                     " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    for i, headers in enumerate(({}, {"Accept": "text/event-stream"})):
+        answer = asyncio.create_task(gw.post(tid, api_body(f"boom {i}"), headers=headers))
+        call = await scripted.next_call()  # the upstream call started before the rows were written
+        await within(call.closed.wait(), 5, "the upstream call to be cut")
+        status, body = await within(answer, 5, "the answer")
+        assert status == 500 and body["error"]["type"] == "store_error", body
+        assert (await gw.thread(tid))["messages"] == []
