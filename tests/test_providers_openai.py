@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
 from server.app import PROVIDERS
-from server.errors import UpstreamTimeout
+from server.errors import UpstreamBadRequest, UpstreamNotFound, UpstreamPayloadTooLarge, UpstreamTimeout
 from server.providers import OpenAIProvider, ProviderRequest
 from server.providers.mock import mock_answer
 from server.providers.upstream import Timeouts
@@ -91,7 +92,10 @@ async def test_a_cut_or_an_error_event_ends_after_the_partial_text(
     (401, "provider_auth", False, 502),
     (403, "provider_auth", False, 502),
     (429, "rate_limited", True, 429),
-    (400, "upstream_error", False, 502),
+    (400, "invalid_request", False, 400),
+    (404, "model_not_found", False, 404),
+    (413, "payload_too_large", False, 413),
+    (422, "invalid_request", False, 400),
     (500, "upstream_error", True, 502),
     (503, "upstream_error", True, 502),
 ])
@@ -252,3 +256,45 @@ async def test_keys_never_appear_in_errors_messages_metrics_or_logs(
     everything = "\n".join(seen)
     assert KEY not in everything
     assert f"{KEY[:3]}***{KEY[-4:]}" not in everything  # how the fake's 401 quotes a key
+
+
+@pytest.mark.parametrize(("status", "cls", "gateway_status", "kind"), [
+    (400, UpstreamBadRequest, 400, "invalid_request"),
+    (404, UpstreamNotFound, 404, "model_not_found"),
+    (413, UpstreamPayloadTooLarge, 413, "payload_too_large"),
+    (422, UpstreamBadRequest, 400, "invalid_request"),
+])
+async def test_a_refused_request_keeps_its_status_and_says_not_to_retry(
+    fake: FakeUpstream, session: aiohttp.ClientSession, status: int, cls: type[Exception], gateway_status: int,
+    kind: str
+) -> None:
+    fake.script(Script(status=status, message="bad 'temperature' with key {api_key}"))
+    error, _ = await failure(adapter(fake, session), ask())
+    assert type(error) is cls
+    assert (error.status, error.type, error.retryable) == (gateway_status, kind, False)
+    assert error.headers() == {"x-should-retry": "false"}
+    assert "bad 'temperature' with key [redacted]" in error.message and KEY not in error.message
+
+
+async def test_the_sdk_does_not_retry_what_the_upstream_refused(fake: FakeUpstream, gateway_factory: Any) -> None:
+    gw = await gateway_factory(env=fake.env())
+    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=2,
+                                default_headers={"x-org-id": "org_a"})
+    try:
+        fake.script(Script(status=404, message="The model `gpt-x` does not exist"))
+        with pytest.raises(openai.NotFoundError) as caught:
+            await within(client.chat.completions.create(model="openai/gpt-x", messages=[
+                {"role": "user", "content": "hi"}]))
+        assert caught.value.response.headers["x-should-retry"] == "false"
+        assert "does not exist" in str(caught.value)
+        fake.api_key = "sk-another-key-the-upstream-wants"  # our key refused: the gateway's 502
+        with pytest.raises(openai.InternalServerError) as refused:
+            await within(client.chat.completions.create(model="openai/gpt-y", messages=[
+                {"role": "user", "content": "hi"}]))
+        assert refused.value.status_code == 502 and refused.value.response.headers["x-should-retry"] == "false"
+    finally:
+        await client.close()
+    assert len(fake.calls) == 2  # the SDK, told not to, did not retry either
+    async with gw.session.post(f"{gw.url}/api/threads/{await gw.new_thread()}/messages", headers=gw.h(),
+                               json={"content": "hi", "provider": "openai", "model": "gpt-z"}) as resp:
+        assert resp.status == 502 and resp.headers["x-should-retry"] == "false"

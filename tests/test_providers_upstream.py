@@ -8,7 +8,16 @@ import time
 
 import pytest
 
-from server.errors import ProviderAuthError, RateLimited, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from server.errors import (
+    ProviderAuthError,
+    RateLimited,
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamPayloadTooLarge,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from server.providers.upstream import (
     MAX_SSE_LINE_BYTES,
     Deadlines,
@@ -60,8 +69,9 @@ def test_scrub_replaces_every_secret() -> None:
 @pytest.mark.parametrize(("status", "cls", "retryable"), [
     (401, ProviderAuthError, False), (403, ProviderAuthError, False), (429, RateLimited, True),
     (408, UpstreamError, True), (409, UpstreamError, True), (500, UpstreamError, True),
-    (502, UpstreamError, True), (529, UpstreamError, True), (400, UpstreamError, False),
-    (404, UpstreamError, False), (422, UpstreamError, False),
+    (502, UpstreamError, True), (529, UpstreamError, True), (400, UpstreamBadRequest, False),
+    (404, UpstreamNotFound, False), (413, UpstreamPayloadTooLarge, False), (422, UpstreamBadRequest, False),
+    (418, UpstreamError, False),
 ])
 def test_statuses_map_to_gateway_errors(status: int, cls: type[UpstreamError], retryable: bool) -> None:
     body = b'{"error": {"message": "model gpt-x does not exist; key sk-abcdef", "type": "x"}}'

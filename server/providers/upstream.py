@@ -6,14 +6,21 @@ classes, with a message that names the provider and never its key:
 =====================================  ==========================================
 upstream                               gateway error
 =====================================  ==========================================
-401, 403                               ``ProviderAuthError`` (``provider_auth``)
+400, 422 (bad params)                  ``UpstreamBadRequest`` (400 ``invalid_request``)
+404 (unknown model)                    ``UpstreamNotFound`` (404 ``model_not_found``)
+413                                    ``UpstreamPayloadTooLarge`` (413)
+401, 403                               ``ProviderAuthError`` (502 ``provider_auth``)
 429                                    ``RateLimited``, ``retry_after`` from ``Retry-After``
 408, 409, 5xx, 529 (overloaded)        ``UpstreamError`` (retryable)
-other 4xx (bad model, bad params)      ``UpstreamError`` (not retryable)
+other 4xx                              ``UpstreamError`` (not retryable)
 no connection, reset, cut stream       ``UpstreamError`` (retryable)
 a deadline passed                      ``UpstreamTimeout`` (``upstream_timeout``, retryable)
 a body that is not the wire format     ``UpstreamProtocolError``
 =====================================  ==========================================
+
+A refused request keeps its meaning (a client's bad parameter is its own
+400, not the gateway's 502), quotes the upstream's words with keys scrubbed,
+and is never retryable.
 
 Four deadlines bound a call (:class:`Timeouts`): connecting, the first
 token (from the request to the first piece of text), the silence between two
@@ -37,7 +44,10 @@ from ..errors import (
     BadRequest,
     ProviderAuthError,
     RateLimited,
+    UpstreamBadRequest,
     UpstreamError,
+    UpstreamNotFound,
+    UpstreamPayloadTooLarge,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -235,11 +245,27 @@ def _quoted(body: bytes, secrets: Iterable[str | None]) -> str:
         elif isinstance(error, str):
             message = error
         elif isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
-            message = parsed["message"]
+            message = parsed["message"]  # vLLM's {"object": "error", "message": ...}
+        elif isinstance(parsed, dict) and "detail" in parsed:
+            message = _detail(parsed["detail"])  # FastAPI's 422 {"detail": [{"loc", "msg"}, ...]}
     message = " ".join(scrub(message, secrets).split())
     if len(message) > MAX_QUOTED_CHARS:
         message = message[: MAX_QUOTED_CHARS - 1] + "…"
     return message
+
+
+def _detail(detail: Any) -> str:
+    if isinstance(detail, str):
+        return detail
+    if not isinstance(detail, list):
+        return ""
+    said = []
+    for item in detail:
+        if isinstance(item, dict) and isinstance(item.get("msg"), str):
+            loc = item.get("loc")
+            where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+            said.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return "; ".join(said)
 
 
 def status_error(
@@ -271,7 +297,14 @@ def status_error(
         return UpstreamError(f"provider {provider!r} is overloaded ({label}){said}")
     if status >= 500 or status in (408, 409):
         return UpstreamError(f"provider {provider!r} failed ({label}){said}")
-    return UpstreamError(f"provider {provider!r} rejected the request ({label}){said}", retryable=False)
+    refused = f"provider {provider!r} rejected the request ({label}){said}"
+    if status in (400, 422):
+        return UpstreamBadRequest(refused)
+    if status == 404:
+        return UpstreamNotFound(f"provider {provider!r} does not know the model or path ({label}){said}")
+    if status == 413:
+        return UpstreamPayloadTooLarge(f"provider {provider!r} refused the request's size ({label}){said}")
+    return UpstreamError(refused, retryable=False)
 
 
 def client_error(provider: str, exc: BaseException, timeouts: Timeouts) -> UpstreamError:
