@@ -64,6 +64,7 @@ __all__ = [
     "StreamParser",
     "Timeouts",
     "client_error",
+    "object_of",
     "parse_retry_after",
     "read_error_body",
     "scrub",
@@ -191,6 +192,11 @@ class SSEDecoder:
         if len(self._buffer) > MAX_SSE_LINE_BYTES:
             raise UpstreamProtocolError(f"an event-stream line longer than {MAX_SSE_LINE_BYTES} bytes")
         return events
+
+
+def object_of(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (for optional nested fields)."""
+    return value if isinstance(value, dict) else {}
 
 
 def scrub(text: str, secrets: Iterable[str | None]) -> str:
@@ -369,6 +375,7 @@ class HTTPProvider(Provider):
         models: Sequence[str] = (),
         headers: Mapping[str, str] | None = None,
         unusable: str | None = None,
+        max_temperature: float | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -382,6 +389,8 @@ class HTTPProvider(Provider):
         self._key_required = key_required
         self._extra_headers = dict(headers or {})
         self._unusable = unusable
+        #: a temperature above this is sent as this (servers that refuse OpenAI's 0-2 range)
+        self.max_temperature = max_temperature
         self._client_timeout = timeouts.client_timeout()
 
     def __repr__(self) -> str:
@@ -406,6 +415,13 @@ class HTTPProvider(Provider):
     def validate_model(self, model: str) -> None:
         if not model.strip():
             raise BadRequest(f"'model' must name a model of provider {self.name!r}", param="model")
+
+    def clamp_temperature(self, params: dict[str, Any], ceiling: float | None = None) -> None:
+        """Lower ``params["temperature"]`` to the provider's ceiling (and ``ceiling``), in place."""
+        value = params.get("temperature")
+        limits = [c for c in (self.max_temperature, ceiling) if c is not None]
+        if limits and isinstance(value, int | float) and not isinstance(value, bool) and value > min(limits):
+            params["temperature"] = min(limits)
 
     # -- what subclasses say ------------------------------------------------------
 
