@@ -23,8 +23,9 @@ A refused request keeps its meaning (a client's bad parameter is its own
 and is never retryable.
 
 Four deadlines bound a call (:class:`Timeouts`): connecting, the first
-token (from the request to the first piece of text), the silence between two
-reads once text flows, and the whole call.
+token (from the request to the first piece of output: text, reasoning, a
+tool call or a refusal), the silence between two reads once output flows,
+and the whole call.
 """
 
 from __future__ import annotations
@@ -107,8 +108,11 @@ class Deadlines:
     """The deadlines of one upstream call.
 
     ``await deadlines.run(aw)`` awaits ``aw`` until the nearest deadline: the
-    first-token one until :meth:`got_text` is called, then the idle one
+    first-token one until :meth:`got_output` is called, then the idle one
     (restarted by every read that returned), and always the total one.
+    Output is anything the model produced: text, and also reasoning (a
+    model may think for minutes before its first word), tool calls and
+    refusals.
     """
 
     __slots__ = ("_provider", "_timeouts", "_loop", "_total_at", "_first_at", "_last", "_text")
@@ -123,7 +127,7 @@ class Deadlines:
         self._last = start
         self._text = False
 
-    def got_text(self) -> None:
+    def got_output(self) -> None:
         self._text = True
 
     def _next(self) -> tuple[float, str]:
@@ -483,8 +487,8 @@ class HTTPProvider(Provider):
                 for event, payload_ in decoder.feed(data):
                     chunk = parser.feed(event, payload_)
                     if chunk is not None:
-                        if chunk.text:
-                            deadlines.got_text()
+                        if chunk.has_output():
+                            deadlines.got_output()
                         yield chunk
                     if parser.done:
                         break
