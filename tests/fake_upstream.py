@@ -69,7 +69,8 @@ from multidict import CIMultiDict
 
 from server.providers.mock import mock_answer
 
-__all__ = ["DEFAULT_API_KEY", "Connection", "FakeCall", "FakeToolCall", "FakeUpstream", "Script", "wait_until"]
+__all__ = ["DEFAULT_API_KEY", "TOOL_CALLS", "Connection", "FakeCall", "FakeToolCall", "FakeUpstream", "Script",
+           "wait_until"]
 
 DEFAULT_API_KEY = "sk-fake-upstream-0123456789abcdef"
 DEFAULT_TOKENS = 8
@@ -111,6 +112,11 @@ class FakeToolCall:
     id: str
     name: str
     arguments: Sequence[str] = ("{}",)
+
+
+#: tool calls for scripts: arguments in three pieces, and in one
+TOOL_CALLS = (FakeToolCall("call_weather", "get_weather", ('{"city": ', '"Paris"', "}")),
+              FakeToolCall("call_time", "get_time", ("{}",)))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from server.providers.mock import mock_answer
 from server.providers.upstream import SSEDecoder
 
-from .fake_upstream import DEFAULT_API_KEY, FakeToolCall, FakeUpstream, Script, anthropic_request_problem
+from .fake_upstream import DEFAULT_API_KEY, TOOL_CALLS, FakeUpstream, Script, anthropic_request_problem
 from .helpers import within
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,15 +98,12 @@ async def test_standalone_it_serves_both_formats_with_fixed_timing() -> None:
 
 # -- the scripted cases speak the real formats: each event read with the official SDKs' types ------
 
-TOOLS = (FakeToolCall("call_weather", "get_weather", ('{"city": ', '"Paris"', "}")),
-         FakeToolCall("call_time", "get_time", ("{}",)))
-
 #: scripts in OpenAI's own format (OpenRouter's and vLLM's error styles are not: see below)
 OPENAI_CASES = {
     "text": Script(tokens=["Hel", "lo"]),
     "reasoning": Script(reasoning=["Think", "ing"], tokens=["Done"]),
     "refusal": Script(tokens=[], refusal=["I can't ", "help with that."]),
-    "tool_calls": Script(tokens=["Checking."], tool_calls=TOOLS),
+    "tool_calls": Script(tokens=["Checking."], tool_calls=TOOL_CALLS),
     "length": Script(tokens=["cut"], stop_reason="length"),
     "content_filter": Script(tokens=[], stop_reason="content_filter"),
 }
@@ -114,8 +111,8 @@ OPENAI_CASES = {
 ANTHROPIC_CASES = {
     "text": Script(tokens=["Bon", "jour"]),
     "thinking": Script(reasoning=["Let me ", "think."], tokens=["Done"]),
-    "tool_use": Script(tokens=["Checking."], tool_calls=TOOLS),
-    "thinking_then_tool_use": Script(reasoning=["Hmm"], tokens=[], tool_calls=TOOLS[:1]),
+    "tool_use": Script(tokens=["Checking."], tool_calls=TOOL_CALLS),
+    "thinking_then_tool_use": Script(reasoning=["Hmm"], tokens=[], tool_calls=TOOL_CALLS[:1]),
     **{stop: Script(tokens=["a", "b"], stop_reason=stop)
        for stop in ("max_tokens", "stop_sequence", "pause_turn", "model_context_window_exceeded")},
     "refusal": Script(tokens=["I"], refusal=["This request is out of bounds."]),
@@ -166,7 +163,7 @@ async def test_openai_cases_are_chat_completion_chunks(fake: FakeUpstream, case:
 async def test_the_openai_sdk_assembles_streamed_tool_calls_reasoning_and_refusals(fake: FakeUpstream) -> None:
     client = openai.AsyncOpenAI(base_url=fake.openai_url, api_key=DEFAULT_API_KEY, max_retries=0)
     try:
-        fake.script(Script(reasoning=["Think", "ing"], tokens=["Checking."], tool_calls=TOOLS))
+        fake.script(Script(reasoning=["Think", "ing"], tokens=["Checking."], tool_calls=TOOL_CALLS))
         async with client.chat.completions.stream(model="m", messages=[{"role": "user", "content": "hi"}]) as s:
             await within(s.until_done())
             final = await within(s.get_final_completion())
@@ -241,7 +238,7 @@ async def test_the_anthropic_sdk_assembles_thinking_tool_use_and_refusals(fake: 
     client = anthropic.AsyncAnthropic(base_url=fake.anthropic_url, api_key=DEFAULT_API_KEY, max_retries=0)
     messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hi"}]
     try:
-        fake.script(Script(reasoning=["Let me ", "think."], tokens=["Checking."], tool_calls=TOOLS))
+        fake.script(Script(reasoning=["Let me ", "think."], tokens=["Checking."], tool_calls=TOOL_CALLS))
         async with client.messages.stream(model="m", max_tokens=50, messages=messages) as stream:
             final = await within(stream.get_final_message())
         thinking, text, weather, time_ = final.content

@@ -8,12 +8,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server.providers import AnthropicProvider, Chunk, ProviderRequest
+from server.providers import AnthropicProvider, ProviderRequest
 from server.providers.anthropic import DEFAULT_MAX_TOKENS, REFUSAL
 from server.providers.mock import mock_answer
 
 from .fake_upstream import DEFAULT_API_KEY, FakeToolCall, FakeUpstream, Script, anthropic_request_problem
 from .helpers import collect, stream_failure as failure, stream_chunks as run, text_of
+from .test_providers_openai import pieces
 
 KEY = DEFAULT_API_KEY
 
@@ -272,14 +273,9 @@ async def test_untranslatable_parts_are_refused_by_name(fake: FakeUpstream, sess
 
 # -- Anthropic's answers in OpenAI's terms -------------------------------------------------------
 
+#: the second call has no input pieces at all (a tool without parameters)
 TOOLS = (FakeToolCall("toolu_weather", "get_weather", ('{"city": ', '"Paris"', "}")),
          FakeToolCall("toolu_time", "get_time", ()))
-
-
-def pieces(chunks: list[Chunk]) -> dict[str, Any]:
-    return {"reasoning": "".join(c.reasoning for c in chunks), "text": "".join(c.text for c in chunks),
-            "refusal": "".join(c.refusal for c in chunks), "tool_calls": [p for c in chunks for p in c.tool_calls],
-            "finish": [c.finish_reason for c in chunks if c.finish_reason]}
 
 
 async def test_thinking_text_and_tool_use_become_reasoning_text_and_tool_calls(

@@ -17,7 +17,7 @@ from server.providers import Chunk, OpenAIProvider, ProviderRequest
 from server.providers.mock import mock_answer
 from server.providers.upstream import Timeouts
 
-from .fake_upstream import DEFAULT_API_KEY, FakeToolCall, FakeUpstream, Script
+from .fake_upstream import DEFAULT_API_KEY, TOOL_CALLS, FakeUpstream, Script
 from .helpers import collect, stream_failure as failure, stream_chunks as run, text_of, within
 
 KEY = DEFAULT_API_KEY
@@ -260,9 +260,7 @@ async def test_keys_never_appear_in_errors_messages_metrics_or_logs(
 
 # -- beside the text: reasoning, refusals, tool calls ------------------------------------------
 
-TOOLS = (FakeToolCall("call_weather", "get_weather", ('{"city": ', '"Paris"', "}")),
-         FakeToolCall("call_time", "get_time", ("{}",)))
-#: the tool-call pieces a client receives for TOOLS, in OpenAI's shape
+#: the tool-call pieces a client receives for TOOL_CALLS, in OpenAI's shape
 TOOL_PIECES = [
     {"index": 0, "id": "call_weather", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
     {"index": 0, "function": {"arguments": '{"city": '}},
@@ -285,7 +283,7 @@ async def test_reasoning_text_and_tool_calls_stream_through(
     fake: FakeUpstream, session: aiohttp.ClientSession, field: str
 ) -> None:
     # vLLM and DeepSeek say reasoning_content, OpenRouter and Ollama say reasoning
-    fake.script(Script(reasoning=["Think", "ing"], reasoning_field=field, tokens=["Let me check."], tool_calls=TOOLS))
+    fake.script(Script(reasoning=["Think", "ing"], reasoning_field=field, tokens=["Let me check."], tool_calls=TOOL_CALLS))
     chunks = await run(adapter(fake, session), ask(tools=[{"type": "function", "function": {"name": "get_weather"}}]))
     assert pieces(chunks) == {"reasoning": "Thinking", "text": "Let me check.", "refusal": "",
                               "tool_calls": TOOL_PIECES, "finish": ["tool_calls"]}
@@ -301,7 +299,7 @@ async def test_a_refusal_streams_as_a_refusal(fake: FakeUpstream, session: aioht
 
 
 async def test_a_whole_answer_carries_the_same_fields(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
-    fake.script(Script(non_stream=True, reasoning=["Think", "ing"], tokens=["Let me check."], tool_calls=TOOLS))
+    fake.script(Script(non_stream=True, reasoning=["Think", "ing"], tokens=["Let me check."], tool_calls=TOOL_CALLS))
     [chunk] = await run(adapter(fake, session), ask())
     assert pieces([chunk]) == {"reasoning": "Thinking", "text": "Let me check.", "refusal": "", "finish": ["tool_calls"],
                                "tool_calls": [

@@ -400,9 +400,8 @@ class _EventParser(StreamParser):
 
     def _start(self, index: Any, block: dict[str, Any]) -> Chunk | None:
         kind = block.get("type")
-        if kind == "text":
-            text = block.get("text")
-            return Chunk(text=text) if isinstance(text, str) and text else None
+        if kind == "text":  # its text, if any, is the first piece
+            return self._delta(index, {"type": "text_delta", "text": block.get("text")})
         if kind == "thinking":
             thinking = block.get("thinking")
             return self._signed(block.get("signature"), reasoning=thinking if isinstance(thinking, str) else "")
