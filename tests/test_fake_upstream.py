@@ -161,7 +161,7 @@ async def test_openai_cases_are_chat_completion_chunks(fake: FakeUpstream, case:
 
 
 async def test_the_openai_sdk_assembles_streamed_tool_calls_reasoning_and_refusals(fake: FakeUpstream) -> None:
-    client = openai.AsyncOpenAI(base_url=fake.openai_url, api_key=DEFAULT_API_KEY, max_retries=0)
+    client = openai.AsyncOpenAI(base_url=fake.openai_url, api_key=DEFAULT_API_KEY, max_retries=0, timeout=10)
     try:
         fake.script(Script(reasoning=["Think", "ing"], tokens=["Checking."], tool_calls=TOOL_CALLS))
         async with client.chat.completions.stream(model="m", messages=[{"role": "user", "content": "hi"}]) as s:
@@ -184,7 +184,7 @@ async def test_the_openai_sdk_assembles_streamed_tool_calls_reasoning_and_refusa
                 model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
             await within(_drain(stream))
     finally:
-        await client.close()
+        await within(client.close())
 
 
 async def _drain(stream: Any) -> None:
@@ -235,7 +235,8 @@ async def test_anthropic_cases_are_message_stream_events(fake: FakeUpstream, cas
 
 
 async def test_the_anthropic_sdk_assembles_thinking_tool_use_and_refusals(fake: FakeUpstream) -> None:
-    client = anthropic.AsyncAnthropic(base_url=fake.anthropic_url, api_key=DEFAULT_API_KEY, max_retries=0)
+    client = anthropic.AsyncAnthropic(base_url=fake.anthropic_url, api_key=DEFAULT_API_KEY, max_retries=0,
+                                      timeout=10)
     messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hi"}]
     try:
         fake.script(Script(reasoning=["Let me ", "think."], tokens=["Checking."], tool_calls=TOOL_CALLS))
@@ -258,7 +259,7 @@ async def test_the_anthropic_sdk_assembles_thinking_tool_use_and_refusals(fake: 
             async with client.messages.stream(model="m", max_tokens=50, messages=messages) as stream:
                 await within(stream.get_final_message())
     finally:
-        await client.close()
+        await within(client.close())
 
 
 @pytest.mark.parametrize(("body", "version", "problem"), [
@@ -279,9 +280,12 @@ async def test_the_fake_refuses_what_the_messages_api_refuses(
         assert said is None
         return
     assert said is not None and said.startswith(problem)
-    async with aiohttp.ClientSession(headers={**HEADERS, "anthropic-version": version}) as http:
-        async with http.post(f"{fake.anthropic_url}/v1/messages", json=body) as resp:
-            assert resp.status == 400
-            answer = await within(resp.json())
+    async def refused() -> Any:
+        async with aiohttp.ClientSession(headers={**HEADERS, "anthropic-version": version}) as http:
+            async with http.post(f"{fake.anthropic_url}/v1/messages", json=body) as resp:
+                assert resp.status == 400
+                return await resp.json()
+
+    answer = await within(refused(), what="the fake's refusal")
     assert answer == {"type": "error", "error": {"type": "invalid_request_error", "message": said}}
     assert fake.calls[-1].outcome == "rejected"

@@ -412,7 +412,7 @@ async def test_a_refused_request_keeps_its_status_and_says_not_to_retry(
 
 async def test_the_sdk_does_not_retry_what_the_upstream_refused(fake: FakeUpstream, gateway_factory: Any) -> None:
     gw = await gateway_factory(env=fake.env())
-    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=2,
+    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=2, timeout=10,
                                 default_headers={"x-org-id": "org_a"})
     try:
         fake.script(Script(status=404, message="The model `gpt-x` does not exist"))
@@ -427,7 +427,7 @@ async def test_the_sdk_does_not_retry_what_the_upstream_refused(fake: FakeUpstre
                 {"role": "user", "content": "hi"}]))
         assert refused.value.status_code == 502 and refused.value.response.headers["x-should-retry"] == "false"
     finally:
-        await client.close()
+        await within(client.close())
     assert len(fake.calls) == 2  # the SDK, told not to, did not retry either
     async with gw.session.post(f"{gw.url}/api/threads/{await gw.new_thread()}/messages", headers=gw.h(),
                                json={"content": "hi", "provider": "openai", "model": "gpt-z"}) as resp:
