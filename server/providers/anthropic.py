@@ -74,6 +74,8 @@ from .upstream import HTTPProvider, StreamParser, object_of, scrub
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicProvider", "DEFAULT_MAX_TOKENS", "STOP_REASONS"]
 
+#: the Messages API version spoken; it still takes temperature, top_p and top_k, which
+#: 2026-10-21 refuses (moving to it means no longer sending them)
 ANTHROPIC_VERSION = "2023-06-01"
 #: every Claude model can produce this many tokens
 DEFAULT_MAX_TOKENS = 4096
