@@ -1,8 +1,14 @@
 """Every error the gateway reports, as one hierarchy.
 
 Each class carries the HTTP status, the machine-readable ``type`` and whether a
-client may retry. Routes turn any of them into ``{"error": {"type", "message"}}``;
-flights turn them into an SSE ``error`` event with ``retryable``.
+client may retry. Routes turn any of them into ``{"error": {"type", "message"}}``
+with the headers :meth:`GatewayError.headers` gives; flights turn them into an
+SSE ``error`` event with ``retryable``.
+
+An error that repeating the request cannot cure (a refused request, a
+provider that refuses our credentials) says so with ``x-should-retry:
+false``, the header the official OpenAI and Anthropic SDKs obey over their
+own status rules (they would otherwise retry a 502).
 
 ::
 
@@ -16,7 +22,10 @@ flights turn them into an SSE ``error`` event with ``retryable``.
     ├── ShuttingDown                  503 shutting_down       (retryable)
     ├── NoListeners                   499 cancelled           (flight aborted)
     └── UpstreamError                 502 upstream_error      (retryable)
-        ├── ProviderAuthError         502 provider_auth
+        ├── ProviderAuthError         502 provider_auth       (upstream 401, 403)
+        ├── UpstreamBadRequest        400 invalid_request     (upstream 400, 422)
+        ├── UpstreamNotFound          404 model_not_found     (upstream 404)
+        ├── UpstreamPayloadTooLarge   413 payload_too_large   (upstream 413)
         ├── RateLimited               429 rate_limited        (Retry-After)
         ├── UpstreamTimeout           504 upstream_timeout    (retryable)
         └── UpstreamProtocolError     502 upstream_protocol
@@ -38,7 +47,10 @@ __all__ = [
     "RateLimited",
     "ShuttingDown",
     "Unauthorized",
+    "UpstreamBadRequest",
     "UpstreamError",
+    "UpstreamNotFound",
+    "UpstreamPayloadTooLarge",
     "UpstreamProtocolError",
     "UpstreamTimeout",
 ]
@@ -81,10 +93,25 @@ class GatewayError(Exception):
             body["retry_after"] = self.retry_after
         return body
 
+    @property
+    def should_retry(self) -> bool | None:
+        """False when the same request can only fail again: a 4xx that is not
+        retryable, or an upstream's refusal (whatever our status says); None
+        leaves it to the status (a 500 of our own may pass)."""
+        if self.retryable:
+            return None
+        if 400 <= self.status < 500 or isinstance(self, UpstreamError):
+            return False
+        return None
+
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        """The response headers every surface sends with this error."""
+        headers: dict[str, str] = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after)))
+        if self.should_retry is False:
+            headers["x-should-retry"] = "false"
+        return headers
 
 
 class BadRequest(GatewayError):
@@ -139,6 +166,30 @@ class UpstreamError(GatewayError):
 
 class ProviderAuthError(UpstreamError):
     type = "provider_auth"
+    retryable = False
+
+
+class UpstreamBadRequest(UpstreamError):
+    """The upstream refused the request as malformed (400, or 422 from validating servers)."""
+
+    status = 400
+    type = "invalid_request"
+    retryable = False
+
+
+class UpstreamNotFound(UpstreamError):
+    """The upstream does not know the model (or the path: a wrong base URL reads the same)."""
+
+    status = 404
+    type = "model_not_found"
+    retryable = False
+
+
+class UpstreamPayloadTooLarge(UpstreamError):
+    """The upstream refused the request's size."""
+
+    status = 413
+    type = "payload_too_large"
     retryable = False
 
 

@@ -18,17 +18,26 @@ Tests script it, watch every call, and see when each client connection closed::
 Endpoints:
 
 - ``POST {url}/v1/chat/completions`` (any path ending in ``/chat/completions``): OpenAI.
-  ``stream: true`` answers ``chat.completion.chunk`` events (a role chunk, one
-  content delta per token, a ``finish_reason`` chunk, a usage chunk when
+  ``stream: true`` answers ``chat.completion.chunk`` events (a role chunk,
+  reasoning deltas, one content delta per token, refusal deltas, tool-call
+  deltas, a ``finish_reason`` chunk, a usage chunk when
   ``stream_options.include_usage``, ``data: [DONE]``); otherwise one
   ``chat.completion`` object. Script ``extras`` ride on every chunk at the top
-  level, the way Perplexity sends ``citations`` and ``search_results``.
+  level, the way Perplexity sends ``citations`` and ``search_results``. In-band
+  errors come in each compatible server's style (``error_style``).
 - ``POST {url}/v1/messages``: Anthropic Messages. ``stream: true`` answers
-  ``message_start``, ``content_block_start``, ``ping``, ``content_block_delta``
-  (``text_delta``), ``content_block_stop``, ``message_delta`` (usage),
-  ``message_stop``; otherwise one ``message`` object. ``max_tokens`` and
-  ``anthropic-version`` are required, as upstream.
+  ``message_start``, ``ping``, then per content block (thinking, text,
+  tool_use) ``content_block_start``, its deltas (``thinking_delta`` and
+  ``signature_delta``, ``text_delta``, ``input_json_delta``) and
+  ``content_block_stop``, then ``message_delta`` (stop reason, usage) and
+  ``message_stop``; otherwise one ``message`` object. The request must be one
+  the Messages API takes: it is checked against the official SDK's
+  ``MessageCreateParams`` (no unknown fields, well-formed blocks), and
+  ``anthropic-version`` is required.
 - ``GET {url}/v1/models``: OpenAI's model list.
+
+Every piece a script streams (reasoning, text, refusal, tool-call pieces)
+counts as one token for ``hold_after``, ``cut_after`` and ``error_after``.
 
 With an ``api_key`` (the default), calls without it get the format's 401.
 Error statuses answer with each format's own error body. The answer's text,
@@ -52,13 +61,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pydantic
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from anthropic.types.message_create_params import MessageCreateParamsNonStreaming, MessageCreateParamsStreaming
 from multidict import CIMultiDict
 
 from server.providers.mock import mock_answer
 
-__all__ = ["DEFAULT_API_KEY", "Connection", "FakeCall", "FakeUpstream", "Script", "wait_until"]
+__all__ = ["DEFAULT_API_KEY", "TOOL_CALLS", "Connection", "FakeCall", "FakeToolCall", "FakeUpstream", "Script",
+           "wait_until"]
 
 DEFAULT_API_KEY = "sk-fake-upstream-0123456789abcdef"
 DEFAULT_TOKENS = 8
@@ -69,11 +81,18 @@ OPENAI, ANTHROPIC = "openai", "anthropic"
 POLL_S = 0.005
 
 _OPENAI_ERRORS = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_denied",
-                  404: "invalid_request_error", 429: "rate_limit_exceeded", 500: "server_error",
-                  503: "server_error"}
+                  404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
+                  500: "server_error", 503: "server_error"}
+_OPENAI_CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}
 _ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                     500: "api_error", 529: "overloaded_error"}
+                     404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
+                     429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+#: the Messages API version the gateway speaks, and the sampling parameters it still takes
+ANTHROPIC_VERSION = "2023-06-01"
+_SAMPLING = {"temperature": (0.0, 1.0), "top_p": (0.0, 1.0), "top_k": (0, 1_000_000)}
+#: OpenAI-compatible in-band error styles: OpenAI's and SGLang's ``{"error": ...}`` event, older vLLM's
+#: bare ``{"object": "error"}`` event, OpenRouter's ``finish_reason: "error"`` with or without an error
+ERROR_STYLES = ("event", "bare", "finish", "finish_only")
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEFAULT_WAIT_S) -> None:
@@ -84,6 +103,20 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 
                 await asyncio.sleep(POLL_S)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+@dataclass(frozen=True)
+class FakeToolCall:
+    """A tool call the fake's model makes: its arguments' JSON text in the pieces it streams."""
+
+    id: str
+    name: str
+    arguments: Sequence[str] = ("{}",)
+
+
+#: tool calls for scripts: arguments in three pieces, and in one
+TOOL_CALLS = (FakeToolCall("call_weather", "get_weather", ('{"city": ', '"Paris"', "}")),
+              FakeToolCall("call_time", "get_time", ("{}",)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +156,25 @@ class Script:
     done_marker: bool = True
     #: answer one JSON object even when a stream was asked for
     non_stream: bool = False
+    #: reasoning pieces before the text (OpenAI: ``delta.<reasoning_field>``; Anthropic: a thinking block)
+    reasoning: Sequence[str] = ()
+    #: OpenAI: ``reasoning_content`` (vLLM, DeepSeek) or ``reasoning`` (OpenRouter, Ollama)
+    reasoning_field: str = "reasoning_content"
+    #: Anthropic: the thinking block's signature
+    signature: str = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxfake"
+    #: refusal pieces after the text (OpenAI: ``delta.refusal``; Anthropic: the ``refusal`` stop's explanation)
+    refusal: Sequence[str] = ()
+    #: tool calls after the text (OpenAI: ``delta.tool_calls``; Anthropic: ``tool_use`` blocks)
+    tool_calls: Sequence[FakeToolCall] = ()
+    #: the format's own word for the end (OpenAI ``finish_reason``, Anthropic ``stop_reason``);
+    #: None: stop / end_turn, or tool_calls / tool_use when there are tool calls
+    stop_reason: str | None = None
+    #: OpenAI: how ``error_after`` (or a non-stream answer with ``error_after``) fails, see ERROR_STYLES
+    error_style: str = "event"
+    #: OpenAI: the in-band error's ``code``
+    error_code: int | str | None = None
+    #: send exactly these event payloads (for servers' odd habits); OpenAI's ``[DONE]`` still ends them
+    raw: Sequence[dict[str, Any]] | None = None
 
 
 @dataclass(eq=False)
@@ -192,8 +244,8 @@ class FakeCall:
 
     @property
     def api_key(self) -> str | None:
-        if self.format == ANTHROPIC:
-            return self.headers.get("x-api-key")
+        if self.format == ANTHROPIC and "x-api-key" in self.headers:  # Anthropic takes either header
+            return self.headers["x-api-key"]
         auth = self.headers.get("Authorization", "")
         return auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
 
@@ -383,18 +435,19 @@ class FakeUpstream:
             headers = {"Retry-After": script.retry_after} if script.retry_after else None
             return _error(fmt, script.status, message, headers)
         tokens = list(script.tokens) if script.tokens is not None else mock_answer(call.prompt, script.n)
+        writer = _OpenAIWriter(call, body) if fmt == OPENAI else _AnthropicWriter(call, body)
         if not body.get("stream") or script.non_stream:
-            return await self._whole(call, tokens)
+            return await self._whole(call, writer, tokens)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        writer = _OpenAIWriter(call, body) if fmt == OPENAI else _AnthropicWriter(call, body)
         await resp.write(writer.start())
         if script.hold_first:
             await call._hold()
         if script.first_token_s:
             await asyncio.sleep(script.first_token_s)
         await resp.write(writer.first())
-        for i, token in enumerate(tokens):
+        pieces = writer.pieces(tokens)
+        for i, piece in enumerate(pieces):
             if i and script.interval_s:
                 await asyncio.sleep(script.interval_s)
             if i == script.cut_after:
@@ -406,9 +459,9 @@ class FakeUpstream:
                 return resp
             if i == script.hold_after:
                 await call._hold()
-            await resp.write(writer.token(token))
+            await resp.write(piece)
             await call._advance()
-        n = len(tokens)
+        n = len(pieces)
         if script.cut_after is not None and script.cut_after >= n:
             return _cut(request, call, resp)
         if script.error_after is not None and script.error_after >= n:
@@ -440,25 +493,19 @@ class FakeUpstream:
                 return 400, "max_tokens: Field required"
             if any(m.get("role") == "system" for m in body["messages"] if isinstance(m, dict)):
                 return 400, 'messages: Unexpected role "system". Use the top-level "system" parameter.'
+            problem = anthropic_request_problem(body, version=call.headers["anthropic-version"])
+            if problem is not None:
+                return 400, problem
         return None
 
-    async def _whole(self, call: FakeCall, tokens: list[str]) -> web.Response:
+    async def _whole(self, call: FakeCall, writer: _OpenAIWriter | _AnthropicWriter,
+                     tokens: list[str]) -> web.Response:
         script = call.script
         await asyncio.sleep(script.first_token_s + script.interval_s * max(0, len(tokens) - 1))
-        text = "".join(tokens)
-        usage = _usage(call, len(tokens))
         call.tokens_sent = len(tokens)
-        if call.format == OPENAI:
-            return _json({
-                "id": f"chatcmpl-fake{call.index}", "object": "chat.completion", "created": int(time.time()),
-                "model": call.body["model"], "system_fingerprint": "fp_fake",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                             "logprobs": None, "finish_reason": "stop"}],
-                "usage": usage, **script.extras})
-        return _json({
-            "id": f"msg_fake{call.index}", "type": "message", "role": "assistant", "model": call.body["model"],
-            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
-            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}})
+        if script.error_after is not None and call.format == OPENAI:
+            call.outcome = "error_event"
+        return _json(writer.whole(tokens))
 
 
 def _usage(call: FakeCall, completion: int) -> dict[str, int]:
@@ -476,8 +523,11 @@ def _error(fmt: str, status: int, message: str, headers: dict[str, str] | None =
     if fmt == ANTHROPIC:
         kind = _ANTHROPIC_ERRORS.get(status, "api_error")
         return _json({"type": "error", "error": {"type": kind, "message": message}}, status, headers)
+    if status == 422:  # FastAPI's validation answer, as vLLM and other Python servers send it
+        return _json({"detail": [{"type": "missing", "loc": ["body", "messages"], "msg": message, "input": None}]},
+                     status, headers)
     kind = _OPENAI_ERRORS.get(status, "server_error")
-    code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
+    code = _OPENAI_CODES.get(status)
     return _json({"error": {"message": message, "type": kind, "param": None, "code": code}}, status, headers)
 
 
@@ -494,44 +544,103 @@ def _sse(data: Any, event: str | None = None) -> bytes:
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+_MID_STREAM = "the fake upstream failed mid-stream"
+
+
 class _OpenAIWriter:
-    """``chat.completion.chunk`` events, as OpenAI sends them."""
+    """``chat.completion.chunk`` events, as OpenAI (and compatible servers) send them."""
 
     def __init__(self, call: FakeCall, body: dict[str, Any]) -> None:
         self.call = call
+        self.script = call.script
         options = body.get("stream_options")
         self.include_usage = bool(isinstance(options, dict) and options.get("include_usage")) and call.script.usage
         self.base: dict[str, Any] = {"id": f"chatcmpl-fake{call.index}", "object": "chat.completion.chunk",
                                      "created": int(time.time()), "model": body["model"],
                                      "system_fingerprint": "fp_fake"}
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, **top: Any) -> bytes:
         chunk = {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                 **self.call.script.extras}
+                 **self.script.extras, **top}
         if self.include_usage:
             chunk["usage"] = None
         return _sse(chunk)
+
+    def finish_reason(self) -> str:
+        return self.script.stop_reason or ("tool_calls" if self.script.tool_calls else "stop")
 
     def start(self) -> bytes:
         return b""
 
     def first(self) -> bytes:
+        if self.script.raw is not None:
+            return b""
         return self._chunk({"role": "assistant", "content": "", "refusal": None})
 
-    def token(self, text: str) -> bytes:
-        return self._chunk({"content": text})
+    def pieces(self, tokens: list[str]) -> list[bytes]:
+        s = self.script
+        if s.raw is not None:
+            return [_sse(event) for event in s.raw]
+        out = [self._chunk({s.reasoning_field: r}) for r in s.reasoning]
+        out += [self._chunk({"content": t}) for t in tokens]
+        out += [self._chunk({"refusal": r}) for r in s.refusal]
+        for i, call in enumerate(s.tool_calls):
+            out.append(self._chunk({"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                                    "function": {"name": call.name, "arguments": ""}}]}))
+            out += [self._chunk({"tool_calls": [{"index": i, "function": {"arguments": a}}]})
+                    for a in call.arguments]
+        return out
+
+    def _error_object(self) -> dict[str, Any]:
+        return {"message": _MID_STREAM, "type": "server_error", "param": None, "code": self.script.error_code}
 
     def error(self) -> bytes:
-        return _sse({"error": {"message": "the fake upstream failed mid-stream", "type": "server_error",
-                               "param": None, "code": None}})
+        style = self.script.error_style
+        if style == "bare":
+            return _sse({"object": "error", "message": _MID_STREAM, "type": "InternalServerError", "param": None,
+                         "code": self.script.error_code or 500})
+        if style == "finish":
+            return self._chunk({"content": ""}, "error", error={"code": self.script.error_code or "server_error",
+                                                                 "message": _MID_STREAM})
+        if style == "finish_only":
+            return self._chunk({"content": ""}, "error")
+        return _sse({"error": self._error_object()})
 
     def end(self, n: int) -> bytes:
-        out = self._chunk({}, "stop")
-        if self.include_usage:
-            out += _sse({**self.base, "choices": [], "usage": _usage(self.call, n), **self.call.script.extras})
-        if self.call.script.done_marker:
+        out = b"" if self.script.raw is not None else self._chunk({}, self.finish_reason())
+        if self.include_usage and self.script.raw is None:
+            out += _sse({**self.base, "choices": [], "usage": _usage(self.call, n), **self.script.extras})
+        if self.script.done_marker:
             out += b"data: [DONE]\n\n"
         return out
+
+    def whole(self, tokens: list[str]) -> dict[str, Any]:
+        """The ``chat.completion`` object (or the in-band error a non-stream answer can be)."""
+        s = self.script
+        style = s.error_style if s.error_after is not None else None
+        if style == "event":
+            return {"error": self._error_object()}
+        if style == "bare":
+            return {"object": "error", "message": _MID_STREAM, "type": "BadRequestError", "param": None,
+                    "code": s.error_code or 400}
+        text = "".join(tokens)
+        message: dict[str, Any] = {"role": "assistant",
+                                   "content": text if text or not (s.tool_calls or s.refusal) else None,
+                                   "refusal": "".join(s.refusal) or None}
+        if s.reasoning:
+            message[s.reasoning_field] = "".join(s.reasoning)
+        if s.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": "".join(c.arguments)}}
+                                     for c in s.tool_calls]
+        answer = {"id": f"chatcmpl-fake{self.call.index}", "object": "chat.completion", "created": int(time.time()),
+                  "model": self.base["model"], "system_fingerprint": "fp_fake",
+                  "choices": [{"index": 0, "message": message, "logprobs": None,
+                               "finish_reason": "error" if style else self.finish_reason()}],
+                  "usage": _usage(self.call, len(tokens)), **s.extras}
+        if style == "finish":
+            answer["error"] = {"code": s.error_code or "server_error", "message": _MID_STREAM}
+        return answer
 
 
 class _AnthropicWriter:
@@ -539,34 +648,151 @@ class _AnthropicWriter:
 
     def __init__(self, call: FakeCall, body: dict[str, Any]) -> None:
         self.call = call
+        self.script = call.script
         self.model = body["model"]
         self.usage = _usage(call, 0)
+        stops = body.get("stop_sequences")
+        self.stop_sequence = stops[0] if isinstance(stops, list) and stops else "END"
+        self.blocks = 0  # content blocks sent so far
+
+    def stop_reason(self) -> str:
+        if self.script.stop_reason:
+            return self.script.stop_reason
+        return "refusal" if self.script.refusal else "tool_use" if self.script.tool_calls else "end_turn"
 
     def start(self) -> bytes:
-        usage = {"input_tokens": self.usage["prompt_tokens"], "output_tokens": 1} if self.call.script.usage else {}
+        if self.script.raw is not None:
+            return b""
+        usage = {"input_tokens": self.usage["prompt_tokens"], "output_tokens": 1} if self.script.usage else {}
         return _sse({"type": "message_start", "message": {
             "id": f"msg_fake{self.call.index}", "type": "message", "role": "assistant", "model": self.model,
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}}, "message_start")
 
     def first(self) -> bytes:
-        return (_sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                     "content_block_start")
-                + _sse({"type": "ping"}, "ping"))
+        return b"" if self.script.raw is not None else _sse({"type": "ping"}, "ping")
 
-    def token(self, text: str) -> bytes:
-        return _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
-                    "content_block_delta")
+    def _block(self, block: dict[str, Any], deltas: Sequence[dict[str, Any]],
+               last: Sequence[dict[str, Any]] = ()) -> list[bytes]:
+        """One content block as pieces: its start with the first delta, one delta a piece, then its stop."""
+        index = self.blocks
+        self.blocks += 1
+        events = [_sse({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")
+                  for d in deltas] or [b""]
+        events[0] = _sse({"type": "content_block_start", "index": index, "content_block": block},
+                         "content_block_start") + events[0]
+        events[-1] += b"".join(_sse({"type": "content_block_delta", "index": index, "delta": d},
+                                    "content_block_delta") for d in last)
+        events[-1] += _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+        return events
+
+    def pieces(self, tokens: list[str]) -> list[bytes]:
+        s = self.script
+        if s.raw is not None:
+            return [_sse(event, event.get("type")) for event in s.raw]
+        out: list[bytes] = []
+        if s.reasoning:
+            out += self._block({"type": "thinking", "thinking": "", "signature": ""},
+                               [{"type": "thinking_delta", "thinking": r} for r in s.reasoning],
+                               [{"type": "signature_delta", "signature": s.signature}])
+        if tokens:
+            out += self._block({"type": "text", "text": ""}, [{"type": "text_delta", "text": t} for t in tokens])
+        for call in s.tool_calls:
+            out += self._block({"type": "tool_use", "id": call.id, "name": call.name, "input": {}},
+                               [{"type": "input_json_delta", "partial_json": a} for a in call.arguments])
+        return out
 
     def error(self) -> bytes:
-        kind = self.call.script.error_kind
+        kind = self.script.error_kind
         return _sse({"type": "error", "error": {"type": kind, "message": f"fake {kind}"}}, "error")
 
+    def _stop(self) -> dict[str, Any]:
+        stop = self.stop_reason()
+        details = None
+        if stop == "refusal":
+            details = {"type": "refusal", "category": None, "explanation": "".join(self.script.refusal) or None}
+        return {"stop_reason": stop, "stop_sequence": self.stop_sequence if stop == "stop_sequence" else None,
+                "stop_details": details}
+
     def end(self, n: int) -> bytes:
-        usage = {"output_tokens": n} if self.call.script.usage else {}
-        return (_sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
-                + _sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                        "usage": usage}, "message_delta")
+        if self.script.raw is not None:
+            return b""
+        usage = {"output_tokens": n} if self.script.usage else {}
+        out = b"" if self.blocks else b"".join(self._block({"type": "text", "text": ""}, []))
+        return (out + _sse({"type": "message_delta", "delta": self._stop(), "usage": usage}, "message_delta")
                 + _sse({"type": "message_stop"}, "message_stop"))
+
+    def whole(self, tokens: list[str]) -> dict[str, Any]:
+        """The ``message`` object."""
+        s = self.script
+        content: list[dict[str, Any]] = []
+        if s.reasoning:
+            content.append({"type": "thinking", "thinking": "".join(s.reasoning), "signature": s.signature})
+        if tokens or not (s.reasoning or s.tool_calls):
+            content.append({"type": "text", "text": "".join(tokens)})
+        content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": orjson.loads("".join(c.arguments))}
+                    for c in s.tool_calls]
+        usage = _usage(self.call, len(tokens))
+        return {"id": f"msg_fake{self.call.index}", "type": "message", "role": "assistant", "model": self.model,
+                "content": content, **self._stop(),
+                "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}}
+
+
+#: the Messages API's request fields, as the official SDK types them
+_ANTHROPIC_FIELDS = frozenset(MessageCreateParamsStreaming.__required_keys__
+                              | MessageCreateParamsStreaming.__optional_keys__)
+_ANTHROPIC_STREAMING = pydantic.TypeAdapter(MessageCreateParamsStreaming)
+_ANTHROPIC_WHOLE = pydantic.TypeAdapter(MessageCreateParamsNonStreaming)
+
+
+class _Refused(Exception):
+    """What the API would say of a request."""
+
+
+def _said(path: str, exc: pydantic.ValidationError) -> _Refused:
+    """The first problem, preferring the union member whose ``type`` matched (a tool_result's, not a text's)."""
+    errors = exc.errors()
+    wrong = [e["loc"][:-1] for e in errors if e["type"] == "literal_error" and e["loc"][-1:] == ("type",)]
+    fitting = [e for e in errors if not any(e["loc"][:len(w)] == w for w in wrong)]
+    first = (fitting or errors)[0]
+    return _Refused(".".join([p for p in (path, *map(str, first["loc"])) if p]) + f": {first['msg']}")
+
+
+def _consume(value: Any, path: str = "") -> None:
+    """Walk a validated value, running the validators pydantic defers for ``Iterable`` fields."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _consume(item, f"{path}.{key}" if path else str(key))
+    elif not isinstance(value, str | bytes) and hasattr(value, "__iter__"):
+        try:
+            for i, item in enumerate(value):
+                _consume(item, f"{path}.{i}")
+        except pydantic.ValidationError as exc:
+            raise _said(path, exc) from None
+
+
+def anthropic_request_problem(body: dict[str, Any], *, version: str = ANTHROPIC_VERSION) -> str | None:
+    """What the Messages API would refuse in ``body``, in its words, checked with the official SDK's types.
+
+    The SDK's types are those of its own API version; ``2023-06-01`` also takes the
+    sampling parameters (``temperature``, ``top_p``, ``top_k``) that later versions refuse.
+    """
+    body = dict(body)
+    if version == ANTHROPIC_VERSION:
+        for key, (low, high) in _SAMPLING.items():
+            value = body.pop(key, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not low <= value <= high):
+                return f"{key}: Input should be a number from {low} to {high}"
+    for key in body:
+        if key not in _ANTHROPIC_FIELDS:
+            return f"{key}: Extra inputs are not permitted"
+    try:
+        _consume((_ANTHROPIC_STREAMING if body.get("stream") else _ANTHROPIC_WHOLE).validate_python(body))
+    except pydantic.ValidationError as exc:
+        return str(_said("", exc))
+    except _Refused as exc:
+        return str(exc)
+    return None
 
 
 # -- standalone ------------------------------------------------------------------------

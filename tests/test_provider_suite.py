@@ -273,3 +273,28 @@ async def test_the_thread_history_is_sent_upstream(http_backend: Backend) -> Non
         {"role": "assistant", "content": first["message"]["content"]},
         {"role": "user", "content": "second question"},
     ]
+
+
+@pytest.mark.parametrize(("status", "gateway_status", "kind"), [
+    (400, 400, "invalid_request"), (404, 404, "model_not_found"), (413, 413, "payload_too_large"),
+    (422, 400, "invalid_request"),
+])
+async def test_a_request_the_upstream_refuses_keeps_its_meaning(
+    http_backend: Backend, status: int, gateway_status: int, kind: str
+) -> None:
+    b = http_backend
+    model = f"{b.name}-refused-{status}"
+    b.fake.script(Script(status=status, message="no such model, or a bad field"), model=model)
+    body = {"content": PROMPT, "provider": b.name, "model": model}
+    async with b.gw.session.post(f"{b.gw.url}/api/threads/{b.tid}/messages", headers=b.gw.h(), json=body) as resp:
+        assert resp.status == gateway_status
+        assert resp.headers.get("x-should-retry") == "false"  # the official SDKs then do not retry
+        answer = await within(resp.json())
+    assert answer["error"]["type"] == kind and answer["error"]["retryable"] is False
+    assert "no such model, or a bad field" in answer["error"]["message"]
+    async with b.gw.open_stream(await b.gw.new_thread(), body) as resp:
+        events = await collect(resp)
+    assert [e.event for e in events] == ["meta", "error"]
+    assert (events[-1].json()["error"]["type"], events[-1].json()["error"]["retryable"]) == (kind, False)
+    stored = (await b.gw.thread(b.tid))["messages"][-1]
+    assert stored["status"] == "error" and stored["meta"]["error"]["type"] == kind

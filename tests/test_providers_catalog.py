@@ -171,3 +171,32 @@ async def test_a_local_provider_on_the_gateways_own_port_is_refused_by_name(gate
     status, answer = await gw.post(tid, {"content": "hi", "provider": "vllm", "model": "m"})
     assert status == 400 and "VLLM_BASE_URL" in answer["error"]["message"]
     assert (await gw.thread(tid))["messages"] == []
+
+
+async def test_stream_options_and_max_temperature_in_the_providers_file(tmp_path: Path) -> None:
+    path = tmp_path / "providers.toml"
+    path.write_text('[[providers]]\nname = "local"\nkind = "openai"\nbase_url = "http://127.0.0.1:9999/v1"\n'
+                    'api_key_env = ""\nstream_options = false\nmax_temperature = 1\n'
+                    '[[providers]]\nname = "anthropic"\nmax_temperature = 0.7\n')
+    registry = await build_registry(settings({"ANTHROPIC_API_KEY": "k"}, providers_file=str(path)))
+    try:
+        providers = {p.name: p for p in registry}
+        local, claude, openai = (providers[n] for n in ("local", "anthropic", "openai"))
+        assert isinstance(local, OpenAIProvider) and (local.stream_options, local.max_temperature) == (False, 1.0)
+        assert isinstance(claude, AnthropicProvider) and claude.max_temperature == 0.7
+        assert isinstance(openai, OpenAIProvider) and (openai.stream_options, openai.max_temperature) == (True, None)
+    finally:
+        await registry.aclose()
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("stream_options = 'no'", "'stream_options' must be true or false, not 'no'"),
+    ("max_temperature = 3", "'max_temperature' must be a number from 0 to 2, not 3"),
+    ("max_temperature = true", "'max_temperature' must be a number from 0 to 2, not True"),
+])
+def test_bad_stream_options_or_max_temperature_are_refused(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "providers.toml"
+    path.write_text(f"[[providers]]\nname = 'x'\nkind = 'openai'\n{text}\n")
+    with pytest.raises(ProviderConfigError) as caught:
+        load_file(str(path))
+    assert problem in str(caught.value)

@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
 from server.appkeys import PROVIDERS
-from server.errors import UpstreamTimeout
-from server.providers import OpenAIProvider, ProviderRequest
+from server.errors import UpstreamBadRequest, UpstreamNotFound, UpstreamPayloadTooLarge, UpstreamTimeout
+from server.providers import Chunk, OpenAIProvider, ProviderRequest
 from server.providers.mock import mock_answer
 from server.providers.upstream import Timeouts
 
-from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
+from .fake_upstream import DEFAULT_API_KEY, TOOL_CALLS, FakeUpstream, Script
 from .helpers import collect, stream_chunks as run, stream_failure as failure, text_of, within
 
 KEY = DEFAULT_API_KEY
@@ -91,7 +92,10 @@ async def test_a_cut_or_an_error_event_ends_after_the_partial_text(
     (401, "provider_auth", False, 502),
     (403, "provider_auth", False, 502),
     (429, "rate_limited", True, 429),
-    (400, "upstream_error", False, 502),
+    (400, "invalid_request", False, 400),
+    (404, "model_not_found", False, 404),
+    (413, "payload_too_large", False, 413),
+    (422, "invalid_request", False, 400),
     (500, "upstream_error", True, 502),
     (503, "upstream_error", True, 502),
 ])
@@ -252,3 +256,206 @@ async def test_keys_never_appear_in_errors_messages_metrics_or_logs(
     everything = "\n".join(seen)
     assert KEY not in everything
     assert f"{KEY[:3]}***{KEY[-4:]}" not in everything  # how the fake's 401 quotes a key
+
+
+# -- beside the text: reasoning, refusals, tool calls ------------------------------------------
+
+#: the tool-call pieces a client receives for TOOL_CALLS, in OpenAI's shape
+TOOL_PIECES = [
+    {"index": 0, "id": "call_weather", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+    {"index": 0, "function": {"arguments": '{"city": '}},
+    {"index": 0, "function": {"arguments": '"Paris"'}},
+    {"index": 0, "function": {"arguments": "}"}},
+    {"index": 1, "id": "call_time", "type": "function", "function": {"name": "get_time", "arguments": ""}},
+    {"index": 1, "function": {"arguments": "{}"}},
+]
+
+
+def pieces(chunks: list[Chunk]) -> dict[str, Any]:
+    """What a client would show: each kind of output joined, tool-call pieces in order, the finish."""
+    return {"reasoning": "".join(c.reasoning for c in chunks), "text": "".join(c.text for c in chunks),
+            "refusal": "".join(c.refusal for c in chunks), "tool_calls": [p for c in chunks for p in c.tool_calls],
+            "finish": [c.finish_reason for c in chunks if c.finish_reason]}
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+async def test_reasoning_text_and_tool_calls_stream_through(
+    fake: FakeUpstream, session: aiohttp.ClientSession, field: str
+) -> None:
+    # vLLM and DeepSeek say reasoning_content, OpenRouter and Ollama say reasoning
+    fake.script(Script(reasoning=["Think", "ing"], reasoning_field=field, tokens=["Let me check."], tool_calls=TOOL_CALLS))
+    chunks = await run(adapter(fake, session), ask(tools=[{"type": "function", "function": {"name": "get_weather"}}]))
+    assert pieces(chunks) == {"reasoning": "Thinking", "text": "Let me check.", "refusal": "",
+                              "tool_calls": TOOL_PIECES, "finish": ["tool_calls"]}
+    assert [c.reasoning for c in chunks if c.reasoning] == ["Think", "ing"]  # streamed as it came
+    assert fake.calls[0].body["tools"] == [{"type": "function", "function": {"name": "get_weather"}}]
+
+
+async def test_a_refusal_streams_as_a_refusal(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    fake.script(Script(tokens=[], refusal=["I can't ", "help with that."]))
+    chunks = await run(adapter(fake, session), ask())
+    assert pieces(chunks) == {"reasoning": "", "text": "", "refusal": "I can't help with that.", "tool_calls": [],
+                              "finish": ["stop"]}
+
+
+async def test_a_whole_answer_carries_the_same_fields(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    fake.script(Script(non_stream=True, reasoning=["Think", "ing"], tokens=["Let me check."], tool_calls=TOOL_CALLS))
+    [chunk] = await run(adapter(fake, session), ask())
+    assert pieces([chunk]) == {"reasoning": "Thinking", "text": "Let me check.", "refusal": "", "finish": ["tool_calls"],
+                               "tool_calls": [
+        {"index": 0, "id": "call_weather", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"index": 1, "id": "call_time", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
+    fake.script(Script(non_stream=True, tokens=[], refusal=["No."], reasoning_field="reasoning", reasoning=["Hm"]))
+    [chunk] = await run(adapter(fake, session), ask())
+    assert (chunk.refusal, chunk.reasoning, chunk.text, chunk.finish_reason) == ("No.", "Hm", "", "stop")
+
+
+def raw_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+async def test_tool_call_pieces_leave_in_openais_shape_whatever_the_servers_habits(
+    fake: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    fake.script(Script(raw=[
+        raw_chunk({"role": "assistant", "content": None}),
+        # id and name repeated on every piece, and the arguments' object itself on the first
+        raw_chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                   "function": {"name": "lookup", "arguments": '{"q": '}}]}),
+        raw_chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                   "function": {"name": "lookup", "arguments": '"x"}'}}]}),
+        # whole calls with no index, one without an id
+        raw_chunk({"tool_calls": [{"id": "call_b", "function": {"name": "other", "arguments": {"n": 1}}}]}),
+        raw_chunk({"tool_calls": [{"function": {"name": "third", "arguments": "{}"}}]}),
+        # both reasoning fields with the same text: shown once
+        raw_chunk({"reasoning_content": "why", "reasoning": "why"}),
+        raw_chunk({}, "tool_calls"),
+    ]))
+    chunks = await run(adapter(fake, session), ask())
+    calls = pieces(chunks)["tool_calls"]
+    assert calls[:3] == [
+        {"index": 0, "id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": '{"q": '}},
+        {"index": 0, "function": {"arguments": '"x"}'}},
+        {"index": 1, "id": "call_b", "type": "function", "function": {"name": "other", "arguments": '{"n":1}'}},
+    ]
+    [third] = calls[3:]
+    assert (third["index"], third.get("type"), third.get("function")) == (
+        2, "function", {"name": "third", "arguments": "{}"})
+    assert third.get("id", "").startswith("call_")  # made up: a client must be able to answer it
+    assert pieces(chunks)["reasoning"] == "why"
+
+
+@pytest.mark.parametrize(("raw", "finish", "kept"), [
+    ("stop", "stop", None), ("length", "length", None), ("tool_calls", "tool_calls", None),
+    ("content_filter", "content_filter", None), ("eos", "stop", "eos"), ("abort", "stop", "abort"),
+])
+async def test_finish_reasons_are_openais(
+    fake: FakeUpstream, session: aiohttp.ClientSession, raw: str, finish: str, kept: str | None
+) -> None:
+    fake.script(Script(tokens=["a"], stop_reason=raw))
+    [last] = [c for c in await run(adapter(fake, session), ask()) if c.finish_reason]
+    assert last.finish_reason == finish
+    assert last.meta == {"finish_reason": finish, **({"upstream_finish_reason": kept} if kept else {})}
+
+
+@pytest.mark.parametrize(("style", "code", "kind", "retryable"), [
+    ("event", None, "upstream_error", True),             # OpenAI, SGLang: {"error": {...}}
+    ("bare", None, "upstream_error", True),              # older vLLM: {"object": "error", ...}
+    ("bare", 400, "invalid_request", False),             # ... refusing the request once streaming
+    ("finish", None, "upstream_error", True),            # OpenRouter: finish_reason "error" with the error
+    ("finish_only", None, "upstream_error", True),       # ... and without it
+])
+async def test_errors_inside_a_stream_end_it_after_the_partial_text(
+    fake: FakeUpstream, session: aiohttp.ClientSession, style: str, code: int | None, kind: str, retryable: bool
+) -> None:
+    fake.script(Script(tokens=["a", "b", "c"], error_after=2, error_style=style, error_code=code))
+    error, text = await failure(adapter(fake, session), ask())
+    assert (error.type, error.retryable, text) == (kind, retryable, "ab")
+    assert "'openai'" in error.message
+    if style == "finish_only":
+        assert "finish_reason 'error'" in error.message
+    else:
+        assert "failed mid-stream" in error.message  # the upstream's own words
+
+
+@pytest.mark.parametrize(("style", "code", "kind"), [
+    ("event", None, "upstream_error"), ("bare", None, "invalid_request"), ("bare", 404, "model_not_found"),
+    ("finish", None, "upstream_error"), ("finish_only", None, "upstream_error"),
+])
+async def test_errors_in_a_whole_answer(
+    fake: FakeUpstream, session: aiohttp.ClientSession, style: str, code: int | None, kind: str
+) -> None:
+    fake.script(Script(non_stream=True, error_after=0, error_style=style, error_code=code))
+    error, text = await failure(adapter(fake, session), ask())
+    assert (error.type, text) == (kind, "")
+
+
+@pytest.mark.parametrize(("status", "cls", "gateway_status", "kind"), [
+    (400, UpstreamBadRequest, 400, "invalid_request"),
+    (404, UpstreamNotFound, 404, "model_not_found"),
+    (413, UpstreamPayloadTooLarge, 413, "payload_too_large"),
+    (422, UpstreamBadRequest, 400, "invalid_request"),
+])
+async def test_a_refused_request_keeps_its_status_and_says_not_to_retry(
+    fake: FakeUpstream, session: aiohttp.ClientSession, status: int, cls: type[Exception], gateway_status: int,
+    kind: str
+) -> None:
+    fake.script(Script(status=status, message="bad 'temperature' with key {api_key}"))
+    error, _ = await failure(adapter(fake, session), ask())
+    assert type(error) is cls
+    assert (error.status, error.type, error.retryable) == (gateway_status, kind, False)
+    assert error.headers() == {"x-should-retry": "false"}
+    assert "bad 'temperature' with key [redacted]" in error.message and KEY not in error.message
+
+
+async def test_the_sdk_does_not_retry_what_the_upstream_refused(fake: FakeUpstream, gateway_factory: Any) -> None:
+    gw = await gateway_factory(env=fake.env())
+    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=2, timeout=10,
+                                default_headers={"x-org-id": "org_a"})
+    try:
+        fake.script(Script(status=404, message="The model `gpt-x` does not exist"))
+        with pytest.raises(openai.NotFoundError) as caught:
+            await within(client.chat.completions.create(model="openai/gpt-x", messages=[
+                {"role": "user", "content": "hi"}]))
+        assert caught.value.response.headers["x-should-retry"] == "false"
+        assert "does not exist" in str(caught.value)
+        fake.api_key = "sk-another-key-the-upstream-wants"  # our key refused: the gateway's 502
+        with pytest.raises(openai.InternalServerError) as refused:
+            await within(client.chat.completions.create(model="openai/gpt-y", messages=[
+                {"role": "user", "content": "hi"}]))
+        assert refused.value.status_code == 502 and refused.value.response.headers["x-should-retry"] == "false"
+    finally:
+        await within(client.close())
+    assert len(fake.calls) == 2  # the SDK, told not to, did not retry either
+    async with gw.session.post(f"{gw.url}/api/threads/{await gw.new_thread()}/messages", headers=gw.h(),
+                               json={"content": "hi", "provider": "openai", "model": "gpt-z"}) as resp:
+        assert resp.status == 502 and resp.headers["x-should-retry"] == "false"
+
+
+# -- per-provider options -------------------------------------------------------------------------
+
+
+async def test_stream_options_and_max_temperature_options(fake: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    plain = adapter(fake, session, stream_options=False, max_temperature=1.0)
+    fake.script(Script(tokens=["a", "b"]))
+    chunks = await run(plain, ask(temperature=1.7, stream_options={"include_usage": True}))
+    assert "".join(c.text for c in chunks) == "ab"
+    assert not any(c.usage for c in chunks)  # not asked for: not sent
+    await run(plain, ask(temperature=0.4))
+    first, second = fake.calls
+    assert "stream_options" not in first.body and first.body["temperature"] == 1.0
+    assert second.body["temperature"] == 0.4
+
+
+async def test_the_options_from_the_providers_file(fake: FakeUpstream, gateway_factory: Any, tmp_path: Path) -> None:
+    path = tmp_path / "providers.toml"
+    path.write_text(f'[[providers]]\nname = "local"\nkind = "openai"\nbase_url = "{fake.openai_url}"\n'
+                    'api_key_env = "LOCAL_KEY"\nstream_options = false\nmax_temperature = 1.2\n')
+    gw = await gateway_factory(env={"LOCAL_KEY": KEY}, providers_file=str(path))
+    async with gw.session.post(f"{gw.url}/v1/chat/completions", headers=gw.h(), json={
+            "model": "local/m", "temperature": 1.9, "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        assert resp.status == 200, await resp.text()
+    [call] = fake.calls
+    assert "stream_options" not in call.body and call.body["temperature"] == 1.2

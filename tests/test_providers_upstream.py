@@ -6,18 +6,33 @@ import asyncio
 import email.utils
 import time
 
+import aiohttp
 import pytest
 
-from server.errors import ProviderAuthError, RateLimited, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from server.errors import (
+    ProviderAuthError,
+    RateLimited,
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamPayloadTooLarge,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from server.providers import AnthropicProvider, OpenAIProvider, ProviderRequest
 from server.providers.upstream import (
     MAX_SSE_LINE_BYTES,
     Deadlines,
+    HTTPProvider,
     SSEDecoder,
     Timeouts,
     parse_retry_after,
     scrub,
     status_error,
 )
+
+from .fake_upstream import DEFAULT_API_KEY, FakeUpstream, Script
+from .helpers import stream_chunks, stream_failure
 
 
 def test_sse_decoder_joins_pieces_split_anywhere() -> None:
@@ -60,8 +75,9 @@ def test_scrub_replaces_every_secret() -> None:
 @pytest.mark.parametrize(("status", "cls", "retryable"), [
     (401, ProviderAuthError, False), (403, ProviderAuthError, False), (429, RateLimited, True),
     (408, UpstreamError, True), (409, UpstreamError, True), (500, UpstreamError, True),
-    (502, UpstreamError, True), (529, UpstreamError, True), (400, UpstreamError, False),
-    (404, UpstreamError, False), (422, UpstreamError, False),
+    (502, UpstreamError, True), (529, UpstreamError, True), (400, UpstreamBadRequest, False),
+    (404, UpstreamNotFound, False), (413, UpstreamPayloadTooLarge, False), (422, UpstreamBadRequest, False),
+    (418, UpstreamError, False),
 ])
 def test_statuses_map_to_gateway_errors(status: int, cls: type[UpstreamError], retryable: bool) -> None:
     body = b'{"error": {"message": "model gpt-x does not exist; key sk-abcdef", "type": "x"}}'
@@ -94,7 +110,7 @@ async def test_deadlines_first_token_then_idle_then_total() -> None:
         await first.run(never.wait())
     idle = Deadlines(provider="p", timeouts=Timeouts(first_token=10, idle=0.05, total=10))
     assert await idle.run(asyncio.sleep(0, "ok")) == "ok"
-    idle.got_text()
+    idle.got_output()
     with pytest.raises(UpstreamTimeout, match="no data for 0.05s mid-stream"):
         await idle.run(never.wait())
     total = Deadlines(provider="p", timeouts=Timeouts(first_token=10, idle=10, total=0.05))
@@ -110,3 +126,28 @@ async def test_a_timeout_raised_inside_is_not_taken_for_a_deadline() -> None:
 
     with pytest.raises(TimeoutError, match="from inside"):
         await deadlines.run(fails())
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_reasoning_is_output_for_the_first_token_deadline(
+    fake: FakeUpstream, session: aiohttp.ClientSession, kind: str
+) -> None:
+    # A reasoning model thinks for a while before its first word: 0.6 s of reasoning against a
+    # 0.25 s first-token deadline (3 s against 1 s, scaled down).
+    timeouts = Timeouts(first_token=0.25, idle=5, total=10)
+    provider: HTTPProvider
+    if kind == "openai":
+        provider = OpenAIProvider(name=kind, base_url=fake.openai_url, session=session, api_key=DEFAULT_API_KEY,
+                                  timeouts=timeouts)
+    else:
+        provider = AnthropicProvider(name=kind, base_url=fake.anthropic_url, session=session,
+                                     api_key=DEFAULT_API_KEY, timeouts=timeouts)
+    request = ProviderRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    fake.script(Script(reasoning=["hmm"] * 6, interval_s=0.1, tokens=["Answer."]))
+    chunks = await stream_chunks(provider, request)
+    assert "".join(c.reasoning for c in chunks) == "hmm" * 6 and "".join(c.text for c in chunks) == "Answer."
+    assert fake.calls[-1].ended_at is not None and fake.calls[-1].ended_at - fake.calls[-1].started_at >= 0.5
+    # the same silence without reasoning is a missing first token
+    fake.script(Script(first_token_s=0.6, tokens=["Answer."]))
+    error, _ = await stream_failure(provider, request)
+    assert isinstance(error, UpstreamTimeout) and "no first token within 0.25s" in error.message

@@ -21,20 +21,23 @@ import aiohttp
 from ..config import Settings
 from ..errors import BadRequest, ProviderNotConfigured
 from .anthropic import AnthropicProvider
-from .base import Chunk, Provider, ProviderRequest
+from .base import ChatMessage, Chunk, FinishReason, Provider, ProviderRequest, ToolCallDelta
 from .catalog import ProviderConfigError, resolve
 from .mock import MockProvider
 from .openai import OpenAIProvider
 
 __all__ = [
     "AnthropicProvider",
+    "ChatMessage",
     "Chunk",
+    "FinishReason",
     "MockProvider",
     "OpenAIProvider",
     "Provider",
     "ProviderConfigError",
     "ProviderRegistry",
     "ProviderRequest",
+    "ToolCallDelta",
     "build_registry",
     "new_session",
 ]
@@ -113,12 +116,14 @@ async def build_registry(settings: Settings) -> ProviderRegistry:
                                       api_key_env=spec.api_key_env, key_required=spec.key_required,
                                       max_concurrency=spec.max_concurrency, timeouts=spec.timeouts,
                                       default_model=spec.default_model, models=spec.models,
-                                      headers=spec.headers, unusable=r.unusable)
+                                      headers=spec.headers, unusable=r.unusable,
+                                      max_temperature=spec.max_temperature)
         if spec.kind == "anthropic":
             extra = {} if spec.max_tokens is None else {"max_tokens": spec.max_tokens}
             providers.append(AnthropicProvider(**common, **extra))
         else:
-            providers.append(OpenAIProvider(**common, meta_keys=spec.meta_keys))
+            providers.append(OpenAIProvider(**common, meta_keys=spec.meta_keys,
+                                            stream_options=spec.stream_options))
     registry = ProviderRegistry(providers, default=settings.default_provider, session=session)
     if settings.default_provider not in registry:
         await registry.aclose()

@@ -14,11 +14,78 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Required, TypedDict
 
-__all__ = ["Chunk", "Provider", "ProviderRequest"]
+__all__ = [
+    "ChatMessage",
+    "Chunk",
+    "ContentPart",
+    "FinishReason",
+    "FunctionCall",
+    "FunctionCallDelta",
+    "ImagePart",
+    "ImageURL",
+    "Provider",
+    "ProviderRequest",
+    "TextPart",
+    "ToolCall",
+    "ToolCallDelta",
+]
 
 DEFAULT_MAX_CONCURRENCY = 16
+
+
+# -- what a request carries: OpenAI's chat messages ------------------------------------
+
+
+class TextPart(TypedDict, total=False):
+    type: Required[Literal["text"]]
+    text: Required[str]
+    #: Anthropic's prompt-caching mark, kept where the adapter can send it
+    cache_control: dict[str, Any]
+
+
+class ImageURL(TypedDict, total=False):
+    #: ``data:image/png;base64,...`` or ``https://...``
+    url: Required[str]
+    detail: Literal["auto", "low", "high"]
+
+
+class ImagePart(TypedDict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = TextPart | ImagePart
+
+
+class FunctionCall(TypedDict):
+    name: str
+    #: the arguments as a JSON text, as the model wrote them
+    arguments: str
+
+
+class ToolCall(TypedDict):
+    """A whole tool call on an assistant message."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(TypedDict, total=False):
+    """One message of :attr:`ProviderRequest.messages`, in OpenAI's chat format.
+
+    ``content`` is a string or a list of parts (text; images by ``data:`` or
+    ``https`` URL). An assistant message may carry ``tool_calls``; a
+    ``role: "tool"`` message answers one of them by ``tool_call_id``.
+    """
+
+    role: Required[Literal["system", "developer", "user", "assistant", "tool"]]
+    content: str | list[ContentPart] | None
+    name: str
+    tool_calls: list[ToolCall]
+    tool_call_id: str
 
 
 @dataclass(slots=True, kw_only=True)
@@ -26,22 +93,68 @@ class ProviderRequest:
     """What the leader of a flight asks of a provider."""
 
     model: str
-    # The conversation, oldest first: ``{"role": "system"|"user"|"assistant", "content": str}``.
+    # The conversation, oldest first, each message shaped like :class:`ChatMessage`
+    # (typed loosely: it arrives from clients and the store as plain JSON).
     messages: list[dict[str, Any]]
-    # Sampling parameters passed through as they are (temperature, max_tokens, ...).
+    # Sampling parameters passed through as they are (temperature, max_tokens, tools, ...).
     params: dict[str, Any] = field(default_factory=dict)
+
+
+# -- what an answer is made of --------------------------------------------------------
+
+
+class FunctionCallDelta(TypedDict, total=False):
+    name: str
+    arguments: str
+
+
+class ToolCallDelta(TypedDict, total=False):
+    """A piece of a tool call, as OpenAI streams it.
+
+    The first piece of each ``index`` carries ``id``, ``type`` and
+    ``function.name`` (and maybe the first ``arguments``); later pieces carry
+    only ``index`` and more ``function.arguments``, to be appended.
+    """
+
+    index: Required[int]
+    id: str
+    type: Literal["function"]
+    function: FunctionCallDelta
+
+
+#: OpenAI's words for why an answer ended
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 @dataclass(slots=True, kw_only=True)
 class Chunk:
-    """One piece of an upstream answer. Any field may be empty."""
+    """One piece of an upstream answer, in OpenAI's vocabulary whatever the upstream.
 
+    Any field may be empty. Text-like fields are pieces to append to what
+    came before; ``usage`` replaces the previous one; ``meta`` is merged into
+    the message's meta (a key replaces the same key).
+    """
+
+    #: a piece of the answer's text
     text: str = ""
+    #: a piece of the model's reasoning (OpenAI-compatible ``reasoning_content``,
+    #: Anthropic's thinking), shown apart from the answer
+    reasoning: str = ""
+    #: a piece of a refusal (OpenAI's ``delta.refusal``; Anthropic's ``refusal`` stop)
+    refusal: str = ""
+    #: pieces of tool calls, see :class:`ToolCallDelta`
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    #: set once, on the chunk that ends the answer
+    finish_reason: FinishReason | None = None
     # Token usage as the provider reports it (OpenAI's names: prompt_tokens, ...).
     usage: dict[str, Any] | None = None
-    # Extras beside the text (Perplexity's citations, ...), merged into the message's meta.
+    # Extras beside the text (Perplexity's citations, Anthropic's thinking signatures,
+    # ``finish_reason``), merged into the message's meta.
     meta: dict[str, Any] | None = None
-    finish_reason: str | None = None
+
+    def has_output(self) -> bool:
+        """Whether the model produced something here (what the first-token deadline waits for)."""
+        return bool(self.text or self.reasoning or self.refusal or self.tool_calls)
 
 
 class Provider(abc.ABC):

@@ -32,6 +32,8 @@ The file (``DAC_PROVIDERS_FILE``) declares more, or changes a built-in::
     headers = { "HTTP-Referer" = "https://example.org" }                     # sent upstream
     # max_tokens = 4096                 # anthropic: when the request sets none
     # meta_keys = ["citations"]         # openai: chunk fields kept in the message's meta
+    # stream_options = false            # openai: never send stream_options (servers that refuse it)
+    # max_temperature = 1.0             # a higher temperature is sent as this (anthropic: at most 1)
 
 An entry named like a built-in starts from the built-in's values. Unknown
 fields, wrong types and duplicate names stop the start with a message naming
@@ -58,7 +60,7 @@ __all__ = ["BUILTINS", "KINDS", "ProviderSpec", "ProviderConfigError", "env_pref
 KINDS = ("openai", "anthropic", "mock")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FIELDS = {"name", "kind", "base_url", "api_key_env", "max_concurrency", "timeouts", "default_model",
-           "models", "headers", "max_tokens", "meta_keys"}
+           "models", "headers", "max_tokens", "meta_keys", "stream_options", "max_temperature"}
 _TIMEOUTS = ("connect", "first_token", "idle", "total")
 
 
@@ -83,6 +85,10 @@ class ProviderSpec:
     headers: Mapping[str, str] = field(default_factory=dict)
     max_tokens: int | None = None
     meta_keys: tuple[str, ...] = DEFAULT_META_KEYS
+    #: openai: whether ``stream_options.include_usage`` is sent
+    stream_options: bool = True
+    #: a temperature above this is sent as this
+    max_temperature: float | None = None
     #: whether base_url came from the file (then ``<NAME>_BASE_URL`` does not replace it)
     fixed_url: bool = False
 
@@ -200,6 +206,16 @@ def _entry(entry: dict[str, Any], base: Mapping[str, ProviderSpec], *, where: st
         changes["max_tokens"] = max_tokens
     if (meta_keys := strings("meta_keys")) is not None:
         changes["meta_keys"] = meta_keys
+    if "stream_options" in entry:
+        if not isinstance(entry["stream_options"], bool):
+            raise ProviderConfigError(f"{where}: 'stream_options' must be true or false, "
+                                     f"not {entry['stream_options']!r}")
+        changes["stream_options"] = entry["stream_options"]
+    if "max_temperature" in entry:
+        ceiling = entry["max_temperature"]
+        if isinstance(ceiling, bool) or not isinstance(ceiling, int | float) or not 0 <= ceiling <= 2:
+            raise ProviderConfigError(f"{where}: 'max_temperature' must be a number from 0 to 2, not {ceiling!r}")
+        changes["max_temperature"] = float(ceiling)
     if "headers" in entry:
         headers = entry["headers"]
         if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):

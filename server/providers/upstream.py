@@ -6,18 +6,26 @@ classes, with a message that names the provider and never its key:
 =====================================  ==========================================
 upstream                               gateway error
 =====================================  ==========================================
-401, 403                               ``ProviderAuthError`` (``provider_auth``)
+400, 422 (bad params)                  ``UpstreamBadRequest`` (400 ``invalid_request``)
+404 (unknown model)                    ``UpstreamNotFound`` (404 ``model_not_found``)
+413                                    ``UpstreamPayloadTooLarge`` (413)
+401, 403                               ``ProviderAuthError`` (502 ``provider_auth``)
 429                                    ``RateLimited``, ``retry_after`` from ``Retry-After``
 408, 409, 5xx, 529 (overloaded)        ``UpstreamError`` (retryable)
-other 4xx (bad model, bad params)      ``UpstreamError`` (not retryable)
+other 4xx                              ``UpstreamError`` (not retryable)
 no connection, reset, cut stream       ``UpstreamError`` (retryable)
 a deadline passed                      ``UpstreamTimeout`` (``upstream_timeout``, retryable)
 a body that is not the wire format     ``UpstreamProtocolError``
 =====================================  ==========================================
 
+A refused request keeps its meaning (a client's bad parameter is its own
+400, not the gateway's 502), quotes the upstream's words with keys scrubbed,
+and is never retryable.
+
 Four deadlines bound a call (:class:`Timeouts`): connecting, the first
-token (from the request to the first piece of text), the silence between two
-reads once text flows, and the whole call.
+token (from the request to the first piece of output: text, reasoning, a
+tool call or a refusal), the silence between two reads once output flows,
+and the whole call.
 """
 
 from __future__ import annotations
@@ -37,7 +45,10 @@ from ..errors import (
     BadRequest,
     ProviderAuthError,
     RateLimited,
+    UpstreamBadRequest,
     UpstreamError,
+    UpstreamNotFound,
+    UpstreamPayloadTooLarge,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -54,6 +65,7 @@ __all__ = [
     "StreamParser",
     "Timeouts",
     "client_error",
+    "object_of",
     "parse_retry_after",
     "read_error_body",
     "scrub",
@@ -96,8 +108,11 @@ class Deadlines:
     """The deadlines of one upstream call.
 
     ``await deadlines.run(aw)`` awaits ``aw`` until the nearest deadline: the
-    first-token one until :meth:`got_text` is called, then the idle one
+    first-token one until :meth:`got_output` is called, then the idle one
     (restarted by every read that returned), and always the total one.
+    Output is anything the model produced: text, and also reasoning (a
+    model may think for minutes before its first word), tool calls and
+    refusals.
     """
 
     __slots__ = ("_provider", "_timeouts", "_loop", "_total_at", "_first_at", "_last", "_text")
@@ -112,7 +127,7 @@ class Deadlines:
         self._last = start
         self._text = False
 
-    def got_text(self) -> None:
+    def got_output(self) -> None:
         self._text = True
 
     def _next(self) -> tuple[float, str]:
@@ -183,6 +198,11 @@ class SSEDecoder:
         return events
 
 
+def object_of(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (for optional nested fields)."""
+    return value if isinstance(value, dict) else {}
+
+
 def scrub(text: str, secrets: Iterable[str | None]) -> str:
     """``text`` with every secret replaced; upstream messages may echo what was sent."""
     for secret in secrets:
@@ -235,11 +255,27 @@ def _quoted(body: bytes, secrets: Iterable[str | None]) -> str:
         elif isinstance(error, str):
             message = error
         elif isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
-            message = parsed["message"]
+            message = parsed["message"]  # vLLM's {"object": "error", "message": ...}
+        elif isinstance(parsed, dict) and "detail" in parsed:
+            message = _detail(parsed["detail"])  # FastAPI's 422 {"detail": [{"loc", "msg"}, ...]}
     message = " ".join(scrub(message, secrets).split())
     if len(message) > MAX_QUOTED_CHARS:
         message = message[: MAX_QUOTED_CHARS - 1] + "…"
     return message
+
+
+def _detail(detail: Any) -> str:
+    if isinstance(detail, str):
+        return detail
+    if not isinstance(detail, list):
+        return ""
+    said = []
+    for item in detail:
+        if isinstance(item, dict) and isinstance(item.get("msg"), str):
+            loc = item.get("loc")
+            where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+            said.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return "; ".join(said)
 
 
 def status_error(
@@ -271,7 +307,14 @@ def status_error(
         return UpstreamError(f"provider {provider!r} is overloaded ({label}){said}")
     if status >= 500 or status in (408, 409):
         return UpstreamError(f"provider {provider!r} failed ({label}){said}")
-    return UpstreamError(f"provider {provider!r} rejected the request ({label}){said}", retryable=False)
+    refused = f"provider {provider!r} rejected the request ({label}){said}"
+    if status in (400, 422):
+        return UpstreamBadRequest(refused)
+    if status == 404:
+        return UpstreamNotFound(f"provider {provider!r} does not know the model or path ({label}){said}")
+    if status == 413:
+        return UpstreamPayloadTooLarge(f"provider {provider!r} refused the request's size ({label}){said}")
+    return UpstreamError(refused, retryable=False)
 
 
 def client_error(provider: str, exc: BaseException, timeouts: Timeouts) -> UpstreamError:
@@ -336,6 +379,7 @@ class HTTPProvider(Provider):
         models: Sequence[str] = (),
         headers: Mapping[str, str] | None = None,
         unusable: str | None = None,
+        max_temperature: float | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -349,6 +393,8 @@ class HTTPProvider(Provider):
         self._key_required = key_required
         self._extra_headers = dict(headers or {})
         self._unusable = unusable
+        #: a temperature above this is sent as this (servers that refuse OpenAI's 0-2 range)
+        self.max_temperature = max_temperature
         self._client_timeout = timeouts.client_timeout()
 
     def __repr__(self) -> str:
@@ -373,6 +419,13 @@ class HTTPProvider(Provider):
     def validate_model(self, model: str) -> None:
         if not model.strip():
             raise BadRequest(f"'model' must name a model of provider {self.name!r}", param="model")
+
+    def clamp_temperature(self, params: dict[str, Any], ceiling: float | None = None) -> None:
+        """Lower ``params["temperature"]`` to the provider's ceiling (and ``ceiling``), in place."""
+        value = params.get("temperature")
+        limits = [c for c in (self.max_temperature, ceiling) if c is not None]
+        if limits and isinstance(value, int | float) and not isinstance(value, bool) and value > min(limits):
+            params["temperature"] = min(limits)
 
     # -- what subclasses say ------------------------------------------------------
 
@@ -434,8 +487,8 @@ class HTTPProvider(Provider):
                 for event, payload_ in decoder.feed(data):
                     chunk = parser.feed(event, payload_)
                     if chunk is not None:
-                        if chunk.text:
-                            deadlines.got_text()
+                        if chunk.has_output():
+                            deadlines.got_output()
                         yield chunk
                     if parser.done:
                         break
