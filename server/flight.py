@@ -84,6 +84,10 @@ class TurnRequest:
     key: str | None = None
     #: skip a finished flight's result (``Cache-Control: no-cache``); still joins a running one
     no_cache: bool = False
+    #: the leader streams its answer: ask the upstream for a stream. A leader that waits
+    #: for the whole answer asks for it whole (one chunk: cheaper); a streaming client
+    #: joining that flight then gets the text in one piece when it is ready.
+    stream: bool = True
 
 
 class Flight:
@@ -376,7 +380,7 @@ class Flight:
         ttft = metrics.ttft.labels(provider.name, model_label)
         gap = metrics.inter_token.labels(provider.name)
         deltas = metrics.deltas.labels(provider.name)
-        request = ProviderRequest(model=turn.model, messages=messages, params=dict(turn.params))
+        request = ProviderRequest(model=turn.model, messages=messages, params=dict(turn.params), stream=turn.stream)
         started = last = self.upstream_started = time.perf_counter()
         stream = provider.stream(request)
         self._pulling = True

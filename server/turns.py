@@ -252,7 +252,7 @@ class TurnService:
                 key = coalesce_key("call", org_id, provider.name, model, _digest(messages), _digest(params))
         return TurnRequest(org_id=org_id, thread_id=thread_id, content=content, provider=provider, model=model,
                            messages=messages, params=params, meta=meta or {}, key=key,
-                           no_cache=no_cache or not shareable)
+                           no_cache=no_cache or not shareable, stream=streaming)
 
     # -- leases -----------------------------------------------------------------
 

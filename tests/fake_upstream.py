@@ -437,7 +437,7 @@ class FakeUpstream:
         tokens = list(script.tokens) if script.tokens is not None else mock_answer(call.prompt, script.n)
         writer = _OpenAIWriter(call, body) if fmt == OPENAI else _AnthropicWriter(call, body)
         if not body.get("stream") or script.non_stream:
-            return await self._whole(call, writer, tokens)
+            return await self._whole(request, call, writer, tokens)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         await resp.write(writer.start())
@@ -498,10 +498,16 @@ class FakeUpstream:
                 return 400, problem
         return None
 
-    async def _whole(self, call: FakeCall, writer: _OpenAIWriter | _AnthropicWriter,
-                     tokens: list[str]) -> web.Response:
+    async def _whole(self, request: web.BaseRequest, call: FakeCall, writer: _OpenAIWriter | _AnthropicWriter,
+                     tokens: list[str]) -> web.StreamResponse:
+        """One JSON answer, sent when a stream's last token would have been: the holds of
+        the script happen before it, and a cut drops the connection instead."""
         script = call.script
+        if script.hold_first or script.hold_after is not None:
+            await call._hold()
         await asyncio.sleep(script.first_token_s + script.interval_s * max(0, len(tokens) - 1))
+        if script.cut_after is not None:
+            return _cut(request, call, web.StreamResponse())
         call.tokens_sent = len(tokens)
         if script.error_after is not None and call.format == OPENAI:
             call.outcome = "error_event"

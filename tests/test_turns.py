@@ -8,6 +8,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from server.providers.mock import mock_answer
+
+from .fake_upstream import Script
 from .helpers import ScriptedProvider, collect, registry, text_of, within
 
 QUESTION = "What is DAC?"
@@ -160,3 +163,32 @@ async def test_a_turn_whose_rows_fail_after_the_upstream_call_started_is_an_erro
         status, body = await within(answer, 5, "the answer")
         assert status == 500 and body["error"]["type"] == "store_error", body
         assert (await gw.thread(tid))["messages"] == []
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_leader_that_waits_for_the_whole_answer_asks_the_upstream_for_it_whole(
+        gateway_factory, fake, provider: str) -> None:
+    """A non-stream leader asks the upstream for one whole answer (cheaper than a stream
+    of chunks); a streaming client joining that flight gets the text in one piece, then
+    done. A streaming leader asks for a stream."""
+    gw = await gateway_factory(env=fake.env())
+    fake.script(Script(n=4, hold_first=True))
+    tid = await gw.new_thread()
+    body = {"content": "whole please", "provider": provider, "model": "m"}
+    leader = asyncio.create_task(gw.post(tid, body))
+    call = await fake.next_call()
+    assert not call.body.get("stream")
+    async with gw.open_stream(tid, body) as follower:
+        await until_listeners(gw, 2)
+        call.release()
+        events = await collect(follower)
+        status, answer = await within(leader, 5, "the leader's answer")
+    words = "".join(mock_answer("whole please", 4))
+    assert status == 200 and answer["message"]["content"] == words
+    assert [e.event for e in events] == ["meta", "delta", "done"] and text_of(events) == words
+    async with gw.open_stream(tid, {**body, "content": "stream please"}) as streaming:
+        streamed = await fake.next_call()
+        assert streamed.body.get("stream") is True
+        streamed.release()
+        assert text_of(await collect(streaming)) == "".join(mock_answer("stream please", 4))
+    assert len(fake.calls) == 2

@@ -189,7 +189,7 @@ class AnthropicProvider(HTTPProvider):
             if choice is not None:
                 body["tool_choice"] = choice
         max_tokens = params.get("max_tokens") or params.get("max_completion_tokens") or self.max_tokens
-        body.update(model=request.model, messages=messages, max_tokens=max_tokens, stream=True)
+        body.update(model=request.model, messages=messages, max_tokens=max_tokens, stream=request.stream)
         if system:
             body["system"] = system
         return body
@@ -198,7 +198,8 @@ class AnthropicProvider(HTTPProvider):
         return _EventParser(self)
 
     def whole(self, answer: Any) -> Chunk:
-        """A ``message`` object, from a server that ignored ``stream: true``: read as its events would be."""
+        """A ``message`` object (asked for, or from a server that ignored ``stream: true``):
+        read as its events would be."""
         if not isinstance(answer, dict) or answer.get("type") != "message":
             raise UpstreamProtocolError(f"provider {self.name!r} answered JSON that is not a message")
         parser = _EventParser(self)

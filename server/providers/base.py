@@ -98,6 +98,10 @@ class ProviderRequest:
     messages: list[dict[str, Any]]
     # Sampling parameters passed through as they are (temperature, max_tokens, tools, ...).
     params: dict[str, Any] = field(default_factory=dict)
+    # Ask the upstream for an event stream (True) or for one whole answer (False: cheaper,
+    # for a flight whose leader waits for the whole answer anyway). Either way the
+    # provider yields chunks; a whole answer is one.
+    stream: bool = True
 
 
 # -- what an answer is made of --------------------------------------------------------

@@ -93,8 +93,8 @@ class OpenAIProvider(HTTPProvider):
     def body(self, request: ProviderRequest) -> dict[str, Any]:
         params = {k: v for k, v in request.params.items() if k not in _FORCED}
         self.clamp_temperature(params)
-        body = {**params, "model": request.model, "messages": request.messages, "stream": True}
-        if self.stream_options:
+        body = {**params, "model": request.model, "messages": request.messages, "stream": request.stream}
+        if self.stream_options and request.stream:
             options = request.params.get("stream_options")
             body["stream_options"] = {**object_of(options), "include_usage": True}
         return body
@@ -103,7 +103,8 @@ class OpenAIProvider(HTTPProvider):
         return _ChunkParser(self)
 
     def whole(self, answer: Any) -> Chunk:
-        """A ``chat.completion`` object, from a server that ignored ``stream: true``."""
+        """A ``chat.completion`` object: asked for (``stream: false``), or from a server
+        that ignored ``stream: true``."""
         if isinstance(answer, dict) and _error_of(answer) is not None:
             raise _inband_error(self, answer, "an error answer")
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):

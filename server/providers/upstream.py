@@ -35,7 +35,7 @@ import asyncio
 import email.utils
 import time
 from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -456,7 +456,10 @@ class HTTPProvider(Provider):
         return (self._api_key,)
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[Chunk, None]:
-        deadlines = Deadlines(provider=self.name, timeouts=self.timeouts)
+        timeouts = self.timeouts
+        if not request.stream:  # nothing arrives before the whole answer: only the total deadline holds
+            timeouts = replace(timeouts, first_token=timeouts.total, idle=timeouts.total)
+        deadlines = Deadlines(provider=self.name, timeouts=timeouts)
         payload = orjson.dumps(self.body(request))
         resp = await deadlines.run(self._session.post(
             self.url, data=payload, headers=self.headers(), timeout=self._client_timeout))
