@@ -25,7 +25,6 @@ from .flight import Clock
 from .hub import Hub
 from .metrics import Metrics
 from .pacer import Pacer
-from .pg_store import PostgresStore
 from .providers import ProviderRegistry, build_registry
 from .routes import api, openai_compat, ops
 from .sqlite_store import SQLiteStore
@@ -48,6 +47,8 @@ def build_store(settings: Settings) -> Store:
     its caches (no read from disk before an upstream call).
     """
     if settings.database_url:
+        from .pg_store import PostgresStore  # asyncpg is loaded only where it is used
+
         return PostgresStore(settings.database_url, pool_size=settings.database_pool_size)
     return SQLiteStore(settings.db_path, cache=True)
 
