@@ -81,6 +81,8 @@ def _last_user_text(request: ProviderRequest) -> str:
     for message in reversed(request.messages):
         if message.get("role") == "user":
             content = message.get("content")
+            if isinstance(content, list):  # its text parts; images do not change the answer
+                return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
             return content if isinstance(content, str) else str(content)
     return ""
 
@@ -97,6 +99,7 @@ def mock_answer(prompt: str, n: int) -> list[str]:
 
 class MockProvider(Provider):
     kind = "mock"
+    content_parts = frozenset({"text", "image_url"})
 
     def __init__(self, *, name: str = "mock", max_concurrency: int = 64) -> None:
         self.name = name
