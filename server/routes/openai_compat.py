@@ -16,7 +16,12 @@ upstream call, and every subscriber replays the answer from its first token.
   new user message, plus the sampling parameters), so the two surfaces share a
   flight; stateless, the whole normalised conversation and parameters;
   ``Idempotency-Key`` replaces it. Requests with ``tools`` or ``functions``
-  never share a flight.
+  never share a flight. A finished answer serves an identical request only
+  when ``DAC_V1_RESULT_CACHE`` allows: by default a deterministic one
+  (``temperature`` 0, a ``seed``, or an ``Idempotency-Key``).
+- **Beside the text**: content parts (images) go upstream, checked per provider
+  before anything is written; tool calls, reasoning (``reasoning_content``) and
+  refusals come back in OpenAI's shape, one chunk object per upstream chunk.
 - **Stateless** unless ``x-thread-id`` names a thread of the org: then the
   last user message and the answer are written to it as one turn.
 - **Wire format**: only ``data:`` lines and ``: ping`` comments, never ``id:``,
