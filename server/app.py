@@ -68,9 +68,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     hub = Hub(settings=settings, store=store, pacer=app[PACER], metrics=app[METRICS], clock=app[CLOCK])
     app[REGISTRY] = hub
     app[TURNS] = TurnService(settings=settings, registry=hub, store=store, metrics=app[METRICS])
+    probing = asyncio.ensure_future(app[PROVIDERS].probe_local())
     try:
         yield
     finally:
+        probing.cancel()
         await hub.shutdown()
         await app[PROVIDERS].aclose()
         await store.close()

@@ -11,8 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["DATABASE_SCHEMES", "Settings", "redact_url"]
+__all__ = ["DATABASE_SCHEMES", "V1_RESULT_CACHE", "Settings", "redact_url"]
 
+#: the values of ``DAC_V1_RESULT_CACHE``: when a finished answer serves an identical /v1 request
+V1_RESULT_CACHE = ("off", "deterministic", "always")
 #: the URL schemes of ``DAC_DATABASE_URL`` (both name PostgreSQL, as libpq accepts)
 DATABASE_SCHEMES = ("postgresql", "postgres")
 
@@ -39,6 +41,16 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
         raise ValueError(f"{name} must be a number, not {raw!r}") from None
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, not {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
     return value
 
 
@@ -84,6 +96,9 @@ class Settings:
     error_ttl_s: float = 2.0
     #: how long a finished flight answers identical requests with its result
     result_ttl_s: float = 60.0
+    #: which /v1 requests a finished answer serves: off, deterministic (temperature 0,
+    #: a seed, or an Idempotency-Key) or always
+    v1_result_cache: str = "deterministic"
     #: finished flights kept for the result TTL, at most this many ...
     cache_max_entries: int = 1024
     #: ... and at most this many bytes of answer text
@@ -124,6 +139,7 @@ class Settings:
             stream_fanout_enabled=_flag(env, "STREAM_FANOUT_ENABLED", d.stream_fanout_enabled),
             error_ttl_s=_number(env, "DAC_ERROR_TTL_S", d.error_ttl_s),
             result_ttl_s=_number(env, "DAC_RESULT_TTL_S", d.result_ttl_s),
+            v1_result_cache=_choice(env, "DAC_V1_RESULT_CACHE", V1_RESULT_CACHE, d.v1_result_cache),
             cache_max_entries=int(_number(env, "DAC_CACHE_MAX_ENTRIES", d.cache_max_entries)),
             cache_max_bytes=int(_number(env, "DAC_CACHE_MAX_BYTES", d.cache_max_bytes)),
             attach_timeout_s=_number(env, "DAC_ATTACH_TIMEOUT_S", d.attach_timeout_s),

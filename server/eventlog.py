@@ -12,7 +12,8 @@ the others nothing:
 
 - **By cursor** (:meth:`EventLog.read`, :meth:`EventLog.wait`): the next
   sequence number a subscriber wants plus a shared wake-up. Subscribers that
-  replay, catch up, or frame text their own way (``/v1``) read like this.
+  replay, catch up, or frame deltas their own way (``/v1``, :meth:`EventLog.deltas`)
+  read like this.
 - **Pushed** (:meth:`EventLog.subscribe`): a subscriber at the live edge hands
   the log a :class:`Sink`, and the log writes new frames to every sink itself,
   once per loop turn (what was appended in one turn goes as one write), with
@@ -20,6 +21,13 @@ the others nothing:
   high-water mark) is written nothing: it leaves the push set and its
   subscriber falls back to its cursor and replays. While nothing is appended
   for ``ping_interval_s``, the log pushes a ``: ping`` comment to every sink.
+
+A delta is one piece of output: answer text, and beside it, when the model
+sent them, pieces of its reasoning, of a refusal or of tool calls
+(:class:`DeltaExtra`). Its ``delta`` event's data is ``{"text": ...}`` plus
+those fields only when present; a ``snapshot`` covers the answer text so far
+and carries, when there are any, the whole reasoning and refusal so far and
+every tool-call piece so far (in order, to be assembled like the deltas').
 
 Invariants (the leader task is the only writer):
 
@@ -35,11 +43,12 @@ Invariants (the leader task is the only writer):
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, TypedDict
 
 import orjson
 
-__all__ = ["PING", "EventLog", "FlightLog", "Sink", "encode_event"]
+__all__ = ["PING", "Delta", "DeltaExtra", "EventLog", "FlightLog", "Sink", "encode_event"]
 
 #: the keep-alive comment pushed to idle subscribers
 PING = b": ping\n\n"
@@ -53,6 +62,39 @@ def encode_event(event: str | None, data: Any, id: int | None = None) -> bytes:
     if event is not None:
         head += b"event: " + event.encode() + b"\n"
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class DeltaExtra(TypedDict, total=False):
+    """What a delta carries beside the answer text; each field only when not empty."""
+
+    #: a piece of the model's reasoning, to append to the pieces before
+    reasoning: str
+    #: a piece of a refusal, to append
+    refusal: str
+    #: tool-call pieces in OpenAI's shape (``index``; ``id``, ``type`` and
+    #: ``function.name`` on the first piece of an index; ``function.arguments`` to append)
+    tool_calls: Sequence[Mapping[str, object]]
+
+
+class Delta(NamedTuple):
+    """One delta as readers that frame their own events see it (:meth:`EventLog.deltas`)."""
+
+    text: str
+    extra: DeltaExtra | None
+
+
+def _present(extra: DeltaExtra | None) -> DeltaExtra | None:
+    """``extra`` without its empty fields; None when nothing is left."""
+    if not extra:
+        return None
+    kept = DeltaExtra()
+    if reasoning := extra.get("reasoning"):
+        kept["reasoning"] = reasoning
+    if refusal := extra.get("refusal"):
+        kept["refusal"] = refusal
+    if tool_calls := extra.get("tool_calls"):
+        kept["tool_calls"] = list(tool_calls)
+    return kept or None
 
 
 class Sink(Protocol):
@@ -94,15 +136,19 @@ class FlightLog(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def append(self, text: str) -> int: ...
+    def append(self, text: str, extra: DeltaExtra | None = None) -> int: ...
 
     def close(self, frame: bytes) -> None: ...
 
     def text(self, upto: int | None = None) -> str: ...
 
+    def extra(self, upto: int | None = None) -> DeltaExtra: ...
+
     def read(self, cursor: int) -> tuple[list[bytes], int, bool]: ...
 
     def texts(self, cursor: int) -> tuple[list[str], int, bool]: ...
+
+    def deltas(self, cursor: int) -> tuple[list[Delta], int, bool]: ...
 
     async def wait(self, cursor: int) -> None: ...
 
@@ -123,6 +169,8 @@ class EventLog:
         self.ping_interval_s = ping_interval_s
         self._slots: list[bytes] = []
         self._parts: list[str] = []
+        #: what deltas carry beside the text, by seq (only those that carry something)
+        self._extras: dict[int, DeltaExtra] = {}
         self.last_seq = 0
         self.final: bytes | None = None
         self._wakeup = asyncio.Event()
@@ -133,11 +181,17 @@ class EventLog:
 
     # -- writer side (the leader task) ------------------------------------
 
-    def append(self, text: str) -> int:
+    def append(self, text: str, extra: DeltaExtra | None = None) -> int:
+        """Add one delta: answer ``text`` (maybe empty) and what it carries beside it."""
         if self.final is not None:
             raise RuntimeError("append after the log was closed")
         seq = self.last_seq + 1
-        frame = encode_event("delta", {"text": text}, seq)
+        extra = _present(extra)
+        if extra is None:
+            frame = encode_event("delta", {"text": text}, seq)
+        else:
+            self._extras[seq] = extra
+            frame = encode_event("delta", {"text": text, **extra}, seq)
         if len(self._slots) < self.capacity:
             self._slots.append(frame)
         else:
@@ -176,6 +230,22 @@ class EventLog:
     def text(self, upto: int | None = None) -> str:
         return "".join(self._parts if upto is None else self._parts[:upto])
 
+    def extra(self, upto: int | None = None) -> DeltaExtra:
+        """Everything deltas ``1..upto`` carried beside the text, joined: the whole reasoning
+        and refusal so far, and every tool-call piece so far in order."""
+        reasoning: list[str] = []
+        refusal: list[str] = []
+        tool_calls: list[Mapping[str, object]] = []
+        for seq in sorted(self._extras):
+            if upto is not None and seq > upto:
+                break
+            extra = self._extras[seq]
+            reasoning.append(extra.get("reasoning", ""))
+            refusal.append(extra.get("refusal", ""))
+            tool_calls.extend(extra.get("tool_calls", ()))
+        whole = _present(DeltaExtra(reasoning="".join(reasoning), refusal="".join(refusal), tool_calls=tool_calls))
+        return whole or DeltaExtra()
+
     def read(self, cursor: int) -> tuple[list[bytes], int, bool]:
         """Frames for a subscriber whose next wanted delta is ``cursor``.
 
@@ -186,7 +256,7 @@ class EventLog:
         last = self.last_seq
         if cursor <= last:
             if cursor < self.first_seq:
-                frames.append(encode_event("snapshot", {"text": self.text(last)}, last))
+                frames.append(encode_event("snapshot", {"text": self.text(last), **self.extra(last)}, last))
             else:
                 slots, cap = self._slots, self.capacity
                 frames.extend(slots[(s - 1) % cap] for s in range(cursor, last + 1))
@@ -206,6 +276,15 @@ class EventLog:
         last = self.last_seq
         texts = self._parts[cursor - 1 : last] if cursor <= last else []
         return texts, max(cursor, last + 1), self.final is not None
+
+    def deltas(self, cursor: int) -> tuple[list[Delta], int, bool]:
+        """Deltas from ``cursor`` on, as :meth:`texts` gives texts, each with what it carries
+        beside the text: readers that frame every delta their own way keep its chunking."""
+        last = self.last_seq
+        extras = self._extras
+        deltas = [Delta(text, extras.get(seq)) for seq, text in enumerate(self._parts[cursor - 1 : last], cursor)
+                  ] if cursor <= last else []
+        return deltas, max(cursor, last + 1), self.final is not None
 
     async def wait(self, cursor: int) -> None:
         """Return once there is something at ``cursor`` or the log is closed."""

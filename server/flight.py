@@ -49,14 +49,14 @@ from typing import Any
 
 from .config import Settings
 from .errors import GatewayError, NoListeners, NotFound, ShuttingDown, UpstreamError
-from .eventlog import EventLog, FlightLog, encode_event
-from .metrics import Metrics
+from .eventlog import DeltaExtra, EventLog, FlightLog, encode_event
+from .metrics import Metrics, Outcome
 from .pacer import Pacer
-from .providers import Provider, ProviderRequest
+from .providers import Chunk, FinishReason, Provider, ProviderRequest, ToolCallDelta, assemble_tool_calls
 from .states import DropReason, FlightState, MessageStatus
 from .store import ChatMessage, Message, Store, draft_turn
 
-__all__ = ["Clock", "Flight", "TurnRequest"]
+__all__ = ["Answer", "Clock", "Flight", "TurnRequest"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,55 @@ class TurnRequest:
     #: for the whole answer asks for it whole (one chunk: cheaper); a streaming client
     #: joining that flight then gets the text in one piece when it is ready.
     stream: bool = True
+    #: content parts sent upstream beside ``content`` in the new user message (images...)
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+
+    def new_message(self) -> ChatMessage:
+        """The new user message as it goes upstream: its text, then its attachments."""
+        if not self.attachments:
+            return {"role": "user", "content": self.content}
+        return {"role": "user", "content": [{"type": "text", "text": self.content}, *self.attachments]}
+
+
+class Answer:
+    """What an answer holds beside its text, gathered chunk by chunk, for the message's meta."""
+
+    __slots__ = ("finish_reason", "_reasoning", "_refusal", "_tool_calls")
+
+    def __init__(self) -> None:
+        self.finish_reason: FinishReason | None = None
+        self._reasoning: list[str] = []
+        self._refusal: list[str] = []
+        self._tool_calls: list[ToolCallDelta] = []
+
+    def add(self, chunk: Chunk) -> DeltaExtra | None:
+        """Keep what ``chunk`` carries beside the text; returns it as the log's delta extra."""
+        if not (chunk.reasoning or chunk.refusal or chunk.tool_calls):
+            return None
+        extra = DeltaExtra()
+        if chunk.reasoning:
+            self._reasoning.append(chunk.reasoning)
+            extra["reasoning"] = chunk.reasoning
+        if chunk.refusal:
+            self._refusal.append(chunk.refusal)
+            extra["refusal"] = chunk.refusal
+        if chunk.tool_calls:
+            self._tool_calls += chunk.tool_calls
+            extra["tool_calls"] = chunk.tool_calls
+        return extra
+
+    def meta(self) -> dict[str, Any]:
+        """``reasoning``, ``refusal``, ``tool_calls`` (whole) and ``finish_reason``, those present."""
+        meta: dict[str, Any] = {}
+        if self._reasoning:
+            meta["reasoning"] = "".join(self._reasoning)
+        if self._refusal:
+            meta["refusal"] = "".join(self._refusal)
+        if self._tool_calls:
+            meta["tool_calls"] = assemble_tool_calls(self._tool_calls)
+        if self.finish_reason is not None:
+            meta["finish_reason"] = self.finish_reason
+        return meta
 
 
 class Flight:
@@ -132,8 +181,12 @@ class Flight:
         self.zero_since: float | None = None  # perf_counter when the count last reached zero
         self.cancel_reason: DropReason | None = None
         self.queue_wait_s: float | None = None
-        self.ttft_s: float | None = None
-        self.first_text_at: float | None = None  # perf_counter of the first delta
+        #: what the answer holds beside its text: reasoning, refusal, tool calls, finish reason
+        self.answer = Answer()
+        self.ttft_s: float | None = None  # to the first answer text
+        self.ttfb_s: float | None = None  # to the first output of any kind (reasoning, a tool call...)
+        self.first_text_at: float | None = None  # perf_counter of the first delta with answer text
+        self.first_text_seq: int | None = None  # its seq
         self.upstream_started: float | None = None  # perf_counter when the provider was asked
         self.finished_at: float | None = None  # clock
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -183,6 +236,10 @@ class Flight:
         if self.listeners - self.stopping == 0 and not self._live_promises():
             self.abort(DropReason.CLIENT_STOP)
         return True
+
+    def promised(self, token: str) -> bool:
+        """Whether ``token`` names a stream_url promised and not attached yet."""
+        return token in self._promised
 
     def _live_promises(self) -> bool:
         now = self._clock()
@@ -326,9 +383,9 @@ class Flight:
         if turn.messages is not None:
             return turn.messages
         if turn.thread_id is None:
-            return [{"role": "user", "content": turn.content}]
+            return [turn.new_message()]
         history = await self._store.history(turn.org_id, turn.thread_id)
-        return [*history, {"role": "user", "content": turn.content}]
+        return [*history, turn.new_message()]
 
     def _open_turn(self) -> None:
         """Start writing the turn's rows (none when stateless: accepted at once).
@@ -376,28 +433,35 @@ class Flight:
         turn = self.turn
         provider = turn.provider
         metrics = self._metrics
-        model_label = metrics.model_label(provider.name, turn.model)
-        ttft = metrics.ttft.labels(provider.name, model_label)
-        gap = metrics.inter_token.labels(provider.name)
+        gap = metrics.inter_chunk.labels(provider.name)
         deltas = metrics.deltas.labels(provider.name)
         request = ProviderRequest(model=turn.model, messages=messages, params=dict(turn.params), stream=turn.stream)
         started = last = self.upstream_started = time.perf_counter()
         stream = provider.stream(request)
+        answer = self.answer
         self._pulling = True
         try:
             async with aclosing(stream):
                 async for chunk in stream:
-                    if chunk.text:
+                    if chunk.has_output():
                         now = time.perf_counter()
-                        if self.ttft_s is None:
-                            self.first_text_at = now
-                            self.ttft_s = now - started
-                            ttft.observe(self.ttft_s)
-                        else:
-                            gap.observe(now - last)
-                        last = now
-                        self.log.append(chunk.text)
+                        if self.ttfb_s is None:
+                            provider.answered = True
+                            self.ttfb_s = now - started
+                            metrics.first_byte(provider.name, turn.model, self.ttfb_s)
+                        if chunk.text:
+                            if self.ttft_s is None:
+                                self.first_text_at = now
+                                self.first_text_seq = self.log.last_seq + 1
+                                self.ttft_s = now - started
+                                metrics.first_token(provider.name, turn.model, self.ttft_s)
+                            else:
+                                gap.observe(now - last)
+                            last = now
+                        self.log.append(chunk.text, answer.add(chunk))
                         deltas.inc()
+                    if chunk.finish_reason is not None:
+                        answer.finish_reason = chunk.finish_reason
                     if chunk.usage:
                         self.usage = chunk.usage
                     if chunk.meta:
@@ -414,7 +478,7 @@ class Flight:
         if self._opening is not None:
             await asyncio.wait([self._opening])  # the rows exist either way once it ends: record them
         if self.message is not None:
-            meta = {**self.message["meta"], **self.extra_meta}
+            meta = {**self.message["meta"], **self.extra_meta, **self.answer.meta()}
             if error is not None and status is MessageStatus.ERROR:
                 meta["error"] = error.to_dict()
             self.message = {**self.message, "status": status, "content": self.log.text(),
@@ -429,9 +493,13 @@ class Flight:
         if self.usage:
             self._metrics.token_usage(provider, self.usage)
         if self.upstream_started is not None:
-            outcome = status if status in (MessageStatus.COMPLETE, MessageStatus.ERROR) else MessageStatus.CANCELLED
-            self._metrics.upstream_finished(provider=provider, model=turn.model, outcome=outcome,
-                                            duration_s=time.perf_counter() - self.upstream_started)
+            duration = time.perf_counter() - self.upstream_started
+            self._metrics.upstream_finished(provider=provider, model=turn.model, outcome=Outcome.of(status),
+                                            duration_s=duration, answered=self.ttfb_s is not None)
+            if status is MessageStatus.COMPLETE and self.ttfb_s is not None and turn.stream:
+                # a whole answer arrives at once: it has no time between its tokens
+                self._metrics.time_per_output_token(provider, turn.model, duration_s=duration,
+                                                    first_s=self.ttfb_s, usage=self.usage)
         if self.cancel_reason is not None:
             self._metrics.cancels.labels(provider, self.cancel_reason).inc()
         self._settle(status, error)

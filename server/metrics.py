@@ -4,9 +4,11 @@ and Prometheus series for ``/metrics``.
 Naming follows Prometheus's rules: prefix ``dac_``, base units in the name
 (``_seconds``, ``_bytes``), ``_total`` on counters, and only bounded labels
 (provider, model, route, mode, outcome, role, reason, error type; never a
-thread, org or message id). Model names are client-supplied, so at most
-``MAX_MODELS_PER_PROVIDER`` distinct ones are labelled per provider and the
-rest count as ``other``.
+thread, org or message id). Model names are client-supplied, so a model gets
+its own label only once a provider has answered it (a bogus name never takes
+a slot), at most ``MAX_MODELS_PER_PROVIDER`` per provider; the rest count as
+``other``. Every ``outcome`` label speaks one vocabulary (:class:`Outcome`):
+``ok``, ``error``, ``cancelled``.
 
 Where an OpenTelemetry GenAI metric measures the same thing, a comment beside
 ours names it; ours stay Prometheus-native (seconds, ``_total``, snake case).
@@ -29,15 +31,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from enum import StrEnum
+from importlib import metadata
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from .states import MessageStatus
 
 __all__ = [
     "GAP_BUCKETS",
     "LATENCY_BUCKETS",
     "MAX_MODELS_PER_PROVIDER",
+    "TOKEN_BUCKETS",
     "Metrics",
+    "Outcome",
     "RequestRecord",
     "RequestScope",
     "percentile",
@@ -48,17 +56,44 @@ __all__ = [
 # no query here reads them. (The switch is process-wide; this process is the gateway.)
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
-#: 5 ms to 120 s: from a cached answer to a long reasoning stream.
+#: 5 ms to 600 s (the default total timeout of an upstream call): from a cached
+#: answer to a long reasoning stream.
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+    300.0, 600.0,
 )
 #: gaps between tokens and cancel latencies are short: 1 ms to 10 s, with a
 #: boundary at 0.3 s, the promised upper bound of a cancel.
 GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: tokens of one call: from a one-word answer to a long context
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 MAX_MODELS_PER_PROVIDER = 32
 #: the coalesce roles a request can have; their series exist from the start at 0,
 #: so that ``rate()`` sees the first increase
 ROLES = ("leader", "follower", "cache")
+
+
+class Outcome(StrEnum):
+    """How a request, an answer or an upstream call ended: the one ``outcome`` vocabulary."""
+
+    OK = "ok"
+    ERROR = "error"
+    #: the client left, or the upstream call was aborted (nobody listening, shutdown)
+    CANCELLED = "cancelled"
+
+    @classmethod
+    def of(cls, status: MessageStatus) -> Outcome:
+        """The outcome of an answer that ended with ``status``."""
+        if status is MessageStatus.COMPLETE:
+            return cls.OK
+        return cls.ERROR if status is MessageStatus.ERROR else cls.CANCELLED
+
+
+def _version() -> str:
+    try:
+        return metadata.version("dac-gateway")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -76,12 +111,15 @@ class RequestRecord:
     error: str | None = None  # error type, None when the request succeeded
     #: the client left before its answer ended (not an error of ours)
     client_left: bool = False
+    #: this request is a chat answer (``dac_chat_answers_total``): a chat request that reached
+    #: a flight, or the first attach of a ``stream: true`` request's stream
+    answer: bool = False
 
     @property
-    def outcome(self) -> str:
+    def outcome(self) -> Outcome:
         if self.error:
-            return "error"
-        return "client_left" if self.client_left else "ok"
+            return Outcome.ERROR
+        return Outcome.CANCELLED if self.client_left else Outcome.OK
 
 
 class RequestScope:
@@ -125,19 +163,32 @@ class Metrics:
             "Upstream call duration, from the request to the provider until its stream closed.",
             ["provider", "model", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
         # OpenTelemetry GenAI: gen_ai.server.time_to_first_token
-        # (as seen by a client of the provider: gen_ai.client.operation.time_to_first_chunk)
         self.ttft = Histogram(
             "dac_time_to_first_token_seconds",
-            "From the request to the provider until its first text chunk.",
+            "From the request to the provider until the first chunk of answer text.",
+            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        # as seen by a client of the provider: gen_ai.client.operation.time_to_first_chunk
+        self.ttfb = Histogram(
+            "dac_time_to_first_byte_seconds",
+            "From the request to the provider until its first output of any kind "
+            "(reasoning, answer text, a tool call or a refusal).",
             ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram(
             "dac_queue_wait_seconds", "Time a flight waited for a provider slot.",
             ["provider"], buckets=LATENCY_BUCKETS, registry=r)
         # OpenTelemetry GenAI: gen_ai.server.time_per_output_token
-        # (client side: gen_ai.client.operation.time_per_output_chunk)
-        self.inter_token = Histogram(
-            "dac_inter_token_seconds", "Gap between consecutive upstream text chunks.",
+        self.tpot = Histogram(
+            "dac_time_per_output_token_seconds",
+            "Per successful answer: (upstream duration - time to its first output) / (output tokens - 1).",
+            ["provider", "model"], buckets=GAP_BUCKETS, registry=r)
+        # client side, per chunk: gen_ai.client.operation.time_per_output_chunk
+        self.inter_chunk = Histogram(
+            "dac_inter_chunk_seconds", "Gap between consecutive upstream chunks of answer text.",
             ["provider"], buckets=GAP_BUCKETS, registry=r)
+        # OpenTelemetry GenAI: gen_ai.client.token.usage
+        self.token_histogram = Histogram(
+            "dac_token_usage_tokens", "Tokens of one upstream call as its usage reports them, input or output.",
+            ["provider", "type"], buckets=TOKEN_BUCKETS, registry=r)
         self.cancel_latency = Histogram(
             "dac_cancel_latency_seconds",
             "From the last listener leaving (or the abort) to the upstream stream closed.",
@@ -154,11 +205,19 @@ class Metrics:
             ["role"], registry=r)
         for role in ROLES:
             self.coalesce.labels(role)
+        self.answers = Counter(
+            "dac_chat_answers_total",
+            "Chat answers handed to clients, by outcome (requests refused before any answer "
+            "was attempted are not answers).",
+            ["route", "outcome"], registry=r)
+        for route in ("messages", "streams", "v1"):
+            for outcome in Outcome:
+                self.answers.labels(route, outcome)
         self.deltas = Counter(
-            "dac_stream_deltas_total", "Text chunks streamed from upstream (about one token each).",
+            "dac_stream_deltas_total",
+            "Output chunks streamed from upstream (answer text, reasoning, refusal or tool-call pieces).",
             ["provider"], registry=r)
-        # OpenTelemetry GenAI: gen_ai.client.token.usage (a histogram per call there;
-        # a counter by gen_ai.token.type here)
+        # the sums of dac_token_usage_tokens, by provider and type
         self.tokens = Counter(
             "dac_tokens_total", "Tokens as the providers' usage reports them, input or output.",
             ["provider", "type"], registry=r)
@@ -183,43 +242,67 @@ class Metrics:
             "dac_cache_entries", "Finished flights kept to answer identical requests.", registry=r)
         self.cache_bytes = Gauge(
             "dac_cache_bytes", "UTF-8 bytes of answer text held by the kept flights.", registry=r)
+        self.build_info = Gauge(
+            "dac_build_info", "Always 1; the running gateway's version as a label.", ["version"], registry=r)
+        self.build_info.labels(_version()).set(1)
 
     def watch_cache(self, *, entries: Callable[[], float], size_bytes: Callable[[], float]) -> None:
         """Read the result cache's size at each scrape."""
         self.cache_entries.set_function(entries)
         self.cache_bytes.set_function(size_bytes)
 
-    def model_label(self, provider: str, model: str) -> str:
-        """A bounded label for a client-supplied model name."""
+    def model_label(self, provider: str, model: str, *, answered: bool = True) -> str:
+        """A bounded label for a client-supplied model name: its own once the provider has
+        ``answered`` it (while there is room), else ``other``."""
         if provider == "mock" or model.startswith("mock:"):
             return model.split(":", 1)[0]
         seen = self._models.setdefault(provider, set())
         if model in seen:
             return model
-        if len(seen) < MAX_MODELS_PER_PROVIDER:
+        if answered and len(seen) < MAX_MODELS_PER_PROVIDER:
             seen.add(model)
             return model
         return "other"
 
-    def upstream_finished(self, *, provider: str, model: str, outcome: str, duration_s: float) -> None:
-        """One upstream call ended: ``complete``, ``error`` or ``cancelled``."""
-        label = self.model_label(provider, model)
+    def first_byte(self, provider: str, model: str, seconds: float) -> None:
+        """The provider's first output of any kind (it has answered the model)."""
+        self.ttfb.labels(provider, self.model_label(provider, model)).observe(seconds)
+
+    def first_token(self, provider: str, model: str, seconds: float) -> None:
+        """The provider's first answer text."""
+        self.ttft.labels(provider, self.model_label(provider, model)).observe(seconds)
+
+    def upstream_finished(self, *, provider: str, model: str, outcome: Outcome, duration_s: float,
+                          answered: bool = True) -> None:
+        """One upstream call ended; ``answered``: the provider produced output for it."""
+        label = self.model_label(provider, model, answered=answered or outcome is Outcome.OK)
         self.upstream_calls.labels(provider, label, outcome).inc()
         self.upstream_duration.labels(provider, label, outcome).observe(duration_s)
+
+    def time_per_output_token(self, provider: str, model: str, *, duration_s: float, first_s: float,
+                              usage: dict[str, Any] | None) -> None:
+        """OpenTelemetry's time_per_output_token for a successful answer: the time after its
+        first output over the tokens after the first. Needs the usage's output tokens (at least 2).
+
+        The first output may be reasoning: reasoning tokens are output tokens too.
+        """
+        output = _tokens(usage or {}, OUTPUT_NAMES)
+        if output is None or output < 2:
+            return
+        label = self.model_label(provider, model)
+        self.tpot.labels(provider, label).observe(max(0.0, duration_s - first_s) / (output - 1))
 
     def dropped(self, reason: str) -> None:
         """A listener was let go by the server (not by its client)."""
         self.drops.labels(reason).inc()
 
     def token_usage(self, provider: str, usage: dict[str, Any]) -> None:
-        """Count a provider's reported usage (OpenAI's or Anthropic's field names)."""
-        for kind, names in (("input", ("prompt_tokens", "input_tokens")),
-                            ("output", ("completion_tokens", "output_tokens"))):
-            for name in names:
-                value = usage.get(name)
-                if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-                    self.tokens.labels(provider, kind).inc(value)
-                    break
+        """Count one call's reported usage (OpenAI's or Anthropic's field names)."""
+        for kind, names in (("input", INPUT_NAMES), ("output", OUTPUT_NAMES)):
+            value = _tokens(usage, names)
+            if value is not None:
+                self.tokens.labels(provider, kind).inc(value)
+                self.token_histogram.labels(provider, kind).observe(value)
 
     # -- per request -----------------------------------------------------
 
@@ -245,6 +328,8 @@ class Metrics:
     def record(self, record: RequestRecord) -> None:
         self.records.append(record)
         self.request_duration.labels(record.route, record.mode, record.outcome).observe(record.latency_s)
+        if record.answer:
+            self.answers.labels(record.route, record.outcome).inc()
         if record.coalesce:
             self.coalesce.labels(record.coalesce).inc()
         if record.error:
@@ -290,6 +375,19 @@ class Metrics:
             "errors": errors,
             "client_left": sum(1 for rec in recent if rec.client_left and not rec.error),
         }
+
+
+#: usage fields of input and output tokens, OpenAI's name first, then Anthropic's
+INPUT_NAMES = ("prompt_tokens", "input_tokens")
+OUTPUT_NAMES = ("completion_tokens", "output_tokens")
+
+
+def _tokens(usage: dict[str, Any], names: tuple[str, ...]) -> float | None:
+    for name in names:
+        value = usage.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+    return None
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:

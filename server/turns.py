@@ -15,7 +15,7 @@ and does the rest, with no HTTP in it:
 - **holding the status line** (:meth:`Lease.hold`): bounded by one keep-alive
   interval on every surface, so an error before the answer starts leaves with
   its own status;
-- **what a subscriber reads** (:meth:`Lease.frames`, :meth:`Lease.texts`,
+- **what a subscriber reads** (:meth:`Lease.stream`, :meth:`Lease.deltas`,
   :meth:`TurnService.stored_frames`).
 """
 
@@ -34,7 +34,7 @@ import orjson
 
 from .config import Settings
 from .errors import GatewayError
-from .eventlog import Sink, encode_event
+from .eventlog import Delta, Sink, encode_event
 from .flight import Flight, TurnRequest
 from .metrics import Metrics, RequestRecord
 from .providers import Provider
@@ -82,7 +82,8 @@ class Until(StrEnum):
 
     #: the turn is accepted: its rows are written, so the stream can name stored messages (/api)
     ACCEPTED = "accepted"
-    #: the first answer text, so an upstream refusal before it keeps its status (/v1)
+    #: the first output (answer text, reasoning, a tool call...), so an upstream refusal
+    #: before it keeps its status (/v1)
     FIRST_TEXT = "first_text"
 
 
@@ -94,7 +95,7 @@ class Lease:
     """
 
     def __init__(self, flight: Flight, role: Role, *, hold_s: float, started: float,
-                 token: str | None = None) -> None:
+                 token: str | None = None, answer: bool = True) -> None:
         self.flight = flight
         self.role = role
         self._hold_s = hold_s
@@ -104,6 +105,8 @@ class Lease:
         self.token = token or secrets.token_urlsafe(9)
         #: from the request's arrival to the first answer text handed to the client
         self.ttft_s: float | None = None
+        #: this lease hands a chat answer to its client (counted by outcome when it ends)
+        self.answer = answer
         #: the client said it stops: its stream ends and it no longer holds the flight
         self.stopped = False
         self._out: EventStream | None = None
@@ -155,8 +158,7 @@ class Lease:
         try:
             while not self.stopped:
                 chunks, after, finished = log_.read(cursor)
-                if after > cursor:
-                    self._saw_text()
+                self._saw_text(after)
                 cursor = after
                 if chunks:
                     await out.write(b"".join(chunks))
@@ -167,8 +169,10 @@ class Lease:
                 self._out = out
                 ended = await log_.subscribe(out, cursor)
                 self._out = None
-                if self.ttft_s is None and cursor == 1 and (ended is None or ended > 1):
-                    first = self.flight.first_text_at  # the first delta was pushed to it
+                first_seq = self.flight.first_text_seq
+                if (self.ttft_s is None and first_seq is not None and cursor <= first_seq
+                        and (ended is None or ended > first_seq)):
+                    first = self.flight.first_text_at  # the first answer text was pushed to it
                     if first is not None:
                         self.ttft_s = max(0.0, first - self.started)
                 if ended is None or ended < 0:
@@ -184,20 +188,22 @@ class Lease:
         if self._out is not None:
             self.flight.log.stop(self._out)
 
-    def _saw_text(self) -> None:
-        if self.ttft_s is None:
+    def _saw_text(self, cursor: int) -> None:
+        """The client has been handed every delta before ``cursor``: note its TTFT once
+        that includes the first answer text."""
+        first = self.flight.first_text_seq
+        if self.ttft_s is None and first is not None and cursor > first:
             self.ttft_s = time.perf_counter() - self.started
 
-    async def texts(self) -> AsyncIterator[tuple[list[str], bool]]:
-        """Every delta text, batched as they arrive: ``(texts, finished)``; for surfaces
-        that frame text their own way. Nothing is ever replaced by a snapshot."""
+    async def deltas(self) -> AsyncIterator[tuple[list[Delta], bool]]:
+        """Every delta, batched as they arrive: ``(deltas, finished)``; for surfaces that
+        frame deltas their own way. Nothing is ever replaced by a snapshot."""
         log_ = self.flight.log
         cursor = 1
         while True:
-            texts, cursor, finished = log_.texts(cursor)
-            if texts:
-                self._saw_text()
-            yield texts, finished
+            deltas, cursor, finished = log_.deltas(cursor)
+            self._saw_text(cursor)
+            yield deltas, finished
             if finished:
                 return
             await log_.wait(cursor)
@@ -234,25 +240,34 @@ class TurnService:
         shareable: bool = True,
         idempotency_key: str | None = None,
         no_cache: bool = False,
+        attachments: list[dict[str, Any]] | None = None,
     ) -> TurnRequest:
         """The request for one answer, with its coalesce key.
 
         ``shareable`` False (tools, attachments) means never coalesced and never
         cached; ``no_cache`` skips a finished result but still joins a running flight.
+        ``attachments``: content parts beside the text of the new user message
+        (images...); the key hashes them. Raises BadRequest naming a part the
+        provider cannot take.
         """
         params = params or {}
+        attachments = attachments or []
+        if messages is not None:
+            provider.check_content(messages)
+        provider.check_parts(attachments, "attachments")
         s = self.settings
         key = None
         if shareable and s.coalesce_enabled and (s.stream_fanout_enabled or not streaming):
             if idempotency_key:
                 key = coalesce_key("idem", surface, org_id, idempotency_key)
             elif thread_id is not None:
-                key = coalesce_key("turn", org_id, thread_id, provider.name, model, content, _digest(params))
+                key = coalesce_key("turn", org_id, thread_id, provider.name, model, content, _digest(params),
+                                   *([_digest(attachments)] if attachments else []))
             else:
                 key = coalesce_key("call", org_id, provider.name, model, _digest(messages), _digest(params))
         return TurnRequest(org_id=org_id, thread_id=thread_id, content=content, provider=provider, model=model,
                            messages=messages, params=params, meta=meta or {}, key=key,
-                           no_cache=no_cache or not shareable, stream=streaming)
+                           no_cache=no_cache or not shareable, stream=streaming, attachments=attachments)
 
     # -- leases -----------------------------------------------------------------
 
@@ -277,10 +292,13 @@ class TurnService:
             yield None
             return
         role = Role.CACHE if not flight.running else (Role.LEADER if flight.listeners == 0 else Role.FOLLOWER)
+        # the first attach of a stream_url hands its 202's answer over: that is the chat answer
+        answer = token is not None and flight.promised(token)
         flight.add_listener(attach=token)
         if token is not None and token in self._leases:
             token = None  # a second connection with one stream_url gets its own token
-        lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started, token=token)
+        lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started, token=token,
+                      answer=answer)
         async with self._recorded(lease, route="streams", mode="sse"):
             yield lease
 
@@ -314,7 +332,7 @@ class TurnService:
             self.metrics.record(RequestRecord(
                 route=route, mode=mode, coalesce=lease.role if chat else None,
                 latency_s=time.perf_counter() - lease.started, ttft_s=lease.ttft_s, error=error,
-                client_left=left,
+                client_left=left, answer=lease.answer,
                 queue_wait_s=flight.queue_wait_s if chat and lease.role is Role.LEADER else None,
             ))
 
@@ -345,9 +363,10 @@ class TurnService:
         started = time.perf_counter()
         flight, role, token = self.registry.accept(turn)
         known = None if flight.running else flight.error
+        # its answer is counted when its stream is first attached; a failure known now is that answer
         self.metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=role,
                                           latency_s=time.perf_counter() - started,
-                                          error=known.type if known else None))
+                                          error=known.type if known else None, answer=known is not None))
         if known is not None:
             raise known
         return flight, role, token

@@ -161,8 +161,66 @@ function messageView(message) {
   );
   view.append(meta, el('div', 'msg-body'));
   renderText(view.querySelector('.msg-body'), message.content || '');
+  const extra = message.meta || {};
+  renderExtras(view, extra.reasoning || '', extra.tool_calls || [], extra.refusal || '');
   setStatus(view, message.status);
   return view;
+}
+
+/** A collapsed block before the answer's text, made on first use. */
+function block(view, className, title) {
+  let details = view.querySelector(`details.${className}`);
+  if (!details) {
+    details = el('details', `msg-extra ${className}`);
+    details.append(el('summary', '', title), el('div', 'msg-extra-body'));
+    view.querySelector('.msg-body').before(details);
+  }
+  return details;
+}
+
+/** The model's reasoning and its tool calls (whole: `{id, function: {name, arguments}}`)
+ * as collapsed blocks, and a refusal as text; all as text nodes, never HTML. */
+function renderExtras(view, reasoning, toolCalls, refusal) {
+  if (reasoning) {
+    const details = block(view, 'msg-reasoning', 'Reasoning');
+    details.querySelector('.msg-extra-body').textContent = reasoning;
+  }
+  if (toolCalls.length) {
+    const details = block(view, 'msg-tools', '');
+    details.querySelector('summary').textContent =
+      toolCalls.length === 1 ? 'Tool call' : `Tool calls (${toolCalls.length})`;
+    const body = details.querySelector('.msg-extra-body');
+    body.replaceChildren(...toolCalls.map((call) => {
+      const fn = call.function || {};
+      const row = el('pre', 'tool-call');
+      row.append(el('code', '', `${fn.name || '?'}(${fn.arguments || ''})`));
+      return row;
+    }));
+  }
+  let p = view.querySelector('.msg-refusal');
+  if (refusal) {
+    if (!p) {
+      p = el('p', 'msg-refusal');
+      view.querySelector('.msg-body').after(p);
+    }
+    p.textContent = refusal;
+  }
+}
+
+/** Whole tool calls from their streamed pieces: by index, id and name from the first
+ * piece, arguments appended. */
+function assembleToolCalls(pieces) {
+  const calls = new Map();
+  for (const piece of pieces) {
+    const fn = piece.function || {};
+    const call = calls.get(piece.index);
+    if (!call) {
+      calls.set(piece.index, { id: piece.id, function: { name: fn.name || '', arguments: fn.arguments || '' } });
+    } else {
+      call.function.arguments += fn.arguments || '';
+    }
+  }
+  return [...calls.keys()].sort((a, b) => a - b).map((i) => calls.get(i));
 }
 
 function setStatus(view, status) {
@@ -217,6 +275,9 @@ class Stream {
     this.org = org;
     this.seq = 0;
     this.text = '';
+    this.reasoning = '';
+    this.refusal = '';
+    this.toolPieces = [];
     this.es = null;
     this.retries = 0;
     this.timer = 0;
@@ -238,8 +299,8 @@ class Stream {
       if (this.es === es) fn(event);
     });
     on('meta', (e) => this.onMeta(JSON.parse(e.data)));
-    on('delta', (e) => this.onText(Number(e.lastEventId), JSON.parse(e.data).text, false));
-    on('snapshot', (e) => this.onText(Number(e.lastEventId), JSON.parse(e.data).text, true));
+    on('delta', (e) => this.onText(Number(e.lastEventId), JSON.parse(e.data), false));
+    on('snapshot', (e) => this.onText(Number(e.lastEventId), JSON.parse(e.data), true));
     on('done', (e) => this.finish(JSON.parse(e.data).message));
     // The server's `error` event carries data; the browser's own `error`
     // (connection lost or refused) is a plain Event.
@@ -261,10 +322,22 @@ class Stream {
     }
   }
 
-  onText(seq, text, replace) {
+  /** A delta (pieces to append) or a snapshot (everything so far): the answer text,
+   * and beside it, when present, reasoning, refusal and tool-call pieces. */
+  onText(seq, data, replace) {
     if (!(seq > this.seq) && !(replace && seq === this.seq)) return;
     this.seq = seq;
+    const text = data.text || '';
     this.text = replace ? text : this.text + text;
+    if (replace) {
+      this.reasoning = data.reasoning || '';
+      this.refusal = data.refusal || '';
+      this.toolPieces = [...(data.tool_calls || [])];
+    } else {
+      this.reasoning += data.reasoning || '';
+      this.refusal += data.refusal || '';
+      this.toolPieces.push(...(data.tool_calls || []));
+    }
     this.retries = 0;
     this.view.querySelector('.state').textContent = '';
     this.paint();
@@ -284,6 +357,7 @@ class Stream {
     this.frame = 0;
     const stick = this.view.isConnected && nearBottom();
     renderText(this.body, this.text);
+    renderExtras(this.view, this.reasoning, assembleToolCalls(this.toolPieces), this.refusal);
     if (stick) scrollToEnd();
   }
 
@@ -336,6 +410,10 @@ class Stream {
 
   finish(message) {
     this.text = message.content || '';
+    const extra = message.meta || {};
+    this.reasoning = extra.reasoning || this.reasoning;
+    this.refusal = extra.refusal || this.refusal;
+    this.toolPieces = (extra.tool_calls || []).map((call, index) => ({ index, ...call }));
     this.render();
     this.close(message.status);
     if (message.status === 'error') showError(this.view, 'The provider failed before finishing this answer.');

@@ -144,7 +144,7 @@ async def test_tools_or_attachments_are_never_coalesced_nor_cached(gateway_facto
     mock = MockProvider()
     gw = await gateway_factory(providers=registry(mock))
     tid = await gw.new_thread()
-    for extra in ({"tools": [{"name": "x"}]}, {"attachments": ["a.png"]}):
+    for extra in ({"tools": [{"name": "x"}]}, {"attachments": [{"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}):
         payload = {"content": "side effects", "model": "mock:ttft=30,itl=0,n=2", **extra}
         results = await within(asyncio.gather(gw.post(tid, payload), gw.post(tid, payload)))
         assert [r["coalesce"] for _, r in results] == ["leader", "leader"]

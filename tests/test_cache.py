@@ -122,7 +122,7 @@ async def test_tools_and_attachments_are_never_cached(gateway_factory: GatewayFa
     gw = await gateway_factory(providers=registry(provider))
     thread = await gw.new_thread()
     for extra in ({"tools": [{"type": "function", "function": {"name": "lookup"}}]},
-                  {"attachments": [{"name": "a.txt"}]}):
+                  {"attachments": [{"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}):
         for _ in range(2):
             pending = asyncio.ensure_future(gw.post(thread, ask("Use a tool", **extra),
                                                     headers={"Idempotency-Key": "k-tools"}))

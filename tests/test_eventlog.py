@@ -119,3 +119,43 @@ def test_ring_grows_only_as_deltas_arrive_and_wraps_at_capacity() -> None:
     assert len(small._slots) == 3
     frames, _, _ = small.read(3)
     assert [e[2]["text"] for e in parse(frames)] == ["c", "d", "e"]
+
+
+def test_deltas_carry_reasoning_refusal_and_tool_calls_only_when_present() -> None:
+    log = EventLog(capacity=8)
+    log.append("", {"reasoning": "think", "refusal": "", "tool_calls": []})
+    log.append("Hi")
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{"}}
+    log.append("", {"tool_calls": [call]})
+    log.append("", {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}], "refusal": "no"})
+    frames, _, _ = log.read(1)
+    assert [d for _, _, d in parse(frames)] == [
+        {"text": "", "reasoning": "think"},
+        {"text": "Hi"},  # backward compatible: a plain delta is {"text"} alone
+        {"text": "", "tool_calls": [call]},
+        {"text": "", "tool_calls": [{"index": 0, "function": {"arguments": "}"}}], "refusal": "no"},
+    ]
+    deltas, cursor, finished = log.deltas(2)
+    assert [(d.text, d.extra) for d in deltas] == [
+        ("Hi", None), ("", {"tool_calls": [call]}),
+        ("", {"refusal": "no", "tool_calls": [{"index": 0, "function": {"arguments": "}"}}]})]
+    assert (cursor, finished) == (5, False)
+    assert log.text() == "Hi"  # the answer text alone
+
+
+def test_a_snapshot_covers_the_text_and_carries_everything_beside_it() -> None:
+    log = EventLog(capacity=2)
+    log.append("", {"reasoning": "a "})
+    log.append("", {"reasoning": "b"})
+    log.append("x", {"tool_calls": [{"index": 0, "id": "c", "type": "function",
+                                     "function": {"name": "f", "arguments": ""}}]})
+    log.append("y", {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
+    log.append("z")
+    frames, cursor, _ = log.read(1)
+    assert parse(frames) == [("snapshot", 5, {
+        "text": "xyz", "reasoning": "a b",
+        "tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": ""}},
+                       {"index": 0, "function": {"arguments": "{}"}}]})]
+    assert cursor == 6
+    # /v1 readers never get a snapshot: every delta is kept with its extra
+    assert [d.text for d in log.deltas(1)[0]] == ["", "", "x", "y", "z"]

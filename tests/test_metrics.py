@@ -11,9 +11,11 @@ from server.metrics import (
     LATENCY_BUCKETS,
     MAX_MODELS_PER_PROVIDER,
     Metrics,
+    Outcome,
     RequestRecord,
     percentile,
 )
+from server.states import MessageStatus
 
 from .workload import Scrape
 
@@ -106,7 +108,7 @@ def test_record_feeds_the_prometheus_series() -> None:
     s = exposed(m)
     assert s.value("dac_request_duration_seconds_count", outcome="ok") == 2
     assert s.value("dac_request_duration_seconds_count", outcome="error") == 1
-    assert s.value("dac_request_duration_seconds_count", outcome="client_left") == 1
+    assert s.value("dac_request_duration_seconds_count", outcome="cancelled") == 1
     assert s.bucket("dac_request_duration_seconds", 0.25, outcome="ok") == 2
     assert s.bucket("dac_request_duration_seconds", 2.5, outcome="error") == 0
     assert s.bucket("dac_request_duration_seconds", 5.0, outcome="error") == 1
@@ -132,25 +134,56 @@ def test_an_error_is_counted_once_per_request_scope() -> None:
     assert s.value("dac_errors_total", type="invalid_request") == 1
     assert s.value("dac_errors_total", type="not_found") == 1
     assert s.value("dac_errors_total", type="internal_error") == 0
-    assert s.value("dac_request_duration_seconds_count", outcome="client_left") == 1
+    assert s.value("dac_request_duration_seconds_count", outcome="cancelled") == 1
 
 
 def test_upstream_calls_and_token_usage() -> None:
     m = Metrics()
-    m.upstream_finished(provider="openai", model="gpt-4o", outcome="complete", duration_s=1.2)
-    m.upstream_finished(provider="openai", model="gpt-4o", outcome="cancelled", duration_s=0.3)
+    m.upstream_finished(provider="openai", model="gpt-4o", outcome=Outcome.OK, duration_s=1.2)
+    m.upstream_finished(provider="openai", model="gpt-4o", outcome=Outcome.CANCELLED, duration_s=0.3)
     m.token_usage("openai", {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42})
+    m.token_usage("openai", {"prompt_tokens": 3000, "completion_tokens": 2})
     m.token_usage("anthropic", {"input_tokens": 5, "output_tokens": 7})
     m.token_usage("openai", {"prompt_tokens": True, "completion_tokens": "9"})  # not numbers: ignored
     s = exposed(m)
-    assert s.value("dac_upstream_calls_total", provider="openai", model="gpt-4o", outcome="complete") == 1
+    assert s.value("dac_upstream_calls_total", provider="openai", model="gpt-4o", outcome="ok") == 1
     assert s.value("dac_upstream_calls_total", outcome="cancelled") == 1
-    assert s.bucket("dac_upstream_duration_seconds", 1.5, outcome="complete") == 1
-    assert s.bucket("dac_upstream_duration_seconds", 1.0, outcome="complete") == 0
-    assert s.value("dac_tokens_total", provider="openai", type="input") == 12
-    assert s.value("dac_tokens_total", provider="openai", type="output") == 30
+    assert s.bucket("dac_upstream_duration_seconds", 1.5, outcome="ok") == 1
+    assert s.bucket("dac_upstream_duration_seconds", 1.0, outcome="ok") == 0
+    assert s.value("dac_tokens_total", provider="openai", type="input") == 3012
+    assert s.value("dac_tokens_total", provider="openai", type="output") == 32
     assert s.value("dac_tokens_total", provider="anthropic", type="input") == 5
     assert s.value("dac_tokens_total", provider="anthropic", type="output") == 7
+    # beside the counters, one observation per call
+    assert s.value("dac_token_usage_tokens_count", provider="openai", type="input") == 2
+    assert s.bucket("dac_token_usage_tokens", 16, provider="openai", type="input") == 1
+    assert s.bucket("dac_token_usage_tokens", 4096, provider="openai", type="input") == 2
+    assert s.value("dac_token_usage_tokens_sum", provider="openai", type="output") == 32
+
+
+def test_time_per_output_token_is_the_opentelemetry_formula() -> None:
+    m = Metrics()
+    m.time_per_output_token("openai", "gpt-4o", duration_s=2.5, first_s=0.5, usage={"completion_tokens": 11})
+    m.time_per_output_token("openai", "gpt-4o", duration_s=2.5, first_s=0.5, usage={"completion_tokens": 1})
+    m.time_per_output_token("openai", "gpt-4o", duration_s=2.5, first_s=0.5, usage=None)
+    s = exposed(m)
+    # (2.5 - 0.5) / (11 - 1); an answer of one token, or without usage, has no figure
+    assert s.value("dac_time_per_output_token_seconds_count", provider="openai", model="gpt-4o") == 1
+    assert s.value("dac_time_per_output_token_seconds_sum", provider="openai", model="gpt-4o") == pytest.approx(0.2)
+
+
+def test_outcomes_speak_one_vocabulary() -> None:
+    assert {Outcome.of(status) for status in MessageStatus if status is not MessageStatus.STREAMING} == set(Outcome)
+    assert [o.value for o in Outcome] == ["ok", "error", "cancelled"]
+    assert {rec("leader").outcome, rec("leader", error="x").outcome, rec("leader", client_left=True).outcome} \
+        == set(Outcome)
+
+
+def test_build_info_names_the_version() -> None:
+    s = exposed(Metrics())
+    families = [f for f in Metrics().registry.collect() if f.name == "dac_build_info"]
+    assert families and families[0].samples[0].labels["version"] not in ("", "unknown")
+    assert s.value("dac_build_info") == 1
 
 
 def test_model_labels_stay_bounded() -> None:
@@ -162,6 +195,18 @@ def test_model_labels_stay_bounded() -> None:
     assert set(labels[MAX_MODELS_PER_PROVIDER:]) == {"other"}
     assert m.model_label("openai", "model-0") == "model-0"  # a known one keeps its name
     assert m.model_label("anthropic", "model-99") == "model-99"  # the bound is per provider
+
+
+def test_a_model_no_provider_answered_takes_no_label_slot() -> None:
+    m = Metrics()
+    for i in range(MAX_MODELS_PER_PROVIDER * 2):  # bogus names the upstream refused (404)
+        m.upstream_finished(provider="openai", model=f"typo-{i}", outcome=Outcome.ERROR, duration_s=0.1,
+                            answered=False)
+    m.upstream_finished(provider="openai", model="gpt-4o", outcome=Outcome.OK, duration_s=1.0)
+    s = exposed(m)
+    assert s.value("dac_upstream_calls_total", provider="openai", model="other", outcome="error") == 64
+    assert s.value("dac_upstream_calls_total", provider="openai", model="gpt-4o", outcome="ok") == 1
+    assert m.model_label("openai", "typo-1", answered=False) == "other"
 
 
 def test_cache_gauges_read_the_cache_at_scrape_time() -> None:
@@ -192,12 +237,12 @@ def test_series_follow_prometheus_naming_rules() -> None:
         if family.type == "counter":
             # prometheus-client adds _total to the sample; the family name must not repeat it
             assert not family.name.endswith("_total"), family.name
-        if family.type == "histogram":
-            assert family.name.endswith("_seconds"), f"{family.name}: a duration in base units"
+        if family.type == "histogram":  # a duration in base units, or a count of tokens
+            assert family.name.endswith(("_seconds", "_tokens")), f"{family.name}: its unit in the name"
     # every label any series may carry is a bounded one
-    for collector in (m.request_duration, m.upstream_duration, m.ttft, m.queue_wait, m.inter_token,
-                      m.cancel_latency, m.upstream_calls, m.coalesce, m.deltas, m.tokens, m.cancels,
-                      m.errors):
+    for collector in (m.request_duration, m.upstream_duration, m.ttft, m.ttfb, m.tpot, m.queue_wait,
+                      m.inter_chunk, m.token_histogram, m.cancel_latency, m.upstream_calls, m.coalesce,
+                      m.answers, m.deltas, m.tokens, m.cancels, m.errors, m.build_info):
         names = set(collector._labelnames)  # noqa: SLF001 - the declared label names
         assert not names & UNBOUNDED_LABELS, (collector, names)
     text = generate_latest(m.registry).decode()
@@ -205,14 +250,14 @@ def test_series_follow_prometheus_naming_rules() -> None:
 
 
 def test_buckets_fit_llm_latencies() -> None:
-    assert LATENCY_BUCKETS[0] == 0.005 and LATENCY_BUCKETS[-1] == 120.0
+    assert LATENCY_BUCKETS[0] == 0.005 and LATENCY_BUCKETS[-1] == 600.0  # the total timeout
     assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))
     assert list(GAP_BUCKETS) == sorted(set(GAP_BUCKETS))
     assert 0.3 in GAP_BUCKETS  # the cancel promise is a bucket boundary
     m = Metrics()
     for hist in (m.request_duration.labels("messages", "json", "ok"), m.ttft.labels("p", "m"),
-                 m.queue_wait.labels("p"), m.upstream_duration.labels("p", "m", "complete")):
+                 m.queue_wait.labels("p"), m.upstream_duration.labels("p", "m", "ok")):
         hist.observe(0.001)
     s = exposed(m)
-    assert s.bucket("dac_time_to_first_token_seconds", 120.0) == 1
+    assert s.bucket("dac_time_to_first_token_seconds", 600.0) == 1
     assert s.bucket("dac_queue_wait_seconds", 0.005) == 1

@@ -86,9 +86,9 @@ async def test_stream_is_the_mock_answer_in_openai_chunks(gateway) -> None:
 
 async def test_non_stream_completion_with_and_without_provider_prefix(gateway) -> None:
     async with sdk(gateway) as client:
-        plain = await within(client.chat.completions.create(model=FAST, messages=user("hello")))
+        plain = await within(client.chat.completions.create(model=FAST, messages=user("hello"), temperature=0))
         raw = await within(client.chat.completions.with_raw_response.create(
-            model="mock/" + FAST, messages=user("hello")))
+            model="mock/" + FAST, messages=user("hello"), temperature=0))
     prefixed = raw.parse()
     expected = "".join(mock_answer("hello", 6))
     assert plain.object == "chat.completion" and plain.id.startswith("chatcmpl-")
@@ -235,7 +235,10 @@ async def test_raw_stream_has_only_data_lines_and_ping_comments(gateway_factory)
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "must be one of"),
     ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content", "string or an array"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content", "only text"),
+     "messages[0].content[0]", "data: or https:// URL"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+     "messages[0].content[0]", "cannot take a 'input_audio' content part"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id", "tool_call_id is required"),
     ({"messages": user("hi"), "n": 2}, "n", "'n' must be 1"),
     ({"messages": user("hi"), "temperature": 5}, "temperature", "from 0 to 2"),
     ({"messages": user("hi"), "max_tokens": 0}, "max_tokens", "at least 1"),
@@ -472,14 +475,14 @@ async def test_key_covers_org_messages_and_sampling_parameters(gateway_factory) 
                 model=FAST, messages=messages, **params))
             return raw.headers["x-dac-coalesce"]
 
-        assert await ask(a, user("q"), temperature=0.2) == "leader"
-        assert await ask(a, user("q"), temperature=0.2) == "cache"
-        assert await ask(a, user("q"), stream_options=None, temperature=0.2, top_p=None) == "cache"
-        assert await ask(a, user("q"), temperature=0.3) == "leader"
-        assert await ask(a, [{"role": "system", "content": "terse"}, *user("q")], temperature=0.2) == "leader"
-        assert await ask(b, user("q"), temperature=0.2) == "leader"
+        assert await ask(a, user("q"), temperature=0.2, seed=1) == "leader"
+        assert await ask(a, user("q"), temperature=0.2, seed=1) == "cache"
+        assert await ask(a, user("q"), stream_options=None, temperature=0.2, seed=1, top_p=None) == "cache"
+        assert await ask(a, user("q"), temperature=0.3, seed=1) == "leader"
+        assert await ask(a, [{"role": "system", "content": "terse"}, *user("q")], temperature=0.2, seed=1) == "leader"
+        assert await ask(b, user("q"), temperature=0.2, seed=1) == "leader"
         # no-cache skips the finished result (it would still join a running flight)
-        assert await ask(a, user("q"), temperature=0.2, extra_headers={"Cache-Control": "no-cache"}) == "leader"
+        assert await ask(a, user("q"), temperature=0.2, seed=1, extra_headers={"Cache-Control": "no-cache"}) == "leader"
     assert mock.calls == 5
 
 
@@ -578,7 +581,7 @@ async def test_client_leaving_mid_stream_aborts_the_upstream_call(gateway_factor
         await within(call.closed.wait(), 5, "the upstream call to close")
     assert call.closed_at is not None and call.closed_at - left < 1.0
     # recorded as a client that left, not as an error
-    labels = {"route": "v1", "mode": "sse", "outcome": "client_left"}
+    labels = {"route": "v1", "mode": "sse", "outcome": "cancelled"}
     await until(lambda: gw.metrics.registry.get_sample_value("dac_request_duration_seconds_count", labels) == 1,
                 "the request to be recorded as client_left")
     assert not [r for r in gw.metrics.records if r.error]

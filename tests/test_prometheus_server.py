@@ -28,6 +28,7 @@ import yaml
 from server.metrics import Metrics
 
 from .conftest import GatewayFactory
+from .fake_upstream import FakeUpstream, Script
 from .helpers import Gateway, ScriptedProvider, registry, within
 from .workload import mixed_workload, scrape, scrape_until
 
@@ -37,7 +38,8 @@ DASHBOARD = GRAFANA / "dac-gateway.json"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 #: what Grafana would put in place of its variables, for a 1 s scrape interval
-GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
+GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m",
+                     "provider": ".*", "model": ".*"}
 PROMETHEUS_TIMEOUT = 60.0
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -92,6 +94,12 @@ def exported_series() -> set[str]:
         else:
             names.add(family.name)
     return names
+
+
+def panel_expr(title: str) -> str:
+    """The first query of the dashboard's panel ``title``, as Grafana would send it."""
+    [found] = [p for p in panels(dashboard()) if p["title"] == title]
+    return promql(found["targets"][0]["expr"])
 
 
 def test_dashboard_imports_without_edits() -> None:
@@ -167,6 +175,19 @@ def test_grafana_variables_are_substituted() -> None:
     assert promql("increase(x[${__range}])") == "increase(x[5m])"
     with pytest.raises(AssertionError, match="unknown Grafana variable"):
         promql("rate(x{job=\"$job\"}[1m])")
+
+
+def test_provider_and_model_filter_the_per_provider_panels() -> None:
+    dash = dashboard()
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    for name in ("provider", "model"):
+        assert variables[name]["type"] == "query" and variables[name]["includeAll"], name
+        assert variables[name]["datasource"] == DS
+    for title, expr in expressions(dash):
+        for series in ("dac_upstream_calls_total", "dac_time_to_first_token_seconds_bucket",
+                       "dac_time_per_output_token_seconds_bucket", "dac_upstream_duration_seconds_bucket"):
+            if series in expr:
+                assert 'provider=~"$provider"' in expr and 'model=~"$model"' in expr, title
 
 
 # -- with the real tools -----------------------------------------------------------------
@@ -318,3 +339,59 @@ async def test_real_prometheus_evaluates_every_dashboard_query(
         assert await prom.value('sum(dac_errors_total{type="upstream_error"})') == 2
     finally:
         await prom.stop()
+
+
+async def test_the_error_rate_is_failed_answers_over_answers_and_tpot_is_the_formula(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """A scripted mix through real Prometheus: requests refused before any answer (400s,
+    an unknown thread) are not answers; upstream failures are failed answers."""
+    need(PROMETHEUS)
+    async with FakeUpstream.start() as fake:
+        fake.script(Script(n=5, first_token_s=0.2, interval_s=0.1), model="timed")
+        fake.script(Script(status=500), model="broken")
+        fake.script(Script(status=400), model="refusing")
+        gw = await gateway_factory(env=fake.env("openai"))
+        thread = await gw.new_thread()
+        prom = Prometheus(gw, tmp_path)
+        try:
+            await prom.start()
+            await prom.sees('up{job="dac"}', 1)
+            await prom.sees("sum(dac_chat_answers_total)", 0)
+
+            async def v1(model: str, content: str, **extra: Any) -> int:
+                async with gw.session.post(f"{gw.url}/v1/chat/completions", headers={"x-org-id": "org_a"}, json={
+                        "model": model, "messages": [{"role": "user", "content": content}], **extra}) as resp:
+                    await resp.read()
+                    return resp.status
+
+            # 3 answers, streamed upstream (a whole answer has no time between its tokens)
+            statuses = [await within(v1("openai/timed", f"timed {i}", stream=True)) for i in range(3)]
+            statuses.append((await gw.post(thread, {"content": "fine", "model": "mock:ttft=0,itl=0,n=3"}))[0])
+            statuses.append(await within(v1("openai/broken", "upstream fails")))  # failed answers
+            statuses.append((await gw.post(thread, {"content": "fails", "provider": "openai",
+                                                    "model": "broken"}))[0])
+            statuses.append((await gw.post(thread, {"content": "mock fails", "model": "mock:ttft=0,fail=1"}))[0])
+            statuses.append(await within(v1("openai/refusing", "upstream says 400")))
+            # refused before any answer was attempted: not answers
+            statuses.append(await within(v1("openai/timed", "bad", temperature=5)))
+            statuses.append((await gw.post(thread, {"content": ""}))[0])
+            statuses.append((await gw.post("thr_missing", {"content": "nowhere"}))[0])
+            assert statuses == [200, 200, 200, 200, 502, 502, 502, 400, 400, 400, 404]
+
+            await prom.sees("sum(dac_chat_answers_total)", 8)
+            await prom.sees('sum(dac_chat_answers_total{outcome="error"})', 4)
+            rate = await prom.value(panel_expr("Error rate"))
+            assert rate == pytest.approx(4 / 8, abs=1e-9)  # errors over requests would say 7 / 11
+
+            # time per output token: (duration - first output) / (output tokens - 1), per answer
+            await prom.sees('sum(dac_time_per_output_token_seconds_count{provider="openai"})', 3)
+            tpot = await prom.value('sum(dac_time_per_output_token_seconds_sum{provider="openai"})')
+            durations = await prom.value(
+                'sum(dac_upstream_duration_seconds_sum{provider="openai", outcome="ok"})')
+            first = await prom.value('sum(dac_time_to_first_byte_seconds_sum{provider="openai"})')
+            assert tpot is not None and durations is not None and first is not None
+            assert tpot == pytest.approx((durations - first) / (5 - 1), rel=1e-9)
+            assert 0.09 <= tpot / 3 < 0.2  # the fake streams a token every 0.1 s
+        finally:
+            await prom.stop()

@@ -13,6 +13,7 @@ the hub has cancelled every flight.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -21,7 +22,17 @@ import aiohttp
 from ..config import Settings
 from ..errors import BadRequest, ProviderNotConfigured
 from .anthropic import AnthropicProvider
-from .base import ChatMessage, Chunk, FinishReason, Provider, ProviderRequest, ToolCallDelta
+from .base import (
+    ChatMessage,
+    Chunk,
+    FinishReason,
+    Provider,
+    ProviderRequest,
+    ToolCall,
+    ToolCallDelta,
+    assemble_tool_calls,
+    content_part,
+)
 from .catalog import ProviderConfigError, resolve
 from .mock import MockProvider
 from .openai import OpenAIProvider
@@ -37,8 +48,11 @@ __all__ = [
     "ProviderConfigError",
     "ProviderRegistry",
     "ProviderRequest",
+    "ToolCall",
     "ToolCallDelta",
+    "assemble_tool_calls",
     "build_registry",
+    "content_part",
     "new_session",
 ]
 
@@ -89,6 +103,11 @@ class ProviderRegistry:
         if not provider.configured():
             raise ProviderNotConfigured(provider.not_configured_reason(), param="provider")
         return provider
+
+    async def probe_local(self) -> None:
+        """Probe the local servers (key optional: vLLM, Ollama) once, so ``/v1/models`` lists
+        those that are there."""
+        await asyncio.gather(*(p.probe() for p in self if p.local and p.configured()))
 
     async def aclose(self) -> None:
         for provider in self._providers.values():

@@ -154,6 +154,8 @@ class Tool(TypedDict, total=False):
 
 class AnthropicProvider(HTTPProvider):
     kind = "anthropic"
+    #: OpenAI's text and image parts (translated), and Anthropic's own blocks
+    content_parts = frozenset({"text", "image_url", "image", "document"})
 
     def __init__(self, *, max_tokens: int = DEFAULT_MAX_TOKENS, **options: Any) -> None:
         super().__init__(**options)

@@ -12,9 +12,11 @@ else escaping ``stream`` is reported as an ``upstream_error``.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Required, TypedDict
+
+from ..errors import BadRequest
 
 __all__ = [
     "ChatMessage",
@@ -30,6 +32,8 @@ __all__ = [
     "TextPart",
     "ToolCall",
     "ToolCallDelta",
+    "assemble_tool_calls",
+    "content_part",
 ]
 
 DEFAULT_MAX_CONCURRENCY = 16
@@ -57,6 +61,25 @@ class ImagePart(TypedDict):
 
 
 ContentPart = TextPart | ImagePart
+#: where an ``image_url`` part may point
+IMAGE_URL_SCHEMES = ("data:", "https://")
+
+
+def content_part(part: Any, where: str) -> dict[str, Any]:
+    """One content part from a client, checked where its shape is known (text,
+    ``image_url``); other kinds pass as they came, for the provider to take or
+    refuse by name (:meth:`Provider.check_parts`). ``where`` names it in the 400."""
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise BadRequest(f"{where} must be a content part: an object with a 'type'", param=where)
+    kind = part["type"]
+    if kind == "text" and not isinstance(part.get("text"), str):
+        raise BadRequest(f"{where} is a text part without a string 'text'", param=where)
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else None
+        if not isinstance(url, str) or not url.startswith(IMAGE_URL_SCHEMES):
+            raise BadRequest(f"{where}.image_url.url must be a data: or https:// URL", param=where)
+    return part
 
 
 class FunctionCall(TypedDict):
@@ -126,6 +149,21 @@ class ToolCallDelta(TypedDict, total=False):
     function: FunctionCallDelta
 
 
+def assemble_tool_calls(pieces: Iterable[ToolCallDelta]) -> list[ToolCall]:
+    """Whole tool calls from their pieces, by ``index``: ``id``, ``type`` and the name from
+    the first piece of each index, the ``arguments`` of all its pieces appended."""
+    calls: dict[int, ToolCall] = {}
+    for piece in pieces:
+        function = piece.get("function") or FunctionCallDelta()
+        call = calls.get(piece["index"])
+        if call is None:
+            calls[piece["index"]] = ToolCall(id=piece.get("id", ""), type="function", function=FunctionCall(
+                name=function.get("name", ""), arguments=function.get("arguments", "")))
+        else:
+            call["function"]["arguments"] += function.get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
+
+
 #: OpenAI's words for why an answer ended
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
@@ -172,6 +210,14 @@ class Provider(abc.ABC):
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     #: the model used when a request names none.
     default_model: str = ""
+    #: content part types (``text``, ``image_url``, ...) this provider takes; None: any,
+    #: the upstream judges
+    content_parts: frozenset[str] | None = None
+    #: a server of one's own whose key is optional (vLLM, Ollama): listed on ``/v1/models``
+    #: only once it has answered
+    local: bool = False
+    #: it has produced output (or answered a probe) since the start
+    answered: bool = False
 
     def configured(self) -> bool:
         """Whether the provider can be called (has its key, say)."""
@@ -182,6 +228,29 @@ class Provider(abc.ABC):
 
     def validate_model(self, model: str) -> None:  # noqa: B027 - optional hook
         """Raise BadRequest for a model this provider can never serve (checked before any row is written)."""
+
+    def check_content(self, messages: Iterable[dict[str, Any]]) -> None:
+        """Raise BadRequest naming the first content part of ``messages`` this provider
+        cannot take (checked before any row is written)."""
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if isinstance(content, list):
+                self.check_parts(content, f"messages[{i}].content")
+
+    def check_parts(self, parts: Iterable[Any], where: str) -> None:
+        """Raise BadRequest naming the first of ``parts`` (found at ``where``) this provider cannot take."""
+        allowed = self.content_parts
+        if allowed is None:
+            return
+        for j, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in allowed:
+                raise BadRequest(f"provider {self.name!r} cannot take a {kind!r} content part ({where}[{j}]); "
+                                 f"it takes {', '.join(sorted(allowed))}", param=f"{where}[{j}]")
+
+    async def probe(self) -> bool:
+        """Ask the upstream whether it is there (a local server at start); True when it answered."""
+        return False
 
     def models(self) -> list[str]:
         """Models to list on ``GET /v1/models``."""

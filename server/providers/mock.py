@@ -1,13 +1,17 @@
 """The built-in ``mock`` provider: deterministic answers, no network.
 
 Model ``mock`` streams an answer derived from the last user message. Model
-``mock:ttft=MS,itl=MS,n=TOKENS,fail=0|1,failat=K`` sets its timing and failure:
+``mock:ttft=MS,itl=MS,n=TOKENS,fail=0|1,failat=K,think=R,tool=NAME`` sets its
+timing, failure and what it produces beside the text:
 
 - ``ttft``: milliseconds before the first token (default 100)
 - ``itl``: milliseconds between tokens (default 20)
 - ``n``: number of tokens (default 24)
 - ``fail=1``: fail with ``upstream_error`` before the first token
 - ``failat=K``: fail after K tokens (a stream cut mid-way)
+- ``think=R``: R reasoning pieces before the text (each after ``itl``)
+- ``tool=NAME``: end with a call of tool NAME (arguments ``{"query": <prompt>}``),
+  finish reason ``tool_calls``
 
 The same prompt and model always give the same text, so coalesced and direct
 answers can be compared byte for byte.
@@ -19,6 +23,8 @@ import asyncio
 import hashlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+
+import orjson
 
 from ..errors import BadRequest, UpstreamError
 from .base import Chunk, Provider, ProviderRequest
@@ -44,6 +50,8 @@ class MockSpec:
     n: int = DEFAULT_TOKENS
     fail: bool = False
     fail_at: int | None = None
+    think: int = 0
+    tool: str = ""
 
     @classmethod
     def parse(cls, model: str) -> MockSpec:
@@ -57,7 +65,7 @@ class MockSpec:
             if not sep:
                 raise BadRequest(f"mock option {part!r} must be key=value")
             values[key.strip()] = value.strip()
-        unknown = set(values) - {"ttft", "itl", "n", "fail", "failat"}
+        unknown = set(values) - {"ttft", "itl", "n", "fail", "failat", "think", "tool"}
         if unknown:
             raise BadRequest(f"unknown mock option(s): {', '.join(sorted(unknown))}")
         try:
@@ -67,10 +75,12 @@ class MockSpec:
                 n=int(values.get("n", DEFAULT_TOKENS)),
                 fail=values.get("fail", "0") not in ("0", "", "false"),
                 fail_at=int(values["failat"]) if "failat" in values else None,
+                think=int(values.get("think", 0)),
+                tool=values.get("tool", ""),
             )
         except ValueError as exc:
             raise BadRequest(f"bad mock option in {model!r}: {exc}") from None
-        if spec.ttft_ms < 0 or spec.itl_ms < 0 or not 0 <= spec.n <= 100_000:
+        if spec.ttft_ms < 0 or spec.itl_ms < 0 or not 0 <= spec.n <= 100_000 or not 0 <= spec.think <= 100_000:
             raise BadRequest(f"mock options out of range in {model!r}")
         if spec.ttft_ms > 600_000 or spec.itl_ms > 60_000:
             raise BadRequest(f"mock timings too long in {model!r}")
@@ -81,6 +91,8 @@ def _last_user_text(request: ProviderRequest) -> str:
     for message in reversed(request.messages):
         if message.get("role") == "user":
             content = message.get("content")
+            if isinstance(content, list):  # its text parts; images do not change the answer
+                return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
             return content if isinstance(content, str) else str(content)
     return ""
 
@@ -97,6 +109,7 @@ def mock_answer(prompt: str, n: int) -> list[str]:
 
 class MockProvider(Provider):
     kind = "mock"
+    content_parts = frozenset({"text", "image_url"})
 
     def __init__(self, *, name: str = "mock", max_concurrency: int = 64) -> None:
         self.name = name
@@ -119,6 +132,10 @@ class MockProvider(Provider):
             await asyncio.sleep(spec.ttft_ms / 1000)
             if spec.fail:
                 raise UpstreamError("mock provider failed as asked (fail=1)")
+            for i, word in enumerate(mock_answer("think " + prompt, spec.think)):
+                if i and spec.itl_ms:
+                    await asyncio.sleep(spec.itl_ms / 1000)
+                yield Chunk(reasoning=word)
             tokens = mock_answer(prompt, spec.n)
             for i, token in enumerate(tokens):
                 if i and spec.itl_ms:
@@ -126,12 +143,17 @@ class MockProvider(Provider):
                 if spec.fail_at is not None and i == spec.fail_at:
                     raise UpstreamError(f"mock stream cut after {i} tokens (failat={spec.fail_at})")
                 yield Chunk(text=token)
+            if spec.tool:
+                arguments = orjson.dumps({"query": prompt}).decode()
+                yield Chunk(tool_calls=[{"index": 0, "id": "call_" + hashlib.sha1(prompt.encode()).hexdigest()[:24],
+                                         "type": "function", "function": {"name": spec.tool, "arguments": ""}}])
+                yield Chunk(tool_calls=[{"index": 0, "function": {"arguments": arguments}}])
             yield Chunk(
-                finish_reason="stop",
+                finish_reason="tool_calls" if spec.tool else "stop",
                 usage={
                     "prompt_tokens": len(prompt.split()),
-                    "completion_tokens": len(tokens),
-                    "total_tokens": len(prompt.split()) + len(tokens),
+                    "completion_tokens": spec.think + len(tokens),
+                    "total_tokens": len(prompt.split()) + spec.think + len(tokens),
                 },
             )
         finally:

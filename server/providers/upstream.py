@@ -86,6 +86,8 @@ MAX_SSE_LINE_BYTES = 8 * 1024 * 1024
 REDACTED = "[redacted]"
 #: after the end marker, the rest of the body is awaited this long before the socket is dropped
 DRAIN_TIMEOUT_S = 0.5
+#: how long a local server has to answer the probe at start
+PROBE_TIMEOUT_S = 2.0
 
 T = TypeVar("T")
 
@@ -391,6 +393,7 @@ class HTTPProvider(Provider):
         self._api_key = api_key or None  # never logged, never in a message: see scrub()
         self.api_key_env = api_key_env
         self._key_required = key_required
+        self.local = not key_required
         self._extra_headers = dict(headers or {})
         self._unusable = unusable
         #: a temperature above this is sent as this (servers that refuse OpenAI's 0-2 range)
@@ -415,6 +418,18 @@ class HTTPProvider(Provider):
         if self.default_model and self.default_model not in listed:
             listed.insert(0, self.default_model)
         return listed
+
+    async def probe(self) -> bool:
+        """``GET {base_url}/models``: a local server that answers it is there."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                async with self._session.get(f"{self.base_url}/models", headers=self.headers()) as resp:
+                    there = resp.status < 300
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        if there:
+            self.answered = True
+        return there
 
     def validate_model(self, model: str) -> None:
         if not model.strip():

@@ -15,6 +15,7 @@ from aiohttp import web
 from ..appkeys import PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound
 from ..flight import TurnRequest
+from ..providers import content_part
 from ..turns import Lease, Surface, Until
 from ._http import error_middleware, json_response, last_event_id, open_event_stream, read_json, require_org
 
@@ -88,6 +89,29 @@ async def delete_thread(request: web.Request) -> web.Response:
 # -- messages ---------------------------------------------------------------
 
 
+def _attachments(raw: Any) -> list[dict[str, Any]]:
+    """``attachments``: content parts (images by ``image_url``...) sent upstream after the text."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise BadRequest("'attachments' must be an array of content parts", param="attachments")
+    return [content_part(part, f"attachments[{i}]") for i, part in enumerate(raw)]
+
+
+def _tool_params(body: dict[str, Any]) -> dict[str, Any]:
+    """``tools`` (with ``tool_choice`` and ``parallel_tool_calls``), passed upstream as on /v1."""
+    tools = body.get("tools")
+    if tools is None:
+        return {}
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRequest("'tools' must be an array of tools", param="tools")
+    params: dict[str, Any] = {"tools": tools} if tools else {}
+    for name in ("tool_choice", "parallel_tool_calls"):
+        if params and body.get(name) is not None:
+            params[name] = body[name]
+    return params
+
+
 async def _parse_message(request: web.Request, org: str, *, sse: bool) -> tuple[TurnRequest, bool]:
     """The body of ``POST .../messages`` as a turn and its ``stream`` flag, or a 400/404
     before anything is written."""
@@ -111,12 +135,14 @@ async def _parse_message(request: web.Request, org: str, *, sse: bool) -> tuple[
         raise BadRequest(f"'model' is required for provider {provider.name!r}", param="model")
     provider.validate_model(model)
     meta = {k: v for k in ("reason", "scope") if (v := _optional_str(body, k)) is not None}
+    attachments = _attachments(body.get("attachments"))
+    params = _tool_params(body)
     if await app[STORE].get_thread(org, thread_id) is None:
         raise NotFound("thread not found")
     turn = app[TURNS].turn(
         surface=Surface.API, org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
-        streaming=sse or bool(stream), meta=meta,
-        shareable=not body.get("tools") and not body.get("attachments"),
+        streaming=sse or bool(stream), meta=meta, params=params, attachments=attachments,
+        shareable=not params and not attachments,
         idempotency_key=request.headers.get("Idempotency-Key"),
         no_cache="no-cache" in request.headers.get("Cache-Control", "").lower(),
     )

@@ -16,7 +16,12 @@ upstream call, and every subscriber replays the answer from its first token.
   new user message, plus the sampling parameters), so the two surfaces share a
   flight; stateless, the whole normalised conversation and parameters;
   ``Idempotency-Key`` replaces it. Requests with ``tools`` or ``functions``
-  never share a flight.
+  never share a flight. A finished answer serves an identical request only
+  when ``DAC_V1_RESULT_CACHE`` allows: by default a deterministic one
+  (``temperature`` 0, a ``seed``, or an ``Idempotency-Key``).
+- **Beside the text**: content parts (images) go upstream, checked per provider
+  before anything is written; tool calls, reasoning (``reasoning_content``) and
+  refusals come back in OpenAI's shape, one chunk object per upstream chunk.
 - **Stateless** unless ``x-thread-id`` names a thread of the org: then the
   last user message and the answer are written to it as one turn.
 - **Wire format**: only ``data:`` lines and ``: ping`` comments, never ``id:``,
@@ -45,8 +50,9 @@ from aiohttp import web
 
 from ..appkeys import PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound, Unauthorized
+from ..eventlog import Delta
 from ..flight import Flight, TurnRequest
-from ..providers import Provider, ProviderRegistry
+from ..providers import Provider, ProviderRegistry, content_part
 from ..turns import Lease, Surface, Until
 from ._http import error_middleware, json_response, open_sse, read_json, require_org, send
 
@@ -68,6 +74,7 @@ RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0),
           "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
 #: vendor extras kept beside the text that OpenAI-style clients know how to read
 EXTRAS = ("citations", "search_results")
+
 
 #: the configured API keys (empty: no keys, orgs come from ``x-org-id``)
 API_KEYS = web.AppKey("v1_api_keys", tuple)
@@ -145,23 +152,28 @@ def _resolve_model(providers: ProviderRegistry, name: str, default: str) -> tupl
 # -- the request body -----------------------------------------------------------
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's content as one string; the array form may hold text parts only."""
+def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content: a string, or its parts. Text parts alone (no more than
+    ``type`` and ``text``) become one string, as every provider takes it."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise BadRequest(f"{where}[{i}] must be a text part {{'type': 'text', 'text': '...'}}: "
-                                 "only text is supported", param=where)
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise BadRequest(f"{where} must be a string or an array of text parts", param=where)
+        parts = [content_part(part, f"{where}[{i}]") for i, part in enumerate(content)]
+        if all(p["type"] == "text" and p.keys() == {"type", "text"} for p in parts):
+            return "\n".join(p["text"] for p in parts)
+        return parts
+    raise BadRequest(f"{where} must be a string or an array of content parts", param=where)
+
+
+def _text_of(content: str | list[dict[str, Any]] | None) -> str:
+    """The text of a content: the string, or its text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "\n".join(p["text"] for p in content if p.get("type") == "text")
 
 
 def _messages(raw: Any) -> list[dict[str, Any]]:
-    """The conversation, normalised: ``{"role", "content": str}`` plus tool-call fields."""
+    """The conversation, normalised: ``{"role", "content"}`` plus tool-call fields."""
     if not isinstance(raw, list) or not raw:
         raise BadRequest("'messages' is required: a non-empty array of messages", param="messages")
     out: list[dict[str, Any]] = []
@@ -174,12 +186,19 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
             raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}, not {role!r}",
                              param=f"{where}.role")
         content = message.get("content")
+        calls = message.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)):
+            raise BadRequest(f"{where}.tool_calls must be an array on an assistant message",
+                             param=f"{where}.tool_calls")
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise BadRequest(f"{where}.tool_call_id is required: the id of the call it answers",
+                             param=f"{where}.tool_call_id")
+        normal: dict[str, Any] = {"role": ROLES[role]}
         # an assistant turn that only calls tools has no content
-        if content is None and role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
-            text = ""
+        if content is None and role == "assistant" and (calls or message.get("function_call")):
+            normal["content"] = None
         else:
-            text = _text(content, f"{where}.content")
-        normal: dict[str, Any] = {"role": ROLES[role], "content": text}
+            normal["content"] = _content(content, f"{where}.content")
         normal.update((k, message[k]) for k in TOOL_FIELDS if message.get(k) is not None)
         out.append(normal)
     return out
@@ -253,7 +272,8 @@ async def _parse(request: web.Request, org: str) -> _Call:
     provider, model = _resolve_model(cfg[PROVIDERS], model_name.strip(), settings.default_provider)
 
     users = [m["content"] for m in messages if m["role"] == "user"]
-    content = users[-1] if users else ""
+    last = users[-1] if users else ""
+    content = _text_of(last)
     thread_id = request.headers.get("x-thread-id") or None
     if thread_id is not None:
         if not users:
@@ -262,14 +282,28 @@ async def _parse(request: web.Request, org: str) -> _Call:
         if await cfg[STORE].get_thread(org, thread_id) is None:
             raise NotFound("thread not found (x-thread-id)", param="x-thread-id")
 
+    idempotency_key = request.headers.get("Idempotency-Key")
     turn = cfg[TURNS].turn(
         surface=Surface.V1, org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
         streaming=bool(stream), messages=messages, params=params,
         shareable=not params.get("tools") and not params.get("functions"),
-        idempotency_key=request.headers.get("Idempotency-Key"),
-        no_cache="no-cache" in request.headers.get("Cache-Control", "").lower(),
+        idempotency_key=idempotency_key,
+        no_cache="no-cache" in request.headers.get("Cache-Control", "").lower()
+        or not _reusable(settings.v1_result_cache, params, idempotency_key),
+        attachments=[p for p in last if p.get("type") != "text"] if isinstance(last, list) else None,
     )
     return _Call(turn=turn, model=model_name, stream=bool(stream), include_usage=include_usage)
+
+
+def _reusable(policy: str, params: dict[str, Any], idempotency_key: str | None) -> bool:
+    """Whether a finished answer may serve this request (``DAC_V1_RESULT_CACHE``): with
+    ``deterministic``, only a request that asks for the same answer again does:
+    ``temperature`` 0, a ``seed``, or an ``Idempotency-Key``."""
+    if policy == "always":
+        return True
+    if policy == "off":
+        return False
+    return params.get("temperature") == 0 or "seed" in params or bool(idempotency_key)
 
 
 # -- the answer -----------------------------------------------------------------
@@ -283,10 +317,47 @@ def _usage(flight: Flight) -> dict[str, Any]:
     return {**usage, "prompt_tokens": prompt, "completion_tokens": completion}
 
 
+def _meta(flight: Flight) -> dict[str, Any]:
+    return flight.message["meta"] if flight.message else {}
+
+
 def _finish_reason(flight: Flight) -> str:
-    """What ended the answer; adapters keep the upstream's in the message meta (``length``...)."""
-    reason = flight.message["meta"].get("finish_reason") if flight.message else None
-    return reason if isinstance(reason, str) and reason else "stop"
+    """What ended the answer, in OpenAI's words, as the flight kept it in the message meta
+    (``length``, ``tool_calls``, ``content_filter``...)."""
+    meta = _meta(flight)
+    reason = meta.get("finish_reason")
+    if isinstance(reason, str) and reason:
+        return reason
+    return "tool_calls" if meta.get("tool_calls") else "stop"
+
+
+def _delta(delta: Delta) -> dict[str, Any]:
+    """One log delta as a chunk's ``delta``: its text, reasoning, refusal and tool-call pieces."""
+    out: dict[str, Any] = {"content": delta.text} if delta.text else {}
+    extra = delta.extra
+    if extra:
+        if "reasoning" in extra:
+            out["reasoning_content"] = extra["reasoning"]
+        if "refusal" in extra:
+            out["refusal"] = extra["refusal"]
+        if "tool_calls" in extra:
+            out["tool_calls"] = extra["tool_calls"]
+    return out
+
+
+def _message(text: str, flight: Flight) -> dict[str, Any]:
+    """The assistant ``message`` of a whole answer; ``content`` is null when the answer is
+    only tool calls or a refusal."""
+    meta = _meta(flight)
+    refusal = meta.get("refusal") or None
+    calls = meta.get("tool_calls") or None
+    message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls or refusal else ""),
+                               "refusal": refusal}
+    if meta.get("reasoning"):
+        message["reasoning_content"] = meta["reasoning"]
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 def _extras(flight: Flight) -> dict[str, Any]:
@@ -331,7 +402,7 @@ class _Completion:
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+            "choices": [{"index": 0, "message": _message(text, flight),
                          "logprobs": None, "finish_reason": _finish_reason(flight)}],
             "usage": _usage(flight),
             **_extras(flight),
@@ -342,15 +413,15 @@ DONE = b"data: [DONE]\n\n"
 
 
 async def _stream(request: web.Request, lease: Lease, call: _Call) -> web.StreamResponse:
-    """Write the flight as chunk objects: whatever arrived since the last write goes as one."""
+    """Write the flight as chunk objects, one per upstream chunk (a replay keeps the
+    original chunking); whatever arrived since the last write goes in one write."""
     flight = lease.flight
     answer = _Completion(flight=flight, model=call.model)
     resp = await open_sse(request, headers={COALESCE_HEADER: lease.role})
     async with resp:  # stops the keep-alive pings however the stream ends
         frames = [answer.chunk({"role": "assistant", "content": "", "refusal": None})]
-        async for texts, finished in lease.texts():
-            if texts:
-                frames.append(answer.chunk({"content": "".join(texts)}))
+        async for deltas, finished in lease.deltas():
+            frames.extend(answer.chunk(delta) for d in deltas if (delta := _delta(d)))
             if finished:
                 frames.extend(_ending(answer, flight, call))
             if frames:
@@ -398,7 +469,8 @@ async def list_models(request: web.Request) -> web.Response:
     data = [
         _model_object(f"{provider.name}/{model}", provider.name, created)
         for provider in request.config_dict[PROVIDERS]
-        if provider.configured()
+        # a local server (key optional) is listed once it has answered: a call, or the probe at start
+        if provider.configured() and (provider.answered or not provider.local)
         for model in provider.models()
     ]
     return json_response({"object": "list", "data": data})

@@ -219,6 +219,47 @@ test('text from the server is shown as text, never run', { timeout: TEST_TIMEOUT
   }
 });
 
+test('tool calls and reasoning are shown as collapsed blocks', { timeout: TEST_TIMEOUT }, async () => {
+  const org = uniqueOrg('tools');
+  const { context, page, errors } = await openPage(browser, org);
+  try {
+    await send(page, 'Weather in Paris?', 'mock:ttft=50,itl=20,n=6,think=5,tool=get_weather');
+    const answer = page.locator('#messages article.assistant');
+    // the reasoning streams in before the answer's text
+    await answer.locator('details.msg-reasoning').waitFor({ state: 'attached' });
+    await page.locator('#messages article.assistant[data-status="complete"]').waitFor();
+
+    const thread = await getThread(org, threadIdOf(page));
+    const { meta, content } = thread.messages[1];
+    assert.equal(meta.finish_reason, 'tool_calls');
+    assert.equal(meta.tool_calls.length, 1);
+    const call = meta.tool_calls[0].function;
+    assert.equal(call.name, 'get_weather');
+    for (let round = 0; round < 2; round += 1) {
+      const reasoning = answer.locator('details.msg-reasoning');
+      const tools = answer.locator('details.msg-tools');
+      assert.equal(await reasoning.getAttribute('open'), null, 'the reasoning is collapsed');
+      assert.equal(await tools.getAttribute('open'), null, 'the tool calls are collapsed');
+      assert.equal(await reasoning.locator('summary').textContent(), 'Reasoning');
+      assert.equal(await tools.locator('summary').textContent(), 'Tool call');
+      assert.ok(!(await reasoning.locator('.msg-extra-body').isVisible()), 'hidden until opened');
+      assert.equal(await answerText(page), content);
+      // opened on a click, showing the text as it was stored
+      await reasoning.locator('summary').click();
+      assert.equal(await reasoning.locator('.msg-extra-body').textContent(), meta.reasoning);
+      await tools.locator('summary').click();
+      assert.equal(await tools.locator('.tool-call').textContent(), `get_weather(${call.arguments})`);
+      if (round === 0) {  // again, as rendered from the stored thread
+        await page.reload();
+        await page.locator('#messages article.assistant[data-status="complete"]').waitFor();
+      }
+    }
+    assert.deepEqual(errors, []);
+  } finally {
+    await context.close();
+  }
+});
+
 test('a provider error is shown and the stream is not reopened', { timeout: TEST_TIMEOUT }, async () => {
   const org = uniqueOrg('error');
   const { context, page, errors } = await openPage(browser, org);

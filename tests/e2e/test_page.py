@@ -38,6 +38,7 @@ CASES = [
     "a dropped connection resumes without duplicated text",
     "text from the server is shown as text, never run",
     "a provider error is shown and the stream is not reopened",
+    "tool calls and reasoning are shown as collapsed blocks",
 ]
 
 
