@@ -69,6 +69,30 @@ def _database_url(env: Mapping[str, str]) -> str | None:
     return raw
 
 
+AUTH_MODES = ("keys", "header")
+
+
+def _auth_mode(env: Mapping[str, str]) -> str:
+    raw = env.get("DAC_AUTH", "").strip().lower() or "keys"
+    if raw not in AUTH_MODES:
+        raise ValueError(f"DAC_AUTH must be keys or header, not {env.get('DAC_AUTH')!r}")
+    return raw
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    """``DAC_CORS_ORIGINS``: ``scheme://host[:port]`` each, as a browser sends ``Origin``."""
+    origins = []
+    for raw in env.get("DAC_CORS_ORIGINS", "").split(","):
+        origin = raw.strip().rstrip("/")
+        if not origin:
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+            raise ValueError(f"DAC_CORS_ORIGINS: {raw.strip()!r} is not an origin such as https://app.example.org")
+        origins.append(origin)
+    return tuple(origins)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -108,6 +132,16 @@ class Settings:
     providers_file: str | None = None
     #: requests kept for /api/metrics/performance
     perf_window: int = 10_000
+    #: ``keys``: an API key names the org; ``header``: ``x-org-id`` is trusted (behind a proxy)
+    auth: str = "keys"
+    #: signs stream URLs; empty: a secret generated once beside the SQLite file
+    secret: str = field(default="", repr=False)
+    #: how long a key's verdict (its org, or unknown) is kept in memory: a revocation takes this long at most
+    key_cache_ttl_s: float = 10.0
+    #: how long a stream URL's token is good for
+    stream_token_ttl_s: float = 3600.0
+    #: origins whose browsers may call the API from another site (CORS)
+    cors_origins: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -137,6 +171,11 @@ class Settings:
             default_model=env.get("DAC_DEFAULT_MODEL") or d.default_model,
             providers_file=env.get("DAC_PROVIDERS_FILE") or None,
             perf_window=int(_number(env, "DAC_PERF_WINDOW", d.perf_window, minimum=1)),
+            auth=_auth_mode(env),
+            secret=env.get("DAC_SECRET", ""),
+            key_cache_ttl_s=_number(env, "DAC_KEY_CACHE_TTL_S", d.key_cache_ttl_s),
+            stream_token_ttl_s=_number(env, "DAC_STREAM_TOKEN_TTL_S", d.stream_token_ttl_s, minimum=1),
+            cors_origins=_origins(env),
             env=env,
         )
 

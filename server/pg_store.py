@@ -212,9 +212,11 @@ async def migrate(conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any], sche
 class PostgresStore:
     """Threads and messages in PostgreSQL, through a pool of at most ``pool_size`` connections."""
 
-    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, recover: bool = True) -> None:
         self.url = url
         self.pool_size = pool_size
+        #: mark rows left streaming as interrupted at open (False: a tool beside running servers)
+        self.recover = recover
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
 
     @property
@@ -250,7 +252,8 @@ class PostgresStore:
         try:
             async with pool.acquire() as conn:
                 applied = await migrate(conn, target.schema)
-                await conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
+                if self.recover:
+                    await conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
         except BaseException as exc:
             await pool.close()
             if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError):

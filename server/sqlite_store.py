@@ -116,9 +116,11 @@ _Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, cache: bool = False) -> None:
+    def __init__(self, path: str, *, cache: bool = False, recover: bool = True) -> None:
         self.path = path
         self.cache = cache
+        #: mark rows left streaming as interrupted at open (False: a tool beside a running server)
+        self.recover = recover
         self._reader: aiosqlite.Connection | None = None
         self._conn: sqlite3.Connection | None = None  # the writer: used on its thread only
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="dac-sqlite-writer")
@@ -156,7 +158,8 @@ class SQLiteStore:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(SCHEMA)
-            conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
+            if self.recover:
+                conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
         except BaseException:
             conn.close()
             raise
