@@ -71,7 +71,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[PACER] = Pacer(queue_timeout_s=settings.queue_timeout_s)
     hub = Hub(settings=settings, store=store, pacer=app[PACER], metrics=app[METRICS], clock=app[CLOCK])
     app[REGISTRY] = hub
-    app[TURNS] = TurnService(settings=settings, registry=hub, store=store, metrics=app[METRICS])
+    app[TURNS] = TurnService(settings=settings, registry=hub, store=store, metrics=app[METRICS],
+                             clock=app[CLOCK])
     try:
         yield
     finally:

@@ -453,7 +453,10 @@ async def test_idempotency_key_shares_one_answer_per_org(gateway_factory) -> Non
     async with sdk(gw, **{"Idempotency-Key": "order-17"}) as client:
         first = await within(client.chat.completions.create(model=FAST, messages=user("first wording")))
         again = await within(client.chat.completions.with_raw_response.create(
-            model=FAST, messages=user("second wording")))
+            model=FAST, messages=user("first wording")))
+        with pytest.raises(openai.UnprocessableEntityError) as reused:
+            await within(client.chat.completions.create(model=FAST, messages=user("second wording")))
+    assert reused.value.body["code"] == "idempotency_key_reused"
     assert again.headers["x-dac-coalesce"] == "cache"
     assert again.parse().choices[0].message.content == first.choices[0].message.content
     assert mock.calls == 1
