@@ -28,7 +28,7 @@ from .metrics import Metrics
 from .pacer import Pacer
 from .pg_store import PostgresStore
 from .providers import ProviderRegistry, build_registry
-from .routes import api, openai_compat, ops
+from .routes import api, cors, openai_compat, ops
 from .sqlite_store import SQLiteStore
 from .store import Store
 from .turns import TurnService
@@ -91,7 +91,8 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
     """Build the app. ``providers`` replaces the configured registry and ``clock`` the
     monotonic clock of result and error TTLs (tests use both)."""
     settings = settings or Settings.from_env()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[api.errors])
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app.middlewares.extend([cors.setup(app, settings.cors_origins), api.errors])
     app[SETTINGS] = settings
     app[METRICS] = Metrics(window=settings.perf_window)
     app[CLOCK] = clock

@@ -384,6 +384,13 @@ class TurnService:
             raise known
         return flight, role, token
 
+    async def has_stream(self, org_id: str, stream_id: str) -> bool:
+        """Whether the org has that stream: a flight here, or a stored answer."""
+        flight = self.registry.stream(stream_id)
+        if flight is not None and flight.turn.org_id == org_id:
+            return True
+        return await self.store.get_answer(org_id, stream_id) is not None
+
     # -- what is stored -------------------------------------------------------------
 
     async def stored_frames(self, org_id: str, stream_id: str) -> list[bytes] | None:

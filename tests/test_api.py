@@ -64,6 +64,8 @@ async def test_orgs_see_only_their_own_threads(gateway) -> None:
 async def _bad(gw: Any, tid: str, *, data: bytes | None = None, json: Any = None,
                headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     hdrs = gw.h() if headers is None else headers
+    if data is not None and "Content-Type" not in hdrs:
+        hdrs = {**hdrs, "Content-Type": "application/json"}
     async with gw.session.post(f"{gw.url}/api/threads/{tid}/messages", data=data, json=json,
                                headers=hdrs) as resp:
         assert resp.content_type == "application/json"
@@ -88,6 +90,8 @@ async def test_bad_input_is_refused_before_the_provider_and_writes_nothing(gatew
         ({"json": {"content": "x"}, "headers": {}}, 401, "unauthorized", "x-org-id"),
         ({"json": {"content": "x"}, "headers": {"x-org-id": "bad org!"}}, 401, "unauthorized", "x-org-id"),
         ({"data": b'{"content": "' + b"x" * 5000 + b'"}'}, 413, "payload_too_large", "too large"),
+        ({"data": b'{"content": "x"}', "headers": {"x-org-id": "org_a", "Content-Type": "text/plain"}}, 415,
+         "unsupported_media_type", "application/json"),
     ]
     for kwargs, status, kind, text in cases:
         got_status, got = await _bad(gw, tid, **kwargs)

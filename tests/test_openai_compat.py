@@ -283,8 +283,10 @@ async def test_raw_errors_have_openai_shape_and_status(gateway_factory) -> None:
     gw = await gateway_factory(max_body_bytes=4096)
     url = f"{gw.url}/v1/chat/completions"
     cases = [
-        ("POST", url, {"data": b"{nope"}, 400, "not valid JSON"),
-        ("POST", url, {"data": b"[1]"}, 400, "JSON object"),
+        ("POST", url, {"data": b"{nope", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ("POST", url, {"data": b"[1]", "headers": {"Content-Type": "application/json"}}, 400, "JSON object"),
+        ("POST", url, {"data": b'{"model": "mock/mock"}', "headers": {"Content-Type": "text/plain"}}, 415,
+         "application/json"),
         ("POST", url, {"json": {"model": "mock", "messages": user("x"), "stream": "yes"}}, 400, "'stream'"),
         ("POST", url, {"json": {"model": "mock", "messages": user("x" * 5000)}}, 413, "too large"),
         ("POST", url, {"json": {"model": "mock", "messages": user("x")},

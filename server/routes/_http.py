@@ -34,7 +34,15 @@ from aiohttp_sse import EventSourceResponse
 
 from ..appkeys import AUTH, METRICS, SETTINGS, STREAM_STARTED
 from ..auth import AuthMode
-from ..errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, Unauthorized
+from ..errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 
 __all__ = [
     "ORG_RE",
@@ -65,10 +73,17 @@ def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | 
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object (``{}`` when empty), or a 400 saying what is wrong."""
+    """The request body as a JSON object (``{}`` when empty), or a 400 saying what is wrong.
+
+    A body that is not ``application/json`` (or ``application/...+json``) is a 415:
+    a browser sends no other type from another site without asking first (CORS).
+    """
     raw = await request.read()
     if not raw.strip():
         return {}
+    mime = request.content_type
+    if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+        raise UnsupportedMediaType(f"request bodies must be application/json, not {mime}", param="Content-Type")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

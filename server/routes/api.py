@@ -199,8 +199,10 @@ async def stop_stream(request: web.Request) -> web.Response:
     aborted at once, with no grace. Other listeners keep the flight.
     """
     stream_id = request.match_info["stream_id"]
-    if not request.query.get("token"):
-        await require_org(request, allow_query=True)  # who asks is told first, then what is missing
+    if "token" not in request.query:
+        org = await require_org(request, allow_query=True)  # who asks is told first, then what is missing
+        if not await request.app[TURNS].has_stream(org, stream_id):
+            raise NotFound("stream not found")
         raise BadRequest("?token= is required: the token of the stream_url (or of the meta event's stop_url)",
                          param="token")
     org, listener = await stream_caller(request, stream_id)
