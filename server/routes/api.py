@@ -85,7 +85,11 @@ async def get_thread(request: web.Request) -> web.Response:
     thread = await store.get_thread(org, request.match_info["thread_id"])
     if thread is None:
         raise NotFound("thread not found")
-    return json_response({**thread, "messages": await store.messages(org, thread["thread_id"])})
+    messages: list[dict[str, Any]] = [dict(m) for m in await store.messages(org, thread["thread_id"])]
+    for m in messages:  # an answer being written: where a page (EventSource, no header) can follow it
+        if m["role"] == "assistant" and m["status"] == "streaming":
+            m["stream_url"] = _stream_path(request, org, m["message_id"], None)
+    return json_response({**thread, "messages": messages})
 
 
 async def delete_thread(request: web.Request) -> web.Response:
