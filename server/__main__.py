@@ -16,7 +16,7 @@ import uvloop
 from . import keys_cli
 from .app import serve
 from .auth import AuthSetupError
-from .config import Settings
+from .config import Settings, is_loopback
 from .providers import ProviderConfigError
 from .store import StoreOpenError
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         except StoreOpenError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    if settings.auth == "header" and not keys_cli.is_loopback(settings.host):
+    if settings.auth == "header" and not is_loopback(settings.host):
         print(f"warning: DAC_AUTH=header on {settings.host}: every caller that can reach this address may name "
               "any org in x-org-id; only run it so behind a proxy that authenticates and sets that header",
               file=sys.stderr, flush=True)

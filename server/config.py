@@ -6,12 +6,13 @@ cannot be parsed stop the server at start with a message naming the variable.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["DATABASE_SCHEMES", "Settings", "redact_url"]
+__all__ = ["DATABASE_SCHEMES", "Settings", "is_loopback", "redact_url"]
 
 #: the URL schemes of ``DAC_DATABASE_URL`` (both name PostgreSQL, as libpq accepts)
 DATABASE_SCHEMES = ("postgresql", "postgres")
@@ -40,6 +41,16 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, not {raw!r}")
     return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address stays on this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def redact_url(url: str) -> str:

@@ -9,7 +9,6 @@ created, alone on the last line of the output; the store keeps only its hash.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TextIO
@@ -19,23 +18,14 @@ from aiohttp import web
 from .app import build_store
 from .appkeys import AUTH, STORE
 from .auth import AuthMode, hash_key, new_key
-from .config import Settings
+from .config import Settings, is_loopback
 from .routes._http import ORG_RE
 from .store import ApiKey, Store
 
-__all__ = ["DEMO_ORG", "add_parser", "greet", "is_loopback", "run"]
+__all__ = ["DEMO_ORG", "add_parser", "greet", "run"]
 
 #: the org of the first key that ``make run`` creates
 DEMO_ORG = "org_demo"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
