@@ -27,7 +27,9 @@ Open one stream on the DAC gateway and print one JSON line:
 options (environment variable in brackets):
   --base URL            gateway address [BASE] (default ${DEFAULT_BASE})
   --thread ID           thread to post to [THREAD] (default: create one)
-  --org ORG             x-org-id [ORG] (default ${DEFAULT_ORG})
+  --org ORG             x-org-id [ORG] (default ${DEFAULT_ORG}), for DAC_AUTH=header
+  --key KEY             API key [DAC_KEY], sent as Authorization: Bearer (DAC_AUTH=keys);
+                        the key decides the org and --org is not sent
   --content TEXT        the user message [CONTENT] (default "${DEFAULT_CONTENT}")
   --provider NAME       provider [PROVIDER] (default: the server's)
   --model NAME          model [MODEL], e.g. mock:ttft=300,itl=30,n=40
@@ -45,11 +47,17 @@ Exit status: 0 when the stream was opened, 1 on an HTTP or network error, 2 on b
 
 class UsageError extends Error {}
 
+/** The caller's credentials: the API key, or else the org in x-org-id. */
+function who(opts) {
+  return opts.key ? { authorization: `Bearer ${opts.key}` } : { "x-org-id": opts.org };
+}
+
 function parseArgs(argv, env) {
   const opts = {
     base: env.BASE || DEFAULT_BASE,
     thread: env.THREAD || null,
     org: env.ORG || DEFAULT_ORG,
+    key: env.DAC_KEY || null,
     content: env.CONTENT || DEFAULT_CONTENT,
     provider: env.PROVIDER || null,
     model: env.MODEL || null,
@@ -58,7 +66,7 @@ function parseArgs(argv, env) {
     help: false,
   };
   const names = {
-    "--base": "base", "--thread": "thread", "--org": "org", "--content": "content",
+    "--base": "base", "--thread": "thread", "--org": "org", "--key": "key", "--content": "content",
     "--provider": "provider", "--model": "model", "--stream-url": "streamUrl",
     "--cancel-after-ms": "cancelAfterMs",
   };
@@ -117,7 +125,7 @@ async function errorText(resp) {
 async function createThread(opts) {
   const resp = await request(`${opts.base}/api/threads/`, {
     method: "POST",
-    headers: { "content-type": "application/json", "x-org-id": opts.org },
+    headers: { "content-type": "application/json", ...who(opts) },
     body: JSON.stringify({ title: "sse_ttft" }),
   });
   if (resp.status !== 201) {
@@ -159,7 +167,7 @@ async function* sseEvents(body, counter) {
 async function confirmCancelled(opts, threadId, streamId) {
   const started = performance.now();
   while (performance.now() - started < CANCEL_CONFIRM_TIMEOUT_MS) {
-    const resp = await request(`${opts.base}/api/threads/${threadId}`, { method: "GET", headers: { "x-org-id": opts.org } });
+    const resp = await request(`${opts.base}/api/threads/${threadId}`, { method: "GET", headers: { ...who(opts) } });
     if (resp.ok) {
       const thread = await resp.json();
       const message = thread.messages.find((m) => m.message_id === streamId);
@@ -178,7 +186,7 @@ async function run(opts) {
   let url, init;
   if (opts.streamUrl) {
     url = new URL(opts.streamUrl, opts.base + "/").toString();
-    init = { method: "GET", headers: { accept: "text/event-stream", "x-org-id": opts.org } };
+    init = { method: "GET", headers: { accept: "text/event-stream", ...who(opts) } };
   } else {
     const thread = opts.thread || (await createThread(opts));
     opts.thread = thread;
@@ -188,7 +196,7 @@ async function run(opts) {
     url = `${opts.base}/api/threads/${thread}/messages`;
     init = {
       method: "POST",
-      headers: { accept: "text/event-stream", "content-type": "application/json", "x-org-id": opts.org },
+      headers: { accept: "text/event-stream", "content-type": "application/json", ...who(opts) },
       body: JSON.stringify(body),
     };
   }

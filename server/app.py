@@ -14,19 +14,20 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from .appkeys import METRICS, PACER, PROVIDERS, REGISTRY, SETTINGS, STORE, TURNS
+from .appkeys import AUTH, METRICS, PACER, PROVIDERS, REGISTRY, SETTINGS, STORE, TURNS
+from .auth import Auth, load_secret
 from .config import Settings
 from .flight import Clock
 from .hub import Hub
 from .metrics import Metrics
 from .pacer import Pacer
 from .providers import ProviderRegistry, build_registry
-from .routes import api, openai_compat, ops
+from .routes import api, cors, openai_compat, ops
 from .sqlite_store import SQLiteStore
 from .store import Store
 from .turns import TurnService
@@ -40,21 +41,24 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 
-def build_store(settings: Settings) -> Store:
+def build_store(settings: Settings, *, server: bool = True) -> Store:
     """PostgreSQL when ``DAC_DATABASE_URL`` is set, else SQLite at ``DAC_DB``; not opened yet.
 
     A single instance is the only writer of its SQLite file, so that store keeps
-    its caches (no read from disk before an upstream call).
+    its caches (no read from disk before an upstream call). ``server`` False: a
+    command beside a running server (``keys``), which keeps no cache and leaves
+    the rows it streams alone.
     """
     if settings.database_url:
         from .pg_store import PostgresStore  # asyncpg is loaded only where it is used
 
-        return PostgresStore(settings.database_url, pool_size=settings.database_pool_size)
-    return SQLiteStore(settings.db_path, cache=True)
+        return PostgresStore(settings.database_url, pool_size=settings.database_pool_size, recover=server)
+    return SQLiteStore(settings.db_path, cache=server, recover=server)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    secret = load_secret(settings)  # first: nothing is open yet when it cannot be had
     if PROVIDERS not in app:  # first: a bad providers setting stops the start before the store opens
         app[PROVIDERS] = await build_registry(settings)
     store = build_store(settings)
@@ -64,10 +68,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await app[PROVIDERS].aclose()
         raise
     app[STORE] = store
+    app[AUTH] = Auth.build(settings, store, secret=secret, clock=app[CLOCK])
     app[PACER] = Pacer(queue_timeout_s=settings.queue_timeout_s)
     hub = Hub(settings=settings, store=store, pacer=app[PACER], metrics=app[METRICS], clock=app[CLOCK])
     app[REGISTRY] = hub
-    app[TURNS] = TurnService(settings=settings, registry=hub, store=store, metrics=app[METRICS])
+    app[TURNS] = TurnService(settings=settings, registry=hub, store=store, metrics=app[METRICS],
+                             clock=app[CLOCK])
     probing = asyncio.ensure_future(app[PROVIDERS].probe_local())
     try:
         yield
@@ -88,7 +94,8 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
     """Build the app. ``providers`` replaces the configured registry and ``clock`` the
     monotonic clock of result and error TTLs (tests use both)."""
     settings = settings or Settings.from_env()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[api.errors])
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app.middlewares.extend([cors.setup(app, settings.cors_origins), api.errors])
     app[SETTINGS] = settings
     app[METRICS] = Metrics(window=settings.perf_window)
     app[CLOCK] = clock
@@ -112,8 +119,10 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
     return app
 
 
-async def serve(settings: Settings, *, announce: bool = True) -> None:
-    """Run until SIGINT or SIGTERM, then shut down cleanly."""
+async def serve(settings: Settings, *, announce: bool = True,
+                greet: Callable[[web.Application, str], Awaitable[None]] | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then shut down cleanly. ``greet(app, url)`` runs
+    once the first address listens (``python -m server`` offers a first API key)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,6 +141,9 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
         for address in runner.addresses:
             host, port = address[0], address[1]
             print(f"DAC gateway listening on http://{host}:{port} (db {settings.database})", flush=True)
+    if greet is not None and runner.addresses:
+        host, port = runner.addresses[0][:2]
+        await greet(app, f"http://{f'[{host}]' if ':' in host else host}:{port}")
     try:
         await stop.wait()
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .auth import Auth
 from .config import Settings
 from .metrics import Metrics
 from .pacer import Pacer
@@ -16,7 +17,7 @@ from .registry import FlightRegistry
 from .store import Store
 from .turns import TurnService
 
-__all__ = ["METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE", "STREAM_STARTED", "TURNS"]
+__all__ = ["AUTH", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE", "STREAM_STARTED", "TURNS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -25,6 +26,7 @@ PACER = web.AppKey("pacer", Pacer)
 PROVIDERS = web.AppKey("providers", ProviderRegistry)
 REGISTRY = web.AppKey("registry", FlightRegistry)
 TURNS = web.AppKey("turns", TurnService)
+AUTH = web.AppKey("auth", Auth)
 
 #: set on a request once its streaming response has been prepared
 STREAM_STARTED = web.RequestKey("stream_started", bool)

@@ -6,12 +6,13 @@ cannot be parsed stop the server at start with a message naming the variable.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["DATABASE_SCHEMES", "V1_RESULT_CACHE", "Settings", "redact_url"]
+__all__ = ["DATABASE_SCHEMES", "V1_RESULT_CACHE", "Settings", "is_loopback", "redact_url"]
 
 #: the values of ``DAC_V1_RESULT_CACHE``: when a finished answer serves an identical /v1 request
 V1_RESULT_CACHE = ("off", "deterministic", "always")
@@ -54,6 +55,16 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
     return value
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address stays on this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***``, fit for messages and logs."""
     try:
@@ -79,6 +90,30 @@ def _database_url(env: Mapping[str, str]) -> str | None:
     if parts.scheme not in DATABASE_SCHEMES:
         raise ValueError(f"DAC_DATABASE_URL must start with postgresql:// or postgres://, not {redact_url(raw)!r}")
     return raw
+
+
+AUTH_MODES = ("keys", "header")
+
+
+def _auth_mode(env: Mapping[str, str]) -> str:
+    raw = env.get("DAC_AUTH", "").strip().lower() or "keys"
+    if raw not in AUTH_MODES:
+        raise ValueError(f"DAC_AUTH must be keys or header, not {env.get('DAC_AUTH')!r}")
+    return raw
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    """``DAC_CORS_ORIGINS``: ``scheme://host[:port]`` each, as a browser sends ``Origin``."""
+    origins = []
+    for raw in env.get("DAC_CORS_ORIGINS", "").split(","):
+        origin = raw.strip().rstrip("/")
+        if not origin:
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+            raise ValueError(f"DAC_CORS_ORIGINS: {raw.strip()!r} is not an origin such as https://app.example.org")
+        origins.append(origin)
+    return tuple(origins)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +158,16 @@ class Settings:
     providers_file: str | None = None
     #: requests kept for /api/metrics/performance
     perf_window: int = 10_000
+    #: ``keys``: an API key names the org; ``header``: ``x-org-id`` is trusted (behind a proxy)
+    auth: str = "keys"
+    #: signs stream URLs; empty: a secret generated once beside the SQLite file
+    secret: str = field(default="", repr=False)
+    #: how long a key's verdict (its org, or unknown) is kept in memory: a revocation takes this long at most
+    key_cache_ttl_s: float = 10.0
+    #: how long a stream URL's token is good for
+    stream_token_ttl_s: float = 3600.0
+    #: origins whose browsers may call the API from another site (CORS)
+    cors_origins: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -153,6 +198,11 @@ class Settings:
             default_model=env.get("DAC_DEFAULT_MODEL") or d.default_model,
             providers_file=env.get("DAC_PROVIDERS_FILE") or None,
             perf_window=int(_number(env, "DAC_PERF_WINDOW", d.perf_window, minimum=1)),
+            auth=_auth_mode(env),
+            secret=env.get("DAC_SECRET", ""),
+            key_cache_ttl_s=_number(env, "DAC_KEY_CACHE_TTL_S", d.key_cache_ttl_s),
+            stream_token_ttl_s=_number(env, "DAC_STREAM_TOKEN_TTL_S", d.stream_token_ttl_s, minimum=1),
+            cors_origins=_origins(env),
             env=env,
         )
 

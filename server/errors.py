@@ -15,9 +15,12 @@ own status rules (they would otherwise retry a 502).
     GatewayError                      500 internal_error
     ├── BadRequest                    400 invalid_request
     │   └── ProviderNotConfigured     400 provider_not_configured
-    ├── Unauthorized                  401 unauthorized
+    ├── Unauthorized                  401 unauthorized        (WWW-Authenticate: Bearer)
+    ├── Forbidden                     403 forbidden
     ├── NotFound                      404 not_found
     ├── PayloadTooLarge               413 payload_too_large
+    ├── UnsupportedMediaType          415 unsupported_media_type
+    ├── IdempotencyKeyReused          422 idempotency_key_reused
     ├── QueueFull                     503 queue_full          (Retry-After)
     ├── ShuttingDown                  503 shutting_down       (retryable)
     ├── NoListeners                   499 cancelled           (flight aborted)
@@ -37,7 +40,9 @@ from typing import Any
 
 __all__ = [
     "BadRequest",
+    "Forbidden",
     "GatewayError",
+    "IdempotencyKeyReused",
     "NoListeners",
     "NotFound",
     "PayloadTooLarge",
@@ -47,6 +52,7 @@ __all__ = [
     "RateLimited",
     "ShuttingDown",
     "Unauthorized",
+    "UnsupportedMediaType",
     "UpstreamBadRequest",
     "UpstreamError",
     "UpstreamNotFound",
@@ -127,6 +133,14 @@ class Unauthorized(GatewayError):
     status = 401
     type = "unauthorized"
 
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "forbidden"
+
 
 class NotFound(GatewayError):
     status = 404
@@ -136,6 +150,18 @@ class NotFound(GatewayError):
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "payload_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "unsupported_media_type"
+
+
+class IdempotencyKeyReused(GatewayError):
+    """An ``Idempotency-Key`` sent again with another thread or body."""
+
+    status = 422
+    type = "idempotency_key_reused"
 
 
 class QueueFull(GatewayError):

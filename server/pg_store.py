@@ -47,6 +47,7 @@ from .config import DATABASE_SCHEMES, redact_url
 from .states import MessageStatus
 from .store import (
     MESSAGE_COLUMNS,
+    ApiKey,
     ChatMessage,
     Message,
     StoredAnswer,
@@ -102,6 +103,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX messages_by_thread ON messages (thread_id, seq);
     CREATE INDEX messages_streaming ON messages (seq) WHERE status = 'streaming';
+    """,
+    # 2: API keys, one org each; only the key's hash (hex sha256) is stored.
+    """
+    CREATE TABLE api_keys (
+        key_id     text PRIMARY KEY,
+        seq        bigint GENERATED ALWAYS AS IDENTITY,
+        key_hash   text NOT NULL UNIQUE,
+        org_id     text NOT NULL,
+        name       text NOT NULL,
+        created_at timestamptz NOT NULL,
+        revoked_at timestamptz
+    );
+    CREATE INDEX api_keys_by_org ON api_keys (org_id, seq);
     """,
 )
 
@@ -198,9 +212,11 @@ async def migrate(conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any], sche
 class PostgresStore:
     """Threads and messages in PostgreSQL, through a pool of at most ``pool_size`` connections."""
 
-    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+    def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, recover: bool = True) -> None:
         self.url = url
         self.pool_size = pool_size
+        #: mark rows left streaming as interrupted at open (False: a tool beside running servers)
+        self.recover = recover
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
 
     @property
@@ -236,7 +252,8 @@ class PostgresStore:
         try:
             async with pool.acquire() as conn:
                 applied = await migrate(conn, target.schema)
-                await conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
+                if self.recover:
+                    await conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
         except BaseException as exc:
             await pool.close()
             if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError):
@@ -367,3 +384,41 @@ class PostgresStore:
         count = await self._p.fetchval(
             "SELECT COUNT(*) FROM messages WHERE org_id = $1 AND thread_id = $2", org_id, thread_id)
         return int(count)
+
+    # -- API keys ------------------------------------------------------------
+
+    async def create_api_key(self, *, org_id: str, name: str, key_hash: str) -> ApiKey:
+        key: ApiKey = {"key_id": new_id("key"), "org_id": org_id, "name": _text(name), "created_at": now_iso(),
+                       "revoked_at": None}
+        await self._p.execute(
+            "INSERT INTO api_keys (key_id, key_hash, org_id, name, created_at) VALUES ($1, $2, $3, $4, $5)",
+            key["key_id"], key_hash, org_id, key["name"], _time(key["created_at"]),
+        )
+        return key
+
+    async def list_api_keys(self, org_id: str | None = None) -> list[ApiKey]:
+        if org_id is None:
+            rows = await self._p.fetch(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY seq")
+        else:
+            rows = await self._p.fetch(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE org_id = $1 ORDER BY seq", org_id)
+        return [_api_key(row) for row in rows]
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        row = await self._p.fetchrow(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash)
+        return None if row is None else _api_key(row)
+
+    async def revoke_api_key(self, *, key_id: str, key_hash: str) -> ApiKey | None:
+        row = await self._p.fetchrow(
+            f"UPDATE api_keys SET revoked_at = now() WHERE revoked_at IS NULL AND (key_id = $1 OR key_hash = $2)"
+            f" RETURNING {_KEY_COLUMNS}", key_id, key_hash)
+        return None if row is None else _api_key(row)
+
+
+_KEY_COLUMNS = "key_id, org_id, name, created_at, revoked_at"
+
+
+def _api_key(row: asyncpg.Record) -> ApiKey:
+    key_id, org_id, name, created_at, revoked_at = row
+    return {"key_id": key_id, "org_id": org_id, "name": name, "created_at": iso_time(created_at),
+            "revoked_at": None if revoked_at is None else iso_time(revoked_at)}

@@ -39,6 +39,7 @@ import orjson
 from .states import MessageStatus
 from .store import (
     MESSAGE_COLUMNS,
+    ApiKey,
     ChatMessage,
     Message,
     StoredAnswer,
@@ -82,6 +83,14 @@ CREATE TABLE IF NOT EXISTS messages (
     deltas     INTEGER NOT NULL DEFAULT 0  -- stream events the answer took (the done event's id - 1)
 );
 CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (thread_id, seq);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id     TEXT PRIMARY KEY,
+    key_hash   TEXT NOT NULL UNIQUE,  -- hex sha256 of the key; the key itself is never stored
+    org_id     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
 """
 
 class _History:
@@ -107,9 +116,11 @@ _Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, cache: bool = False) -> None:
+    def __init__(self, path: str, *, cache: bool = False, recover: bool = True) -> None:
         self.path = path
         self.cache = cache
+        #: mark rows left streaming as interrupted at open (False: a tool beside a running server)
+        self.recover = recover
         self._reader: aiosqlite.Connection | None = None
         self._conn: sqlite3.Connection | None = None  # the writer: used on its thread only
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="dac-sqlite-writer")
@@ -147,7 +158,8 @@ class SQLiteStore:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(SCHEMA)
-            conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
+            if self.recover:
+                conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
         except BaseException:
             conn.close()
             raise
@@ -405,6 +417,51 @@ class SQLiteStore:
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    # -- API keys ------------------------------------------------------------
+
+    async def create_api_key(self, *, org_id: str, name: str, key_hash: str) -> ApiKey:
+        key: ApiKey = {"key_id": new_id("key"), "org_id": org_id, "name": name, "created_at": now_iso(),
+                       "revoked_at": None}
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO api_keys (key_id, key_hash, org_id, name, created_at) VALUES (?, ?, ?, ?, ?)",
+                       (key["key_id"], key_hash, org_id, name, key["created_at"]))
+
+        await self._write(insert)
+        return key
+
+    async def list_api_keys(self, org_id: str | None = None) -> list[ApiKey]:
+        where, args = ("WHERE org_id = ?", (org_id,)) if org_id is not None else ("", ())
+        async with self._r.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys {where} ORDER BY created_at, rowid",
+                                   args) as cur:
+            rows = await cur.fetchall()
+        return [_api_key(row) for row in rows]
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        async with self._r.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+                                   (key_hash,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else _api_key(row)
+
+    async def revoke_api_key(self, *, key_id: str, key_hash: str) -> ApiKey | None:
+        revoked_at = now_iso()
+
+        def revoke(db: sqlite3.Connection) -> ApiKey | None:
+            row = db.execute(f"UPDATE api_keys SET revoked_at = ? WHERE revoked_at IS NULL"
+                             f" AND (key_id = ? OR key_hash = ?) RETURNING {_KEY_COLUMNS}",
+                             (revoked_at, key_id, key_hash)).fetchone()
+            return None if row is None else _api_key(row)
+
+        return await self._write(revoke)
+
+
+_KEY_COLUMNS = "key_id, org_id, name, created_at, revoked_at"
+
+
+def _api_key(row: Any) -> ApiKey:
+    key_id, org_id, name, created_at, revoked_at = row
+    return {"key_id": key_id, "org_id": org_id, "name": name, "created_at": created_at, "revoked_at": revoked_at}
 
 
 _INSERT_MESSAGE = (

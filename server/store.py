@@ -32,6 +32,7 @@ from .states import MessageStatus
 
 __all__ = [
     "MESSAGE_COLUMNS",
+    "ApiKey",
     "ChatMessage",
     "Message",
     "Store",
@@ -71,6 +72,17 @@ class Message(TypedDict):
     usage: dict[str, Any] | None
     #: the request's reason and scope, and what a provider returned beside the text
     meta: dict[str, Any]
+
+
+class ApiKey(TypedDict):
+    """An API key as it is listed: never the key itself, which is stored only as its hash."""
+
+    key_id: str
+    org_id: str
+    name: str
+    created_at: str
+    #: None while the key is in use
+    revoked_at: str | None
 
 
 class StoredAnswer(NamedTuple):
@@ -141,6 +153,21 @@ class Store(Protocol):
         """Update the assistant row once, atomically, with its final state."""
 
     async def count_messages(self, org_id: str, thread_id: str) -> int: ...
+
+    # -- API keys: each belongs to one org; only its hash (hex sha256) is stored
+
+    async def create_api_key(self, *, org_id: str, name: str, key_hash: str) -> ApiKey:
+        """Store a new key's hash under a new ``key_id``."""
+
+    async def list_api_keys(self, org_id: str | None = None) -> list[ApiKey]:
+        """Every key (of ``org_id`` when given), revoked ones included, oldest first."""
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        """The key in use whose hash is ``key_hash``; None when unknown or revoked."""
+
+    async def revoke_api_key(self, *, key_id: str, key_hash: str) -> ApiKey | None:
+        """Revoke the key in use named by its id or its hash; None when there is none.
+        A revoked key is kept (listed with its ``revoked_at``) and never found again."""
 
 
 def new_id(prefix: str) -> str:

@@ -8,7 +8,8 @@ and does the rest, with no HTTP in it:
   flight. A turn on a thread is keyed by org, thread, provider, model, the new
   user message and any sampling parameters, whichever surface sent it; a
   stateless ``/v1`` call by its whole conversation; an ``Idempotency-Key`` by
-  org, surface and key;
+  org, surface and key, and the same key sent again with another thread or
+  body within the result TTL is refused (422);
 - **the lease** (:meth:`TurnService.lease`, :meth:`TurnService.attach`): the
   request joins or leads a flight, is counted as a listener until it leaves,
   and its request record is written once, on the way out, however it ends;
@@ -25,7 +26,8 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import Any, Protocol
@@ -33,7 +35,7 @@ from typing import Any, Protocol
 import orjson
 
 from .config import Settings
-from .errors import GatewayError
+from .errors import GatewayError, IdempotencyKeyReused
 from .eventlog import Delta, Sink, encode_event
 from .flight import Flight, TurnRequest
 from .metrics import Metrics, RequestRecord
@@ -213,14 +215,22 @@ class Lease:
         return await self.flight.result()
 
 
+#: Idempotency-Keys remembered at most (the oldest forgotten first)
+IDEMPOTENCY_KEYS = 100_000
+
+
 class TurnService:
-    def __init__(self, *, settings: Settings, registry: FlightRegistry, store: Store, metrics: Metrics) -> None:
+    def __init__(self, *, settings: Settings, registry: FlightRegistry, store: Store, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
         self.metrics = metrics
+        self._clock = clock
         #: the leases streaming now, by token, for their Stop call
         self._leases: dict[str, Lease] = {}
+        #: coalesce key of an Idempotency-Key -> (what it was sent with, until when that is held)
+        self._idempotency: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     # -- the coalesce policy ------------------------------------------------
 
@@ -257,9 +267,14 @@ class TurnService:
         provider.check_parts(attachments, "attachments")
         s = self.settings
         key = None
+        if idempotency_key:
+            request = coalesce_key(thread_id or "", provider.name, model, content, _digest(messages),
+                                   _digest(params), _digest(meta), _digest(attachments))
+            self._check_idempotency(coalesce_key("idem", surface, org_id, idempotency_key), request)
         if shareable and s.coalesce_enabled and (s.stream_fanout_enabled or not streaming):
             if idempotency_key:
-                key = coalesce_key("idem", surface, org_id, idempotency_key)
+                # the request's own hash too: once the key is forgotten, another body starts its own flight
+                key = coalesce_key("idem", surface, org_id, idempotency_key, request)
             elif thread_id is not None:
                 key = coalesce_key("turn", org_id, thread_id, provider.name, model, content, _digest(params),
                                    *([_digest(attachments)] if attachments else []))
@@ -268,6 +283,23 @@ class TurnService:
         return TurnRequest(org_id=org_id, thread_id=thread_id, content=content, provider=provider, model=model,
                            messages=messages, params=params, meta=meta or {}, key=key,
                            no_cache=no_cache or not shareable, stream=streaming, attachments=attachments)
+
+    def _check_idempotency(self, key: str, request: str) -> None:
+        """Remember what an Idempotency-Key came with, for the result TTL after its last use;
+        the key sent with anything else meanwhile is refused (422), as Stripe does."""
+        now = self._clock()
+        while self._idempotency:
+            oldest_key, (_, until) = next(iter(self._idempotency.items()))
+            if until > now and len(self._idempotency) < IDEMPOTENCY_KEYS:
+                break
+            del self._idempotency[oldest_key]
+        known = self._idempotency.get(key)
+        if known is not None and known[0] != request:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was sent with another thread or body; use a new key for a new request",
+                param="Idempotency-Key")
+        self._idempotency[key] = (request, now + self.settings.result_ttl_s)
+        self._idempotency.move_to_end(key)
 
     # -- leases -----------------------------------------------------------------
 
@@ -370,6 +402,13 @@ class TurnService:
         if known is not None:
             raise known
         return flight, role, token
+
+    async def has_stream(self, org_id: str, stream_id: str) -> bool:
+        """Whether the org has that stream: a flight here, or a stored answer."""
+        flight = self.registry.stream(stream_id)
+        if flight is not None and flight.turn.org_id == org_id:
+            return True
+        return await self.store.get_answer(org_id, stream_id) is not None
 
     # -- what is stored -------------------------------------------------------------
 

@@ -8,6 +8,9 @@
 const $ = (id) => document.getElementById(id);
 const ui = {
   org: $('org'),
+  orgLabel: document.querySelector('label[for="org"]'),
+  keyForm: $('key-form'),
+  keyInput: $('key-input'),
   toggle: $('threads-toggle'),
   sidebar: $('sidebar'),
   newThread: $('new-thread'),
@@ -37,8 +40,33 @@ const saved = {
   },
 };
 
+/** The API key lives in this tab's sessionStorage only: it leaves with the tab. */
+const session = {
+  get(key) {
+    try { return sessionStorage.getItem(key) || null; } catch { return null; }
+  },
+  set(key, value) {
+    try {
+      if (value) sessionStorage.setItem(key, value);
+      else sessionStorage.removeItem(key);
+    } catch { /* storage refused: the key lasts until the page is left */ }
+  },
+};
+
+/** A key handed over in the address (`/#key=...`, as `make run` prints it) is taken once,
+ * then removed from the address so it stays out of the history and of shared links. */
+function takeKeyFromAddress() {
+  const match = /^#(?:.*&)?key=([^&]+)/.exec(location.hash);
+  if (!match) return;
+  session.set('dac.key', decodeURIComponent(match[1]));
+  const rest = location.hash.slice(1).split('&').filter((part) => !part.startsWith('key=')).join('&');
+  history.replaceState(null, '', location.pathname + location.search + (rest ? `#${rest}` : ''));
+}
+takeKeyFromAddress();
+
 const state = {
   org: saved.get('dac.org', 'org_demo'),
+  key: session.get('dac.key'),
   threadId: null,
   sending: false,
 };
@@ -53,8 +81,13 @@ class ApiError extends Error {
   }
 }
 
+/** Who is asking: the API key when there is one (it decides the org), else the org's name. */
+function credentials(org = state.org) {
+  return state.key ? { Authorization: `Bearer ${state.key}` } : { 'x-org-id': org };
+}
+
 async function api(method, path, body, org = state.org) {
-  const headers = { 'x-org-id': org, Accept: 'application/json' };
+  const headers = { ...credentials(org), Accept: 'application/json' };
   const init = { method, headers };
   if (body !== undefined) {
     headers['Content-Type'] = 'application/json';
@@ -64,9 +97,36 @@ async function api(method, path, body, org = state.org) {
   const data = res.status === 204 ? null : await res.json().catch(() => null);
   if (!res.ok) {
     const err = data && data.error ? data.error : {};
+    if (res.status === 401) askForKey(state.key ? 'The API key was refused.' : 'This gateway needs an API key.');
     throw new ApiError(res.status, err.type || 'http_error', err.message || `The server answered ${res.status}.`);
   }
   return data;
+}
+
+/** Show the key form; a refused key is forgotten. */
+function askForKey(why) {
+  if (state.key) {
+    state.key = null;
+    session.set('dac.key', null);
+  }
+  ui.keyForm.hidden = false;
+  showOrg();
+  notify(`${why} Enter one (python -m server keys create --org ORG prints one).`, true);
+  ui.keyInput.focus();
+}
+
+function useKey(event) {
+  event.preventDefault();
+  const key = ui.keyInput.value.trim();
+  if (!key) return;
+  session.set('dac.key', key);
+  location.reload(); // start over as the key's org: its threads, its streams
+}
+
+/** With a key the org is the key's: the org field is only for gateways that trust x-org-id. */
+function showOrg() {
+  ui.org.hidden = Boolean(state.key);
+  if (ui.orgLabel) ui.orgLabel.hidden = Boolean(state.key);
 }
 
 function notify(text, isError = false) {
@@ -287,9 +347,10 @@ class Stream {
   }
 
   open() {
-    // EventSource sends no custom headers: the org and the resume point go in the query.
+    // EventSource sends no custom headers: the stream_url's signed token stands for the
+    // caller, and the resume point goes in the query.
     const params = [];
-    if (!/[?&]org=/.test(this.url)) params.push(`org=${encodeURIComponent(this.org)}`);
+    if (!/[?&](org|token)=/.test(this.url)) params.push(`org=${encodeURIComponent(this.org)}`);
     if (this.seq > 0) params.push(`last_event_id=${this.seq}`);
     const sep = this.url.includes('?') ? '&' : '?';
     const url = params.length ? `${this.url}${sep}${params.join('&')}` : this.url;
@@ -431,8 +492,8 @@ class Stream {
    * nobody else listens), then leave the stream. */
   stop() {
     const stopUrl = this.stopUrl || this.url;
-    if (/[?&]attach=/.test(stopUrl)) {
-      fetch(stopUrl, { method: 'DELETE', headers: { 'x-org-id': this.org } }).catch(() => {});
+    if (/[?&]token=/.test(stopUrl)) {
+      fetch(stopUrl, { method: 'DELETE', headers: credentials(this.org) }).catch(() => {});
     }
     this.render();
     this.close('cancelled');
@@ -539,7 +600,8 @@ async function openThread(threadId) {
     for (const m of thread.messages) {
       if (m.role === 'assistant' && m.status === 'streaming' && !live.has(m.message_id)) {
         const view = ui.messages.querySelector(`article[data-id="${CSS.escape(m.message_id)}"]`);
-        follow(view, { id: m.message_id, url: `/api/streams/${encodeURIComponent(m.message_id)}`, threadId, coalesce: 'follower' });
+        const url = m.stream_url || `/api/streams/${encodeURIComponent(m.message_id)}`;
+        follow(view, { id: m.message_id, url, threadId, coalesce: 'follower' });
       }
     }
     scrollToEnd();
@@ -624,6 +686,7 @@ function setOrg() {
 }
 
 ui.org.value = state.org;
+showOrg();
 ui.provider.value = saved.get('dac.provider', 'mock');
 ui.model.value = saved.get('dac.model', 'mock');
 
@@ -631,6 +694,7 @@ ui.form.addEventListener('submit', send);
 ui.stop.addEventListener('click', stopAll);
 ui.newThread.addEventListener('click', newThread);
 ui.org.addEventListener('change', setOrg);
+ui.keyForm.addEventListener('submit', useKey);
 ui.input.addEventListener('keydown', (e) => {
   if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
     e.preventDefault();

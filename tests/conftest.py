@@ -38,14 +38,15 @@ async def gateway_factory(tmp_path: Path, database_url: str | None) -> AsyncIter
 
     ``await gateway_factory(providers=registry(...), coalesce_enabled=False, ...)``:
     keyword arguments other than ``providers``, ``db_path`` and ``clock`` (a
-    :class:`ManualClock` for the TTLs) are Settings fields.
+    :class:`ManualClock` for the TTLs) are Settings fields. The org comes from
+    ``x-org-id`` (``auth="header"``) unless a test asks for ``auth="keys"``.
     """
     started: list[Gateway] = []
 
     async def make(providers: ProviderRegistry | None = None, db_path: str | None = None,
                    clock: ManualClock | None = None, **settings: Any) -> Gateway:
         base = Settings.from_env({})
-        settings = {"database_url": database_url, **settings}
+        settings = {"database_url": database_url, "auth": "header", **settings}
         s = base.with_(db_path=db_path or str(tmp_path / f"dac{len(started)}.db"), **settings)
         gw = await start_gateway(s, providers, clock=clock)
         started.append(gw)

@@ -64,6 +64,8 @@ async def test_orgs_see_only_their_own_threads(gateway) -> None:
 async def _bad(gw: Any, tid: str, *, data: bytes | None = None, json: Any = None,
                headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     hdrs = gw.h() if headers is None else headers
+    if data is not None and "Content-Type" not in hdrs:
+        hdrs = {**hdrs, "Content-Type": "application/json"}
     async with gw.session.post(f"{gw.url}/api/threads/{tid}/messages", data=data, json=json,
                                headers=hdrs) as resp:
         assert resp.content_type == "application/json"
@@ -88,6 +90,8 @@ async def test_bad_input_is_refused_before_the_provider_and_writes_nothing(gatew
         ({"json": {"content": "x"}, "headers": {}}, 401, "unauthorized", "x-org-id"),
         ({"json": {"content": "x"}, "headers": {"x-org-id": "bad org!"}}, 401, "unauthorized", "x-org-id"),
         ({"data": b'{"content": "' + b"x" * 5000 + b'"}'}, 413, "payload_too_large", "too large"),
+        ({"data": b'{"content": "x"}', "headers": {"x-org-id": "org_a", "Content-Type": "text/plain"}}, 415,
+         "unsupported_media_type", "application/json"),
     ]
     for kwargs, status, kind, text in cases:
         got_status, got = await _bad(gw, tid, **kwargs)
@@ -157,12 +161,22 @@ async def test_idempotency_key_is_the_coalesce_key(gateway_factory) -> None:
     tid = await gw.new_thread()
     key = {"Idempotency-Key": "retry-42"}
     _, first = await gw.post(tid, {"content": "one wording", "model": FAST}, headers=key)
-    _, second = await gw.post(tid, {"content": "another wording", "model": FAST}, headers=key)
-    assert second["coalesce"] == "cache" and second["message"] == first["message"]
+    _, second = await gw.post(tid, {"content": "one wording", "model": FAST},
+                              headers={**key, "Cache-Control": "no-cache"})
+    assert second["coalesce"] == "leader"  # the key is the coalesce key: no-cache skips its finished result
+    _, third = await gw.post(tid, {"content": "one wording", "model": FAST}, headers=key)
+    assert third["coalesce"] == "cache" and third["message"] == second["message"] != first["message"]
+    # the same key with another body or on another thread is another request: 422, nothing written
+    for where, body in ((tid, {"content": "another wording", "model": FAST}),
+                        (tid, {"content": "one wording", "model": FAST, "reason": "other"}),
+                        (await gw.new_thread(), {"content": "one wording", "model": FAST})):
+        status, refused = await gw.post(where, body, headers=key)
+        assert status == 422 and refused["error"]["type"] == "idempotency_key_reused", refused
+    assert len((await gw.thread(tid))["messages"]) == 4
     _, other_org = await gw.post(await gw.new_thread(org="org_b"), {"content": "one wording", "model": FAST},
                                  org="org_b", headers=key)
     assert other_org["coalesce"] == "leader"  # keys are per org
-    assert mock.calls == 2
+    assert mock.calls == 3
 
 
 @on_every_engine

@@ -121,11 +121,12 @@ async def test_tools_and_attachments_are_never_cached(gateway_factory: GatewayFa
     provider = ScriptedProvider()
     gw = await gateway_factory(providers=registry(provider))
     thread = await gw.new_thread()
-    for extra in ({"tools": [{"type": "function", "function": {"name": "lookup"}}]},
-                  {"attachments": [{"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}):
-        for _ in range(2):
+    for i, extra in enumerate(({"tools": [{"type": "function", "function": {"name": "lookup"}}]},
+                               {"attachments": [{"type": "image_url",
+                                                 "image_url": {"url": "https://example.org/a.png"}}]})):
+        for _ in range(2):  # the same key with the same body: still never served from the cache
             pending = asyncio.ensure_future(gw.post(thread, ask("Use a tool", **extra),
-                                                    headers={"Idempotency-Key": "k-tools"}))
+                                                    headers={"Idempotency-Key": f"k-tools-{i}"}))
             call = await provider.next_call()
             call.send("done")
             call.finish()
@@ -227,8 +228,12 @@ async def test_idempotency_key_answers_a_retry_from_the_cache(gateway_factory: G
     thread = await gw.new_thread()
     key = {"Idempotency-Key": "order-7"}
     first = await answered(gw, provider, thread, "Book it", "booked", headers=key)
-    retry = await from_cache(gw, thread, "Book it, again", headers=key)
+    retry = await from_cache(gw, thread, "Book it", headers=key)
     assert retry["coalesce"] == "cache" and retry["message"] == first["message"]
+    # the key with another wording, or on another thread, is refused: it is not the same request
+    for where, wording in ((thread, "Book it, again"), (await gw.new_thread(), "Book it")):
+        status, body = await gw.post(where, ask(wording), headers=key)
+        assert status == 422 and body["error"]["type"] == "idempotency_key_reused", body
     # without the key the new wording is a new request
     await answered(gw, provider, thread, "Book it, again", "booked twice")
     # another org's identical key is its own request

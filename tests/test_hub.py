@@ -360,7 +360,7 @@ async def test_stream_mode_3_accepted_then_event_source(gateway_factory) -> None
         assert resp.status == 202
         accepted = await resp.json()
     assert accepted["coalesce"] == "leader" and accepted["user_message"]["content"] == "hello"
-    assert accepted["stream_url"].startswith(f"/api/streams/{accepted['stream_id']}?org=org_a&attach=")
+    assert accepted["stream_url"].startswith(f"/api/streams/{accepted['stream_id']}?token=")
     async with gw.session.get(gw.url + accepted["stream_url"]) as resp:  # no header, like EventSource
         events = await collect(resp)
     assert events[0].json()["stream_id"] == accepted["stream_id"]

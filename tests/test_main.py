@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 async def start_server(db: Path, *args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server", "--port", "0", "--db", str(db), *args,
-        cwd=ROOT, env={**os.environ, **(env or {})},
+        cwd=ROOT, env={**os.environ, "DAC_AUTH": "header", **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     assert proc.stdout is not None

@@ -286,8 +286,10 @@ async def test_raw_errors_have_openai_shape_and_status(gateway_factory) -> None:
     gw = await gateway_factory(max_body_bytes=4096)
     url = f"{gw.url}/v1/chat/completions"
     cases = [
-        ("POST", url, {"data": b"{nope"}, 400, "not valid JSON"),
-        ("POST", url, {"data": b"[1]"}, 400, "JSON object"),
+        ("POST", url, {"data": b"{nope", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ("POST", url, {"data": b"[1]", "headers": {"Content-Type": "application/json"}}, 400, "JSON object"),
+        ("POST", url, {"data": b'{"model": "mock/mock"}', "headers": {"Content-Type": "text/plain"}}, 415,
+         "application/json"),
         ("POST", url, {"json": {"model": "mock", "messages": user("x"), "stream": "yes"}}, 400, "'stream'"),
         ("POST", url, {"json": {"model": "mock", "messages": user("x" * 5000)}}, 413, "too large"),
         ("POST", url, {"json": {"model": "mock", "messages": user("x")},
@@ -456,7 +458,10 @@ async def test_idempotency_key_shares_one_answer_per_org(gateway_factory) -> Non
     async with sdk(gw, **{"Idempotency-Key": "order-17"}) as client:
         first = await within(client.chat.completions.create(model=FAST, messages=user("first wording")))
         again = await within(client.chat.completions.with_raw_response.create(
-            model=FAST, messages=user("second wording")))
+            model=FAST, messages=user("first wording")))
+        with pytest.raises(openai.UnprocessableEntityError) as reused:
+            await within(client.chat.completions.create(model=FAST, messages=user("second wording")))
+    assert reused.value.body["code"] == "idempotency_key_reused"
     assert again.headers["x-dac-coalesce"] == "cache"
     assert again.parse().choices[0].message.content == first.choices[0].message.content
     assert mock.calls == 1

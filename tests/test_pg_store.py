@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from server import pg_store
 from server.pg_store import MIGRATIONS, PostgresStore
 from server.store import StoreOpenError
 
@@ -63,11 +64,31 @@ async def test_the_schema_is_created_versioned_and_migrated_once(
     assert all(at is not None for _, at in applied)
     tables = {r[0] for r in await admin.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema)}
-    assert tables == {"schema_migrations", "threads", "messages"}
+    assert tables == {"schema_migrations", "threads", "messages", "api_keys"}
     again = PostgresStore(postgres.url_for(schema))
     await within(again.open())
     await again.close()
     assert await migrations(admin, schema) == applied  # nothing applied twice
+
+
+async def test_a_database_of_the_first_version_gains_the_api_keys_step(
+        postgres: PostgresServer, admin: asyncpg.Connection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    schema = postgres.new_schema()
+    monkeypatch.setattr(pg_store, "MIGRATIONS", MIGRATIONS[:1])
+    old = PostgresStore(postgres.url_for(schema))
+    await within(old.open())
+    thread = await old.create_thread("org_a", "kept")
+    await old.close()
+    monkeypatch.setattr(pg_store, "MIGRATIONS", MIGRATIONS)
+    new = PostgresStore(postgres.url_for(schema))
+    await within(new.open())
+    try:
+        assert [v for v, _ in await migrations(admin, schema)] == [1, 2]
+        assert await new.get_thread("org_a", thread["thread_id"]) == thread
+        key = await new.create_api_key(org_id="org_a", name="n", key_hash="f" * 64)
+        assert await new.find_api_key("f" * 64) == key
+    finally:
+        await new.close()
 
 
 async def test_instances_starting_together_migrate_once(

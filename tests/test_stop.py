@@ -1,8 +1,9 @@
-"""The Stop call: ``DELETE /api/streams/{id}?attach=``, with no grace for the last listener."""
+"""The Stop call: ``DELETE /api/streams/{id}?token=``, with no grace for the last listener."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 from tools.sse import sse_events
@@ -125,9 +126,12 @@ async def test_a_stop_call_needs_a_token_of_that_stream_and_org(gateway_factory)
     call = await scripted.next_call()
     stream_id = accept["stream_id"]
     assert await delete(gw, f"/api/streams/{stream_id}?org=org_a") == 400
-    assert await delete(gw, f"/api/streams/{stream_id}?org=org_a&attach=guessed") == 404
-    assert await delete(gw, accept["stream_url"].replace("org=org_a", "org=org_b"), org="org_b") == 404
-    assert await delete(gw, "/api/streams/msg_unknown?org=org_a&attach=x") == 404
+    assert await delete(gw, f"/api/streams/{stream_id}?org=org_a&token=guessed") == 404
+    token = accept["stream_url"].partition("?token=")[2]
+    org_b = base64.urlsafe_b64encode(b"org_b").rstrip(b"=").decode()
+    moved = token.replace(base64.urlsafe_b64encode(b"org_a").rstrip(b"=").decode(), org_b)
+    assert moved != token and await delete(gw, f"/api/streams/{stream_id}?token={moved}", org="org_b") == 404
+    assert await delete(gw, f"/api/streams/msg_unknown?token={token}") == 404
     assert not call.closed.is_set()
     call.send("fine")
     call.finish()

@@ -276,6 +276,31 @@ async def test_deleting_a_thread_removes_its_messages(store: Store) -> None:
         await begin(store, org_id="org_a", thread_id=t["thread_id"])
 
 
+async def test_api_keys_are_found_by_hash_listed_per_org_and_revoked(store: Store, new_store: NewStore) -> None:
+    one = await within(store.create_api_key(org_id="org_a", name="laptop", key_hash="a" * 64))
+    two = await within(store.create_api_key(org_id="org_b", name="", key_hash="b" * 64))
+    assert one["key_id"] != two["key_id"] and one["revoked_at"] is None
+    assert await store.find_api_key("a" * 64) == one
+    assert await store.find_api_key("c" * 64) is None
+    assert await store.list_api_keys() == [one, two]
+    assert await store.list_api_keys("org_b") == [two]
+    assert await store.list_api_keys("org_c") == []
+    # revoked by id or by hash; a revoked key is listed but never found again
+    revoked = await within(store.revoke_api_key(key_id=one["key_id"], key_hash=""))
+    assert revoked is not None and revoked["key_id"] == one["key_id"] and revoked["revoked_at"] is not None
+    assert await store.find_api_key("a" * 64) is None
+    assert await store.revoke_api_key(key_id=one["key_id"], key_hash="") is None
+    assert await store.revoke_api_key(key_id="", key_hash="b" * 64) is not None
+    assert await store.find_api_key("b" * 64) is None
+    # another process (or a restart) sees the same keys
+    other = new_store()
+    await within(other.open())
+    try:
+        assert [k["revoked_at"] is not None for k in await other.list_api_keys()] == [True, True]
+    finally:
+        await within(other.close())
+
+
 # -- SQLite only --------------------------------------------------------------
 
 

@@ -142,7 +142,8 @@ def pin(pid: int, cores: set[int] | None) -> bool:
 class ServerProcess:
     """A server in a child process on a free 127.0.0.1 port; a context manager.
 
-    By default the gateway, ``python -m server``, with a fresh database;
+    By default the gateway, ``python -m server``, with a fresh database and
+    ``DAC_AUTH=header`` (callers name their org in ``x-org-id``);
     ``command`` runs something else (``{port}`` in it is replaced), ready when
     ``ready_path`` answers 200.
     """
@@ -162,11 +163,13 @@ class ServerProcess:
         self.port = port or free_port()
         self.db = db or str(Path(self._tmp.name) / "dac.db")
         self.url = f"http://127.0.0.1:{self.port}"
+        gateway = command is None
         if command is None:
             command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "{port}", "--db", self.db]
         self.command = [part.replace("{port}", str(self.port)) for part in command]
         self.ready_path = ready_path
-        self.env = {**os.environ, **(env or {})}
+        # the gateway on loopback for measurements trusts x-org-id (DAC_AUTH=header) unless told otherwise
+        self.env = {**os.environ, **({"DAC_AUTH": "header"} if gateway else {}), **(env or {})}
         self.cores = cores
         self.pinned = False
         self.ready_timeout_s = ready_timeout_s

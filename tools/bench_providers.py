@@ -175,7 +175,7 @@ async def main() -> None:
         {}, r"listening on (http://\S+) ")
     with tempfile.TemporaryDirectory() as tmp:
         prefix = args.kind.upper()
-        env = {"DAC_PORT": "0", "DAC_DB": str(Path(tmp) / "bench.db"), f"{prefix}_API_KEY": KEY,
+        env = {"DAC_PORT": "0", "DAC_DB": str(Path(tmp) / "bench.db"), "DAC_AUTH": "header", f"{prefix}_API_KEY": KEY,
                f"{prefix}_BASE_URL": fake_url if args.kind == "anthropic" else f"{fake_url}/v1"}
         gateway, gateway_url = await start([sys.executable, "-m", "server"], env, r"listening on (http://\S+) ")
         try:

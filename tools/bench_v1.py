@@ -153,7 +153,7 @@ async def bench(args: argparse.Namespace) -> None:
     calls: int | None = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            gw_env = {**env, "DAC_DB": str(Path(tmp) / "bench.db"), "DAC_PORT": "0"}
+            gw_env = {**env, "DAC_DB": str(Path(tmp) / "bench.db"), "DAC_PORT": "0", "DAC_AUTH": "header"}
             if args.upstream == "openai":
                 gw_env |= {"OPENAI_BASE_URL": fake_url + "/v1", "OPENAI_API_KEY": "bench"}
                 model = "openai/bench-model"

@@ -1,7 +1,9 @@
 """A thin client for the gateway's thread API (API.md), shared by the tests and the tools.
 
-Every call names the caller's org with ``x-org-id`` (the ``header`` mode of
-``DAC_AUTH``): the client's own org, or the ``org`` given to the call.
+Every call names the caller: with a ``key``, as ``Authorization: Bearer`` (the
+``keys`` mode of ``DAC_AUTH``, where the key decides the org); without one, with
+``x-org-id`` (the ``header`` mode): the client's own org, or the ``org`` given
+to the call.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ __all__ = ["GatewayClient"]
 class GatewayClient:
     """The calls of API.md that the tests and the tools make, over one aiohttp session."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, *, org: str = DEFAULT_ORG) -> None:
+    def __init__(self, session: aiohttp.ClientSession, url: str, *, org: str = DEFAULT_ORG,
+                 key: str | None = None) -> None:
         self.session = session
         self.url = url.rstrip("/")
         self.org = org
+        self.key = key
 
     def headers(self, org: str | None = None, **extra: str) -> dict[str, str]:
+        if self.key and org is None:
+            return {"Authorization": f"Bearer {self.key}", **extra}
         return {"x-org-id": org or self.org, **extra}
 
     async def new_thread(self, title: str = "test", *, org: str | None = None) -> str:
@@ -54,7 +60,7 @@ class GatewayClient:
                                  headers={**self.headers(org, Accept="text/event-stream"), **(headers or {})})
 
     async def performance(self, last_n: int = 1000) -> dict[str, Any]:
-        async with self.session.get(f"{self.url}/api/metrics/performance",
+        async with self.session.get(f"{self.url}/api/metrics/performance", headers=self.headers(),
                                     params={"last_n": str(max(1, last_n))}) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"/api/metrics/performance: HTTP {resp.status} {await resp.text()}")

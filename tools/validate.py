@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 import uuid
@@ -172,7 +173,7 @@ class Validator:
         outcomes: list[tuple[int, Any, float]] = []
         remaining = iter(range(BURST_REQUESTS))
         async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
-            burst_gw = GatewayClient(session, self.gw.url, org=self.gw.org)
+            burst_gw = GatewayClient(session, self.gw.url, org=self.gw.org, key=self.gw.key)
 
             async def connection() -> None:
                 # Like autocannon -c 10 -a 50: ten connections, each sending its next request when answered.
@@ -458,7 +459,7 @@ async def run(args: argparse.Namespace) -> tuple[Validator, float]:
     connector = aiohttp.TCPConnector(limit=200)
     async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
         validator = Validator(
-            gateway=GatewayClient(session, args.base, org=args.org), provider=args.provider, model=args.model,
+            gateway=GatewayClient(session, args.base, org=args.org, key=args.key), provider=args.provider, model=args.model,
             duration_s=args.duration, cancel_trials=args.cancel_trials,
         )
         await validator.probe()
@@ -480,7 +481,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--serve", action="store_true",
                         help="start `python -m server` on a free port with a fresh database (settings from the "
                              "environment), validate it, then stop it; --base is ignored")
-    parser.add_argument("--org", default=DEFAULT_ORG, help=f"x-org-id (default {DEFAULT_ORG})")
+    parser.add_argument("--org", default=DEFAULT_ORG, help=f"x-org-id (default {DEFAULT_ORG}), for DAC_AUTH=header")
+    parser.add_argument("--key", default=os.environ.get("DAC_KEY") or None,
+                        help="API key for DAC_AUTH=keys (default $DAC_KEY); the key decides the org")
     parser.add_argument("--provider", default=DEFAULT_PROVIDER, help=f"provider (default {DEFAULT_PROVIDER})")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     parser.add_argument("--duration", type=float, default=None,

@@ -42,7 +42,6 @@ the file, the entry and the field.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -50,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import Settings
+from ..config import Settings, is_loopback
 from .base import DEFAULT_MAX_CONCURRENCY
 from .openai import DEFAULT_META_KEYS
 from .upstream import Timeouts
@@ -295,14 +294,5 @@ def _points_at_gateway(url: str, settings: Settings) -> bool:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         return False
-    return port == settings.port and _loopback(parts.hostname or "") and (
-        _loopback(settings.host) or settings.host in ("0.0.0.0", "::", ""))
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return port == settings.port and is_loopback(parts.hostname or "") and (
+        is_loopback(settings.host) or settings.host in ("0.0.0.0", "::", ""))

@@ -1,8 +1,13 @@
 """What every HTTP surface shares: reading bodies, naming the org, opening SSE, errors.
 
 - :func:`read_json` and :func:`json_response`: JSON in and out.
-- :func:`require_org`: the org policy, the same on ``/api`` and ``/v1`` (a
-  missing or malformed org is ``401``).
+- :func:`require_org`: the org policy, the same on ``/api`` and ``/v1``: with
+  ``DAC_AUTH=keys`` the bearer key names the org (missing, unknown or revoked:
+  ``401`` with ``WWW-Authenticate: Bearer``; an ``x-org-id`` that disagrees:
+  ``403``); with ``header`` the ``x-org-id`` does (missing or malformed: ``401``).
+- :func:`stream_caller`: the org of a stream request, from its signed
+  ``?token=`` (anything but a good token for that stream: ``404``) or else as
+  :func:`require_org` says.
 - :func:`open_sse` and :func:`send`: an SSE response with keep-alive pings,
   and writes that drop a client which takes nothing for the send timeout
   (``DAC_SEND_TIMEOUT_S``).
@@ -27,8 +32,17 @@ from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Middleware
 from aiohttp_sse import EventSourceResponse
 
-from ..appkeys import METRICS, SETTINGS, STREAM_STARTED
-from ..errors import BadRequest, GatewayError, PayloadTooLarge, Unauthorized
+from ..appkeys import AUTH, METRICS, SETTINGS, STREAM_STARTED
+from ..auth import AuthMode
+from ..errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 
 __all__ = [
     "ORG_RE",
@@ -40,6 +54,7 @@ __all__ = [
     "read_json",
     "require_org",
     "send",
+    "stream_caller",
 ]
 
 log = logging.getLogger("server")
@@ -58,10 +73,17 @@ def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | 
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object (``{}`` when empty), or a 400 saying what is wrong."""
+    """The request body as a JSON object (``{}`` when empty), or a 400 saying what is wrong.
+
+    A body that is not ``application/json`` (or ``application/...+json``) is a 415:
+    a browser sends no other type from another site without asking first (CORS).
+    """
     raw = await request.read()
     if not raw.strip():
         return {}
+    mime = request.content_type
+    if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+        raise UnsupportedMediaType(f"request bodies must be application/json, not {mime}", param="Content-Type")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -71,11 +93,40 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def require_org(request: web.Request, *, allow_query: bool = False, default: str | None = None) -> str:
-    """The org a request names in ``x-org-id`` (or ``?org=`` with ``allow_query``).
+async def require_org(request: web.Request, *, allow_query: bool = False, default: str | None = None,
+                      env_keys: bool = False) -> str:
+    """The org of the caller, as ``DAC_AUTH`` says (see the module's docstring).
 
-    Missing (and no ``default``) or malformed: 401, on every surface.
+    In ``header`` mode: ``x-org-id`` (or ``?org=`` with ``allow_query``), else
+    ``default``; with ``env_keys``, a ``DAC_API_KEYS`` key instead when any is
+    set (``/v1``'s rule). In ``keys`` mode a key is always required.
     """
+    auth = request.config_dict[AUTH]
+    if auth.mode is AuthMode.KEYS:
+        org = await auth.keys.org_for(_bearer(request))
+        if org is None:
+            raise Unauthorized("unknown or revoked API key", type="invalid_api_key")
+        claimed = request.headers.get("x-org-id")
+        if claimed is not None and claimed != org:
+            raise Forbidden("x-org-id names another org than the API key's", param="x-org-id")
+        return org
+    if env_keys and auth.keys.has_env_keys:
+        org = auth.keys.env_org(_bearer(request))
+        if org is None:
+            raise Unauthorized("incorrect API key", type="invalid_api_key")
+        return org
+    return _header_org(request, allow_query=allow_query, default=default)
+
+
+def _bearer(request: web.Request) -> str:
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", type="invalid_api_key")
+    return key
+
+
+def _header_org(request: web.Request, *, allow_query: bool, default: str | None) -> str:
     org = request.headers.get("x-org-id")
     if org is None and allow_query:
         org = request.query.get("org")
@@ -87,6 +138,19 @@ def require_org(request: web.Request, *, allow_query: bool = False, default: str
     if not ORG_RE.match(org):
         raise Unauthorized("x-org-id must be 1-128 letters, digits or _.:@-", param="x-org-id")
     return org
+
+
+async def stream_caller(request: web.Request, stream_id: str) -> tuple[str, str | None]:
+    """``(org, listener)`` of a request for ``stream_id``: what its ``?token=`` was
+    signed for (a bad, expired or another stream's token: 404, as if the stream did
+    not exist), or else the caller's org and no listener."""
+    token = request.query.get("token")
+    if token is not None:
+        found = request.config_dict[AUTH].tokens.verify(token, stream_id)
+        if found is None:
+            raise NotFound("stream not found")
+        return found
+    return await require_org(request, allow_query=True), None
 
 
 def last_event_id(request: web.Request) -> int:

@@ -1,8 +1,10 @@
 """``/api``: threads, messages in three answer modes, and streams.
 
-Every request names its org in ``x-org-id`` (EventSource, which cannot send
-headers, uses ``?org=`` on ``/api/streams``). Validation happens before
-anything is written or sent upstream; the turn itself is the turn service's.
+Every request names its org as ``DAC_AUTH`` says (:func:`._http.require_org`):
+a bearer key, or a trusted ``x-org-id``. A stream URL carries its own signed
+``?token=`` instead, for EventSource, which cannot send headers; the token also
+names the listener for its Stop call. Validation happens before anything is
+written or sent upstream; the turn itself is the turn service's.
 """
 
 from __future__ import annotations
@@ -12,12 +14,20 @@ from typing import Any
 
 from aiohttp import web
 
-from ..appkeys import PROVIDERS, SETTINGS, STORE, TURNS
+from ..appkeys import AUTH, PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound
 from ..flight import TurnRequest
 from ..providers import content_part
 from ..turns import Lease, Surface, Until
-from ._http import error_middleware, json_response, last_event_id, open_event_stream, read_json, require_org
+from ._http import (
+    error_middleware,
+    json_response,
+    last_event_id,
+    open_event_stream,
+    read_json,
+    require_org,
+    stream_caller,
+)
 
 __all__ = ["error_response", "errors", "setup"]
 
@@ -54,7 +64,7 @@ def _optional_str(body: dict[str, Any], name: str, *, limit: int = 256) -> str |
 
 
 async def create_thread(request: web.Request) -> web.Response:
-    org = require_org(request)
+    org = await require_org(request)
     body = await read_json(request)
     title = _optional_str(body, "title", limit=MAX_TITLE_CHARS)
     thread = await request.app[STORE].create_thread(org, (title or "").strip() or "New thread")
@@ -63,7 +73,7 @@ async def create_thread(request: web.Request) -> web.Response:
 
 async def list_threads(request: web.Request) -> web.Response:
     """The org's threads, newest first; ``?limit=N`` (1-1000, default 200)."""
-    org = require_org(request)
+    org = await require_org(request)
     raw = request.query.get("limit", str(DEFAULT_THREAD_LIMIT))
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_THREAD_LIMIT:
         raise BadRequest(f"limit must be a whole number from 1 to {MAX_THREAD_LIMIT}", param="limit")
@@ -71,16 +81,20 @@ async def list_threads(request: web.Request) -> web.Response:
 
 
 async def get_thread(request: web.Request) -> web.Response:
-    org = require_org(request)
+    org = await require_org(request)
     store = request.app[STORE]
     thread = await store.get_thread(org, request.match_info["thread_id"])
     if thread is None:
         raise NotFound("thread not found")
-    return json_response({**thread, "messages": await store.messages(org, thread["thread_id"])})
+    messages: list[dict[str, Any]] = [dict(m) for m in await store.messages(org, thread["thread_id"])]
+    for m in messages:  # an answer being written: where a page (EventSource, no header) can follow it
+        if m["role"] == "assistant" and m["status"] == "streaming":
+            m["stream_url"] = _stream_path(request, org, m["message_id"], None)
+    return json_response({**thread, "messages": messages})
 
 
 async def delete_thread(request: web.Request) -> web.Response:
-    org = require_org(request)
+    org = await require_org(request)
     if not await request.app[TURNS].delete_thread(org, request.match_info["thread_id"]):
         raise NotFound("thread not found")
     return web.Response(status=204)
@@ -151,7 +165,7 @@ async def _parse_message(request: web.Request, org: str, *, sse: bool) -> tuple[
 
 async def post_message(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    org = require_org(request)
+    org = await require_org(request)
     sse = "text/event-stream" in request.headers.get("Accept", "")
     turn, stream = await _parse_message(request, org, sse=sse)
     turns = request.app[TURNS]
@@ -161,7 +175,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
             return await _stream(request, lease, org)
     if stream:  # mode 3: 202 at once, then the stream_url
         flight, role, attach = turns.accept(turn)
-        stream_url = f"/api/streams/{flight.stream_id}?org={org}" + (f"&attach={attach}" if attach else "")
+        stream_url = _stream_path(request, org, flight.stream_id, attach)
         return json_response({"stream_id": flight.stream_id, "stream_url": stream_url,
                               "thread_id": turn.thread_id, "user_message": flight.user_message,
                               "coalesce": role}, status=202)
@@ -174,22 +188,29 @@ async def post_message(request: web.Request) -> web.StreamResponse:
 # -- streams ----------------------------------------------------------------
 
 
+def _stream_path(request: web.Request, org: str, stream_id: str, listener: str | None) -> str:
+    """The stream's path with a signed token: it opens the stream with no header, and
+    names ``listener`` (its attach promise, its Stop call)."""
+    token = request.config_dict[AUTH].tokens.sign(org, stream_id, listener)
+    return f"/api/streams/{stream_id}?token={token}"
+
+
 async def _stream(request: web.Request, lease: Lease, org: str, cursor: int = 1) -> web.StreamResponse:
     """The flight as ``/api`` SSE: ``meta`` (with this listener's ``stop_url``), then
     deltas from ``cursor``, then done/error."""
     out = await open_event_stream(request)
-    stop_url = f"/api/streams/{lease.flight.stream_id}?org={org}&attach={lease.token}"
+    stop_url = _stream_path(request, org, lease.flight.stream_id, lease.token)
     await lease.stream(out, meta=lease.meta_frame(stop_url=stop_url), cursor=cursor)
     return out.response
 
 
 async def get_stream(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    org = require_org(request, allow_query=True)
     stream_id = request.match_info["stream_id"]
+    org, listener = await stream_caller(request, stream_id)
     after = last_event_id(request)
     turns = request.app[TURNS]
-    async with turns.attach(org, stream_id, token=request.query.get("attach"), started=started) as lease:
+    async with turns.attach(org, stream_id, token=listener, started=started) as lease:
         if lease is not None:
             return await _stream(request, lease, org, after + 1)
     frames = await turns.stored_frames(org, stream_id)
@@ -201,17 +222,21 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def stop_stream(request: web.Request) -> web.Response:
-    """``DELETE /api/streams/{id}?org=&attach=``: the client stops on purpose (204).
+    """``DELETE /api/streams/{id}?token=``: the client stops on purpose (204).
 
-    Its stream ends; when it was the last listener the upstream is aborted at
-    once, with no grace. Other listeners keep the flight.
+    The token (the stream_url's, or the meta event's stop_url's) names the
+    listener. Its stream ends; when it was the last listener the upstream is
+    aborted at once, with no grace. Other listeners keep the flight.
     """
-    org = require_org(request, allow_query=True)
-    token = request.query.get("attach")
-    if not token:
-        raise BadRequest("?attach= is required: the token of the stream_url (or of the meta event's stop_url)",
-                         param="attach")
-    if not request.app[TURNS].stop(org, request.match_info["stream_id"], token):
+    stream_id = request.match_info["stream_id"]
+    if "token" not in request.query:
+        org = await require_org(request, allow_query=True)  # who asks is told first, then what is missing
+        if not await request.app[TURNS].has_stream(org, stream_id):
+            raise NotFound("stream not found")
+        raise BadRequest("?token= is required: the token of the stream_url (or of the meta event's stop_url)",
+                         param="token")
+    org, listener = await stream_caller(request, stream_id)
+    if listener is None or not request.app[TURNS].stop(org, stream_id, listener):
         raise NotFound("stream not found")
     return web.Response(status=204)
 

@@ -7,10 +7,10 @@ upstream call, and every subscriber replays the answer from its first token.
 - **Models** are named ``provider/model`` (``mock/mock``, ``perplexity/sonar``);
   a name whose prefix is not a provider goes to the default provider as it is,
   so ``meta-llama/Llama-3-8b`` still reaches a vLLM default.
-- **Org**: with ``DAC_API_KEYS`` set (comma-separated), ``Authorization:
-  Bearer <key>`` must be one of them and the org is ``key_`` plus the first 16
-  hex digits of the key's sha256 (``x-org-id`` is then ignored); without keys,
-  ``x-org-id`` or ``default``.
+- **Org**: as on ``/api`` (:func:`._http.require_org`): with ``DAC_AUTH=keys``
+  the bearer key names it. With ``header``, ``x-org-id`` or ``default``; but
+  when ``DAC_API_KEYS`` is set, ``Authorization: Bearer <key>`` must be one of
+  them and the org is ``key_`` plus the first 16 hex digits of the key's sha256.
 - **Coalesce key**: the turn service's policy (:mod:`server.turns`): with
   ``x-thread-id``, the same key as ``/api`` (org, thread, provider, model, the
   new user message, plus the sampling parameters), so the two surfaces share a
@@ -38,8 +38,6 @@ upstream call, and every subscriber replays the answer from its first token.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,14 +47,14 @@ import orjson
 from aiohttp import web
 
 from ..appkeys import PROVIDERS, SETTINGS, STORE, TURNS
-from ..errors import BadRequest, GatewayError, NotFound, Unauthorized
+from ..errors import BadRequest, GatewayError, NotFound
 from ..eventlog import Delta
 from ..flight import Flight, TurnRequest
 from ..providers import Provider, ProviderRegistry, content_part
 from ..turns import Lease, Surface, Until
 from ._http import error_middleware, json_response, open_sse, read_json, require_org, send
 
-__all__ = ["API_KEYS", "setup"]
+__all__ = ["setup"]
 
 #: the org of requests that name none (no keys configured, no ``x-org-id``)
 DEFAULT_ORG = "default"
@@ -76,8 +74,6 @@ RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0),
 EXTRAS = ("citations", "search_results")
 
 
-#: the configured API keys (empty: no keys, orgs come from ``x-org-id``)
-API_KEYS = web.AppKey("v1_api_keys", tuple)
 #: when the surface started; the ``created`` of listed models
 STARTED = web.AppKey("v1_started", int)
 
@@ -110,19 +106,8 @@ openai_errors = error_middleware(error_response)
 # -- who is asking ------------------------------------------------------------
 
 
-def _org(request: web.Request) -> str:
-    keys: tuple[bytes, ...] = request.app[API_KEYS]
-    if keys:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", type="invalid_api_key")
-        given = token.encode()
-        # compare with every key, so the time taken says nothing about which one nearly matched
-        if not sum(hmac.compare_digest(given, key) for key in keys):
-            raise Unauthorized("incorrect API key", type="invalid_api_key")
-        return "key_" + hashlib.sha256(given).hexdigest()[:16]
-    return require_org(request, default=DEFAULT_ORG)
+async def _org(request: web.Request) -> str:
+    return await require_org(request, default=DEFAULT_ORG, env_keys=True)
 
 
 def _resolve_model(providers: ProviderRegistry, name: str, default: str) -> tuple[Provider, str]:
@@ -446,7 +431,7 @@ def _ending(answer: _Completion, flight: Flight, call: _Call) -> list[bytes]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    call = await _parse(request, _org(request))
+    call = await _parse(request, await _org(request))
     turns = request.config_dict[TURNS]
     mode = "sse" if call.stream else "json"
     async with turns.lease(call.turn, route="v1", mode=mode, started=started) as lease:
@@ -464,7 +449,7 @@ def _model_object(name: str, owner: str, created: int) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    _org(request)
+    await _org(request)
     created = request.app[STARTED]
     data = [
         _model_object(f"{provider.name}/{model}", provider.name, created)
@@ -477,7 +462,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    _org(request)
+    await _org(request)
     name = request.match_info["model"]
     settings = request.config_dict[SETTINGS]
     provider, _ = _resolve_model(request.config_dict[PROVIDERS], name, settings.default_provider)
@@ -486,9 +471,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     """Mount /v1 as a sub-application with its own error middleware."""
-    keys = app[SETTINGS].env.get("DAC_API_KEYS", "")
     v1 = web.Application(middlewares=[openai_errors])
-    v1[API_KEYS] = tuple(k.strip().encode() for k in keys.split(",") if k.strip())
     v1[STARTED] = int(time.time())
     v1.router.add_post("/chat/completions", chat_completions)
     v1.router.add_get("/models", list_models)

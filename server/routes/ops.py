@@ -7,7 +7,7 @@ from prometheus_client.exposition import choose_encoder
 
 from ..appkeys import METRICS, STORE
 from ..errors import BadRequest
-from ._http import json_response
+from ._http import json_response, require_org
 
 __all__ = ["DEFAULT_LAST_N", "MAX_LAST_N", "setup"]
 
@@ -34,6 +34,7 @@ async def prometheus(request: web.Request) -> web.Response:
 
 
 async def performance(request: web.Request) -> web.Response:
+    await require_org(request, default="")  # a key under DAC_AUTH=keys; open to all in header mode
     raw = request.query.get("last_n", str(DEFAULT_LAST_N))
     try:
         last_n = int(raw)

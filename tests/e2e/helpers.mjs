@@ -1,5 +1,6 @@
 // What the browser tests share: the gateway's API and metrics, polling with a
 // deadline, page set-up, and a TCP proxy that can drop a live stream.
+import { execFileSync } from 'node:child_process';
 import net from 'node:net';
 import { DESKTOP } from './browser.mjs';
 
@@ -10,10 +11,22 @@ export function uniqueOrg(tag) {
   return `org_e2e_${tag}_${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
 }
 
+const keys = new Map();
+
+/** An API key of `org`, made once with `python -m server keys create` on the server's database. */
+export function keyFor(org) {
+  if (!keys.has(org)) {
+    const out = execFileSync(process.env.DAC_E2E_PYTHON || 'python3', ['-m', 'server', 'keys', 'create', '--org', org],
+      { env: { ...process.env, DAC_DB: process.env.DAC_E2E_DB, DAC_DATABASE_URL: '' }, encoding: 'utf8', timeout: 30_000 });
+    keys.set(org, out.trim().split('\n').at(-1));
+  }
+  return keys.get(org);
+}
+
 export async function api(org, method, path, body) {
   const res = await fetch(new URL(path, BASE), {
     method,
-    headers: { 'x-org-id': org, 'content-type': 'application/json', accept: 'application/json' },
+    headers: { authorization: `Bearer ${keyFor(org)}`, 'content-type': 'application/json', accept: 'application/json' },
     body: body === undefined ? undefined : JSON.stringify(body),
     signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
   });
@@ -72,11 +85,15 @@ function recordAnswerTexts() {
   else start();
 }
 
-/** A new tab for `org` in `context` (made from `browser` when not given) at `url`. */
-export async function openPage(browser, org, { url = BASE.href, context, form = DESKTOP } = {}) {
+/** A new tab for `org` in `context` (made from `browser` when not given) at `url`; the tab holds the
+ * org's key as the page keeps it (`key: null`: none). */
+export async function openPage(browser, org, { url = BASE.href, context, form = DESKTOP, key = keyFor(org) } = {}) {
   if (!context) {
     context = await browser.newContext(form);
-    await context.addInitScript((o) => localStorage.setItem('dac.org', o), org);
+    await context.addInitScript(([o, k]) => {
+      localStorage.setItem('dac.org', o);
+      if (k && !sessionStorage.getItem('dac.key')) sessionStorage.setItem('dac.key', k);
+    }, [org, key]);
     await context.addInitScript(recordAnswerTexts);
   }
   const page = await context.newPage();

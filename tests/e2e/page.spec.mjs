@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { launch, PHONE } from './browser.mjs';
 import {
-  answer, answerText, api, getThread, metric, openPage, send, startDropProxy,
+  answer, answerText, api, getThread, keyFor, metric, openPage, send, startDropProxy,
   threadIdOf, uniqueOrg, until, waitForWords,
 } from './helpers.mjs';
 
@@ -277,6 +277,57 @@ test('a provider error is shown and the stream is not reopened', { timeout: TEST
     // stream after about 3 s on its own; none may come.
     await page.waitForTimeout(4_500);
     assert.equal(streamRequests.length, 1, JSON.stringify(streamRequests));
+    assert.deepEqual(errors, []);
+  } finally {
+    await context.close();
+  }
+});
+
+test('the printed address opens the page with its key, once', { timeout: TEST_TIMEOUT }, async () => {
+  // What `make run` prints: http://127.0.0.1:PORT/#key=... for org_demo.
+  const printed = process.env.DAC_E2E_PAGE_URL;
+  assert.ok(printed && printed.includes('#key='), `the server printed ${printed}`);
+  const key = decodeURIComponent(printed.split('#key=')[1]);
+  const { context, page, errors } = await openPage(browser, 'org_demo', { url: printed, key: null });
+  try {
+    await page.waitForFunction(() => !location.hash.includes('key='));
+    assert.equal(await page.evaluate(() => sessionStorage.getItem('dac.key')), key);
+    assert.ok(await page.locator('#key-form').isHidden(), 'no key is asked for');
+    assert.ok(await page.locator('#org').isHidden(), 'the key decides the org');
+    await send(page, 'Hello with the printed key', 'mock:ttft=50,itl=10,n=20');
+    await page.locator('#messages article.assistant[data-status="complete"]').waitFor();
+    const thread = await fetch(new URL(`/api/threads/${threadIdOf(page)}`, page.url()), {
+      headers: { authorization: `Bearer ${key}` }, signal: AbortSignal.timeout(10_000),
+    }).then((r) => r.json());
+    assert.equal(thread.messages[1].status, 'complete');
+    assert.equal(await answerText(page), thread.messages[1].content);
+    // Every call of the page carried the key; no address it opened does.
+    assert.ok(!page.url().includes(key));
+    // A reload keeps the key (sessionStorage) and the thread.
+    await page.reload();
+    await page.locator('#messages article.assistant[data-status="complete"]').waitFor();
+    assert.deepEqual(errors, []);
+  } finally {
+    await context.close();
+  }
+});
+
+test('without a key the page asks for one', { timeout: TEST_TIMEOUT }, async () => {
+  const org = uniqueOrg('ask');
+  const { context, page, errors } = await openPage(browser, org, { key: null });
+  try {
+    await page.locator('#key-form').waitFor();
+    assert.match(await page.locator('#notice.error').textContent(), /API key/);
+    await page.fill('#key-input', 'dac_not_a_key');
+    await page.press('#key-input', 'Enter');
+    await page.locator('#key-form').waitFor(); // refused: asked again
+    assert.equal(await page.evaluate(() => sessionStorage.getItem('dac.key')), null);
+    await page.fill('#key-input', keyFor(org));
+    await page.press('#key-input', 'Enter');
+    await page.locator('#key-form').waitFor({ state: 'hidden' });
+    await send(page, 'Hello after asking', 'mock:ttft=50,itl=10,n=5');
+    await page.locator('#messages article.assistant[data-status="complete"]').waitFor();
+    assert.equal((await getThread(org, threadIdOf(page))).messages.length, 2);
     assert.deepEqual(errors, []);
   } finally {
     await context.close();

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ CASES = [
     "text from the server is shown as text, never run",
     "a provider error is shown and the stream is not reopened",
     "tool calls and reasoning are shown as collapsed blocks",
+    "the printed address opens the page with its key, once",
+    "without a key the page asks for one",
 ]
 
 
@@ -70,9 +73,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Server:
+    base: str
+    log: Path
+    db: Path
+    #: the page's address with the first key, as the server printed it
+    page_url: str
+
+
 @pytest.fixture(scope="module")
-def server(browser_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A gateway process on 127.0.0.1; yields its base URL and its log file."""
+def server(browser_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A gateway process on 127.0.0.1 with API keys (the default), as ``make run`` starts it."""
     tmp = tmp_path_factory.mktemp("e2e")
     port = _free_port()
     log_path = tmp / "server.log"
@@ -97,7 +109,13 @@ def server(browser_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
             if time.monotonic() > deadline:
                 pytest.fail(f"the server was not ready within {START_TIMEOUT_S}s:\n{log_path.read_text()}")
             time.sleep(0.1)
-        yield base, log_path
+        page_url = None
+        while page_url is None:  # printed right after the listening line
+            page_url = next(iter(re.findall(r"(http://\S+/#key=\S+)", log_path.read_text())), None)
+            if page_url is None and time.monotonic() > deadline:
+                pytest.fail(f"the server printed no page address with a key:\n{log_path.read_text()}")
+            time.sleep(0.05)
+        yield Server(base=base, log=log_path, db=tmp / "dac.db", page_url=page_url)
     finally:
         proc.terminate()
         try:
@@ -108,13 +126,16 @@ def server(browser_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_page(server: tuple[str, Path], name: str) -> None:
-    base, log_path = server
+def test_page(server: Server, name: str) -> None:
+    base, log_path = server.base, server.log
+    # the spec makes a key per org with `python -m server keys create`, on the server's database
+    env = {"BASE_URL": base, "CHROME_PATH": str(CHROMIUM), "DAC_E2E_PAGE_URL": server.page_url,
+           "DAC_E2E_PYTHON": sys.executable, "DAC_E2E_DB": str(server.db)}
     pattern = "^" + re.escape(name) + "$"
     try:
         run = subprocess.run(
             [NODE, "--test", "--test-reporter=tap", f"--test-name-pattern={pattern}", str(SPEC)],
-            cwd=ROOT, env={**os.environ, "BASE_URL": base, "CHROME_PATH": str(CHROMIUM)},
+            cwd=ROOT, env={**os.environ, **env},
             capture_output=True, text=True, timeout=CASE_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired as exc:
