@@ -24,7 +24,7 @@ from .config import Settings
 from .errors import ShuttingDown
 from .flight import Clock, Flight, TurnRequest
 from .metrics import Metrics
-from .pacer import Pacer
+from .pacer import Slots
 from .states import DropReason, FlightState, Role
 from .store import Store
 
@@ -32,7 +32,7 @@ __all__ = ["Hub"]
 
 
 class Hub:
-    def __init__(self, *, settings: Settings, store: Store, pacer: Pacer, metrics: Metrics,
+    def __init__(self, *, settings: Settings, store: Store, pacer: Slots, metrics: Metrics,
                  clock: Clock = time.monotonic) -> None:
         self.settings = settings
         self.store = store
@@ -52,9 +52,17 @@ class Hub:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def engine(self) -> str:
+        return "inprocess"
+
     # -- joining ---------------------------------------------------------
 
-    def submit(self, turn: TurnRequest, *, listen: bool) -> tuple[Flight, Role]:
+    async def submit(self, turn: TurnRequest, *, listen: bool) -> tuple[Flight, Role]:
+        return self.join(turn, listen=listen)
+
+    def join(self, turn: TurnRequest, *, listen: bool) -> tuple[Flight, Role]:
+        """:meth:`submit` in one synchronous step (nothing can slip in between)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down; try again shortly")
         flight, role = self._lookup(turn), Role.FOLLOWER
@@ -68,8 +76,8 @@ class Hub:
             flight.add_listener()
         return flight, role
 
-    def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
-        flight, role = self.submit(turn, listen=False)
+    async def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
+        flight, role = self.join(turn, listen=False)
         return flight, role, flight.expect_attach() if flight.running else None
 
     def _lookup(self, turn: TurnRequest) -> Flight | None:
@@ -100,7 +108,7 @@ class Hub:
         task.add_done_callback(self._live.pop)
         return flight
 
-    def stream(self, stream_id: str) -> Flight | None:
+    async def stream(self, stream_id: str) -> Flight | None:
         return self._streams.get(stream_id)
 
     def forget_thread(self, thread_id: str) -> None:

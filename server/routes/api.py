@@ -134,7 +134,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
             await lease.hold(Until.ACCEPTED)
             return await _stream(request, lease, org)
     if stream:  # mode 3: 202 at once, then the stream_url
-        flight, role, attach = turns.accept(turn)
+        flight, role, attach = await turns.accept(turn)
         stream_url = f"/api/streams/{flight.stream_id}?org={org}" + (f"&attach={attach}" if attach else "")
         return json_response({"stream_id": flight.stream_id, "stream_url": stream_url,
                               "thread_id": turn.thread_id, "user_message": flight.user_message,
@@ -185,7 +185,7 @@ async def stop_stream(request: web.Request) -> web.Response:
     if not token:
         raise BadRequest("?attach= is required: the token of the stream_url (or of the meta event's stop_url)",
                          param="attach")
-    if not request.app[TURNS].stop(org, request.match_info["stream_id"], token):
+    if not await request.app[TURNS].stop(org, request.match_info["stream_id"], token):
         raise NotFound("stream not found")
     return web.Response(status=204)
 
