@@ -15,6 +15,7 @@ import uvloop
 from .app import serve
 from .config import Settings
 from .providers import ProviderConfigError
+from .redis_hub import RegistryOpenError
 from .store import StoreOpenError
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 1
-    except (ProviderConfigError, StoreOpenError) as exc:
+    except (ProviderConfigError, StoreOpenError, RegistryOpenError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

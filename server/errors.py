@@ -20,6 +20,8 @@ own status rules (they would otherwise retry a 502).
     ├── PayloadTooLarge               413 payload_too_large
     ├── QueueFull                     503 queue_full          (Retry-After)
     ├── ShuttingDown                  503 shutting_down       (retryable)
+    ├── LeaderLost                    503 leader_lost         (retryable: another instance led it and vanished)
+    ├── RegistryUnavailable           503 registry_unavailable (retryable: Redis does not answer)
     ├── NoListeners                   499 cancelled           (flight aborted)
     └── UpstreamError                 502 upstream_error      (retryable)
         ├── ProviderAuthError         502 provider_auth       (upstream 401, 403)
@@ -38,6 +40,7 @@ from typing import Any
 __all__ = [
     "BadRequest",
     "GatewayError",
+    "LeaderLost",
     "NoListeners",
     "NotFound",
     "PayloadTooLarge",
@@ -45,6 +48,7 @@ __all__ = [
     "ProviderNotConfigured",
     "QueueFull",
     "RateLimited",
+    "RegistryUnavailable",
     "ShuttingDown",
     "Unauthorized",
     "UpstreamBadRequest",
@@ -147,6 +151,22 @@ class QueueFull(GatewayError):
 class ShuttingDown(GatewayError):
     status = 503
     type = "shutting_down"
+    retryable = True
+
+
+class LeaderLost(GatewayError):
+    """The instance that led the flight stopped renewing its lease (it died or lost Redis)."""
+
+    status = 503
+    type = "leader_lost"
+    retryable = True
+
+
+class RegistryUnavailable(GatewayError):
+    """The shared flight registry (Redis) did not answer."""
+
+    status = 503
+    type = "registry_unavailable"
     retryable = True
 
 

@@ -251,6 +251,11 @@ class Flight:
     # -- reading ---------------------------------------------------------
 
     @property
+    def draft(self) -> Message:
+        """The assistant row as drafted when the flight was created (``streaming``, no text)."""
+        return self._draft
+
+    @property
     def running(self) -> bool:
         return self.state is FlightState.RUNNING
 

@@ -133,7 +133,7 @@ async def test_the_gateway_runs_on_postgresql(tmp_path: Path, postgres: Postgres
     try:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/readyz") as resp:
-                assert await resp.json() == {"status": "ready", "store": "postgresql"}
+                assert await resp.json() == {"status": "ready", "store": "postgresql", "registry": "inprocess"}
             h = {"x-org-id": "org_a"}
             async with http.post(f"{base}/api/threads/", json={}, headers=h) as resp:
                 tid = (await resp.json())["thread_id"]
