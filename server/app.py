@@ -149,7 +149,7 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
         shutdown_timeout=5.0,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)
     await site.start()
     if announce:
         for address in runner.addresses:

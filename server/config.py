@@ -102,6 +102,8 @@ class Settings:
     redis_lease_s: float = 2.0
     #: processes serving one port (``--workers``); more than one needs ``redis_url``
     workers: int = 1
+    #: listen with SO_REUSEPORT (set for the workers of ``--workers``)
+    reuse_port: bool = False
     coalesce_enabled: bool = True
     stream_fanout_enabled: bool = True
     #: how long a failed flight answers identical requests with its error
@@ -148,6 +150,7 @@ class Settings:
             redis_prefix=env.get("DAC_REDIS_PREFIX", d.redis_prefix),
             redis_lease_s=_number(env, "DAC_REDIS_LEASE_MS", d.redis_lease_s * 1000, minimum=200) / 1000,
             workers=int(_number(env, "DAC_WORKERS", d.workers, minimum=1)),
+            reuse_port=_flag(env, "DAC_REUSE_PORT", d.reuse_port),
             coalesce_enabled=_flag(env, "COALESCE_ENABLED", d.coalesce_enabled),
             stream_fanout_enabled=_flag(env, "STREAM_FANOUT_ENABLED", d.stream_fanout_enabled),
             error_ttl_s=_number(env, "DAC_ERROR_TTL_S", d.error_ttl_s),
