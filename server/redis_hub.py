@@ -415,11 +415,13 @@ class RedisHub(Hub):
             "user": candidate.user_message, "assistant": candidate.draft,
         })
         try:
-            answer = await self._lead_script(
-                keys=[lead], args=[base, fence, self.lease_ms, "1" if turn.no_cache else "0", described,
-                                   self.instance, f"{self.prefix}ctl:", self.keep_ms])
-            if answer[0] == fence.encode():
-                await self.redis.set(f"{self.prefix}stream:{s_id}", k, px=self.keep_ms)
+            # one round trip: the decision, and the pointer from the stream id (harmless if it loses)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._lead_script(
+                    keys=[lead], args=[base, fence, self.lease_ms, "1" if turn.no_cache else "0", described,
+                                       self.instance, f"{self.prefix}ctl:", self.keep_ms], client=pipe)
+                pipe.set(f"{self.prefix}stream:{s_id}", k, px=self.keep_ms)
+                answer, _ = await pipe.execute()
         except RedisError as exc:
             raise RegistryUnavailable(f"the flight registry (Redis) does not answer ({exc.__class__.__name__})") \
                 from None
