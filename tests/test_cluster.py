@@ -8,6 +8,7 @@ stop Redis come last and put things back). Every await is bounded.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -437,3 +438,19 @@ async def test_two_workers_on_one_port_make_one_call(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_cluster_benchmark_runs_in_short(redis_server: RedisServer, postgres: PostgresServer,
+                                                   tmp_path: Path) -> None:
+    """The short form of tools/bench_cluster.py: Redis costs and cancel latency across two instances."""
+    out = tmp_path / "bench.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "tools/bench_cluster.py", "--quick", "--only", "redis_costs,cancel_latency",
+        "--json", str(out), "--redis", redis_server.url, "--database", postgres.new_url(),
+        cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    printed, _ = await within(proc.communicate(), 90, "the benchmark")
+    assert proc.returncode == 0, printed.decode()
+    report = json.loads(out.read_text())
+    assert 0 < report["redis_commands_per_delta_mirror"] < 5, report
+    assert report["cancel_across_instances_max_ms"] < 300, report
+    assert b"| cancel across instances (worst) | < 300 ms |" in printed

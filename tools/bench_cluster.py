@@ -173,6 +173,18 @@ async def fanout(args: argparse.Namespace, fake: Fake, http: aiohttp.ClientSessi
         await c.stop()
 
 
+async def _client(s: aiohttp.ClientSession, url: str, thread: str, k: int, stop_at: float) -> int:
+    """Distinct non-stream requests one after the other until ``stop_at``; how many answered 200."""
+    done = n = 0
+    while time.perf_counter() < stop_at:
+        n += 1
+        async with s.post(f"{url}/api/threads/{thread}/messages", headers=H,
+                          json={"content": f"{k} {n} {secrets.token_hex(3)}"}) as resp:
+            await resp.read()
+            done += resp.status == 200
+    return done
+
+
 async def throughput(args: argparse.Namespace, fake: Fake, http: aiohttp.ClientSession, workdir: Path,
                      report: dict[str, Any]) -> None:
     await fake.config(http, ttft_ms=0, itl_ms=0, tokens=8)
@@ -188,22 +200,9 @@ async def throughput(args: argparse.Namespace, fake: Fake, http: aiohttp.ClientS
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as s:
                 url = c.instances[0].url
                 threads = [await new_thread(s, url) for _ in range(8)]
-                done = 0
-                stop_at = time.perf_counter() + seconds
-
-                async def client(k: int) -> None:
-                    nonlocal done
-                    n = 0
-                    while time.perf_counter() < stop_at:
-                        n += 1
-                        async with s.post(f"{url}/api/threads/{threads[k % 8]}/messages", headers=H,
-                                          json={"content": f"{k} {n} {secrets.token_hex(3)}"}) as resp:
-                            await resp.read()
-                            if resp.status == 200:
-                                done += 1
-
                 started = time.perf_counter()
-                await asyncio.gather(*(client(k) for k in range(32)))
+                done = sum(await asyncio.gather(*(_client(s, url, threads[k % 8], k, started + seconds)
+                                                  for k in range(32))))
                 report[f"rps_{name}"] = done / (time.perf_counter() - started)
         finally:
             await c.stop()
@@ -296,6 +295,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             sections = [ttft_added, fanout, redis_costs, cancel_latency]
             if not args.quick or args.throughput:
                 sections.append(throughput)
+            if args.only:
+                sections = [f for f in (*sections, throughput) if f.__name__ in args.only.split(",")]
             for section in sections:
                 print(f"... {section.__name__}", file=sys.stderr, flush=True)
                 await section(args, fake, http, workdir, report)
@@ -320,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs; no throughput unless --throughput")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--only", help="comma-separated sections: ttft_added,fanout,redis_costs,cancel_latency,"
+                        "throughput")
     parser.add_argument("--redis", default=os.environ.get("DAC_REDIS_URL") or DEFAULT_REDIS)
     parser.add_argument("--database", default=os.environ.get("DAC_DATABASE_URL") or
                         f"{DEFAULT_DATABASE}?schema=dac_bench_{secrets.token_hex(3)}")
