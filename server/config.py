@@ -57,31 +57,19 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
 
 
-def _database_url(env: Mapping[str, str]) -> str | None:
-    raw = env.get("DAC_DATABASE_URL", "").strip()
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    """The URL setting ``name``, checked for one of ``schemes``; None when unset."""
+    raw = env.get(name, "").strip()
     if not raw:
         return None
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018  (raises on a port that is not a number)
     except ValueError as exc:
-        raise ValueError(f"DAC_DATABASE_URL is not a valid URL ({exc}): {redact_url(raw)!r}") from None
-    if parts.scheme not in DATABASE_SCHEMES:
-        raise ValueError(f"DAC_DATABASE_URL must start with postgresql:// or postgres://, not {redact_url(raw)!r}")
-    return raw
-
-
-def _redis_url(env: Mapping[str, str]) -> str | None:
-    raw = env.get("DAC_REDIS_URL", "").strip()
-    if not raw:
-        return None
-    try:
-        parts = urlsplit(raw)
-        parts.port  # noqa: B018  (raises on a port that is not a number)
-    except ValueError as exc:
-        raise ValueError(f"DAC_REDIS_URL is not a valid URL ({exc}): {redact_url(raw)!r}") from None
-    if parts.scheme not in REDIS_SCHEMES:
-        raise ValueError(f"DAC_REDIS_URL must start with redis://, rediss:// or unix://, not {redact_url(raw)!r}")
+        raise ValueError(f"{name} is not a valid URL ({exc}): {redact_url(raw)!r}") from None
+    if parts.scheme not in schemes:
+        starts = [f"{scheme}://" for scheme in schemes]
+        raise ValueError(f"{name} must start with {', '.join(starts[:-1])} or {starts[-1]}, not {redact_url(raw)!r}")
     return raw
 
 
@@ -144,9 +132,9 @@ class Settings:
             host=env.get("DAC_HOST") or d.host,
             port=int(_number(env, "DAC_PORT", d.port)),
             db_path=env.get("DAC_DB") or d.db_path,
-            database_url=_database_url(env),
+            database_url=_url(env, "DAC_DATABASE_URL", DATABASE_SCHEMES),
             database_pool_size=int(_number(env, "DAC_DATABASE_POOL_SIZE", d.database_pool_size, minimum=1)),
-            redis_url=_redis_url(env),
+            redis_url=_url(env, "DAC_REDIS_URL", REDIS_SCHEMES),
             redis_prefix=env.get("DAC_REDIS_PREFIX", d.redis_prefix),
             redis_lease_s=_number(env, "DAC_REDIS_LEASE_MS", d.redis_lease_s * 1000, minimum=200) / 1000,
             workers=int(_number(env, "DAC_WORKERS", d.workers, minimum=1)),

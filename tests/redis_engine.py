@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from .engines import run_apart
+from .engines import require_service, run_apart
 
 __all__ = ["RedisServer", "redis_server"]
 
@@ -70,12 +70,7 @@ async def _probe(url: str) -> str | None:
 def redis_server() -> Iterator[RedisServer]:
     """The test Redis; skips (fails under CI) when it does not answer."""
     url = os.environ.get("DAC_TEST_REDIS_URL") or DEFAULT_URL
-    why = run_apart(_probe(url))
-    if why is not None:
-        message = f"Redis does not answer at {url} ({why}); start it with: {START_COMMAND}"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require_service("Redis", url, run_apart(_probe(url)), START_COMMAND)
     server = RedisServer(url)
     yield server
     run_apart(server.drop_all())

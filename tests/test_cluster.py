@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tools.cluster import NGINX, Cluster, free_port
+from tools.cluster import NGINX, Cluster, free_port, wait_port
 from tools.sse import SseEvent, sse_events
 
 from .engines import PostgresServer
@@ -64,14 +64,7 @@ class OwnRedis:
         self.proc = await asyncio.create_subprocess_exec(
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(self.workdir), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                    writer.close()
-                    return
-                except OSError:
-                    await asyncio.sleep(0.02)
+        await wait_port(self.port, 10)
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

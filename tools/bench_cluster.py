@@ -40,7 +40,7 @@ if __package__ in (None, ""):
 import aiohttp
 import redis.asyncio as aioredis
 
-from tools.cluster import DEFAULT_REDIS, ROOT, Cluster, free_port
+from tools.cluster import DEFAULT_REDIS, ROOT, Cluster, free_port, wait_port
 from tools.sse import sse_events
 
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/test"
@@ -65,14 +65,7 @@ class Fake:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tools.fake_openai", "--port", str(self.port), cwd=ROOT,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        async with asyncio.timeout(20):
-            while True:
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", self.port)
-                    w.close()
-                    return
-                except OSError:
-                    await asyncio.sleep(0.05)
+        await wait_port(self.port, 20)
 
     async def config(self, http: aiohttp.ClientSession, **values: float) -> None:
         async with http.post(f"{self.url}/config", json=values) as resp:

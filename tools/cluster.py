@@ -31,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-__all__ = ["NGINX", "Cluster", "Instance", "free_port"]
+__all__ = ["NGINX", "Cluster", "Instance", "free_port", "wait_port"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "tools" / "deploy" / "nginx.conf"
@@ -47,7 +47,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _wait_port(port: int, timeout: float) -> None:
+async def wait_port(port: int, timeout: float) -> None:
+    """Return once something accepts connections on 127.0.0.1:``port``."""
     async with asyncio.timeout(timeout):
         while True:
             try:
@@ -138,7 +139,7 @@ class Cluster:
             NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:
-            await _wait_port(self.port, 10)
+            await wait_port(self.port, 10)
         except TimeoutError:
             err = b""
             if self.nginx.returncode is not None and self.nginx.stderr is not None:
