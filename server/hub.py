@@ -100,13 +100,17 @@ class Hub:
     def _start(self, turn: TurnRequest) -> Flight:
         flight = Flight(turn, settings=self.settings, store=self.store, pacer=self.pacer,
                         metrics=self.metrics, clock=self.clock, on_end=self._finished)
-        if turn.key is not None:
-            self._flights[turn.key] = flight
-        self._streams[flight.stream_id] = flight
-        task = flight.start()
-        self._live[task] = flight
-        task.add_done_callback(self._live.pop)
+        self._register(flight, flight.start())
         return flight
+
+    def _register(self, flight: Flight, task: asyncio.Task[None] | None) -> None:
+        """Map ``flight`` by key and stream id; ``task`` (what drives it) is awaited at shutdown."""
+        if flight.key is not None:
+            self._flights[flight.key] = flight
+        self._streams[flight.stream_id] = flight
+        if task is not None:
+            self._live[task] = flight
+            task.add_done_callback(self._live.pop)
 
     async def stream(self, stream_id: str) -> Flight | None:
         return self._streams.get(stream_id)

@@ -471,12 +471,7 @@ class RedisHub(Hub):
         self._led[flight.stream_id] = led
         flight.log = _SharedLog(capacity=self.settings.ring_size, ping_interval_s=self.settings.ping_interval_s,
                                 publish=lambda kind, data: self._publish(led, kind, data))
-        if flight.key is not None:
-            self._flights[flight.key] = flight
-        self._streams[flight.stream_id] = flight
-        task = flight.start()
-        self._live[task] = flight
-        task.add_done_callback(self._live.pop)
+        self._register(flight, flight.start())
         loop = asyncio.get_running_loop()
         led.renewing = loop.create_task(self._renew(led), name=f"renew:{flight.stream_id}")
         loop.create_task(self._announce_rows(led))
@@ -605,18 +600,14 @@ class RedisHub(Hub):
                            provider=self._providers(about["provider"]), model=about["model"], key=about["key"])
         mirror = MirrorFlight(turn, hub=self, drafts=(about["user"], about["assistant"]), base=base + s_id,
                               lead=lead, fence=current, held=held)
-        if mirror.key is not None:
-            self._flights[mirror.key] = mirror
-        self._streams[s_id] = mirror
         if entries is not None:
+            self._register(mirror, None)
             for _, fields in entries:
                 if mirror.apply(*_entry(fields)):
                     break
             return mirror
-        task = asyncio.get_running_loop().create_task(self._read(mirror), name=f"mirror:{s_id}")
-        mirror.reader = task
-        self._live[task] = mirror
-        task.add_done_callback(self._live.pop)
+        mirror.reader = asyncio.get_running_loop().create_task(self._read(mirror), name=f"mirror:{s_id}")
+        self._register(mirror, mirror.reader)
         return mirror
 
     async def _read(self, mirror: MirrorFlight) -> None:
