@@ -336,6 +336,7 @@ class RedisHub(Hub):
         self._deciding: dict[str, asyncio.Future[None]] = {}
         self._led: dict[str, _Led] = {}  # stream id -> a flight this instance leads
         self._background: list[asyncio.Task[None]] = []
+        self._flushes: set[asyncio.Task[None]] = set()  # appends in flight (the last ones at shutdown)
         self.ctl_ready = asyncio.Event()  # the ctl channel is subscribed (tests wait for it)
 
     @property
@@ -360,6 +361,10 @@ class RedisHub(Hub):
                             loop.create_task(self._listen(), name="redis-ctl")]
 
     async def close(self) -> None:
+        """After :meth:`shutdown`: let the flights' last entries reach Redis, then disconnect."""
+        await asyncio.sleep(0)  # the ends scheduled by the shutdown start their appends
+        if self._flushes:
+            await asyncio.wait(self._flushes, timeout=self.settings.redis_lease_s)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -490,7 +495,9 @@ class RedisHub(Hub):
 
     def _flush_soon(self, led: _Led) -> None:
         led.scheduled = None
-        led.flushing = asyncio.get_running_loop().create_task(self._flush(led))
+        led.flushing = task = asyncio.get_running_loop().create_task(self._flush(led))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
 
     async def _flush(self, led: _Led) -> None:
         """Send what was queued: every loop turn's entries in one script call, in order."""

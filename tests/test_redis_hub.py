@@ -142,3 +142,22 @@ async def test_a_stream_is_resumed_on_the_other_instance_after_its_last_event_id
     assert deltas == [(3, "c "), (4, "d "), (5, "e")]
     assert events[-1].event == "done" and events[-1].json()["message"]["content"] == "a b c d e"
     assert text_of(events) == "c d e"
+
+
+async def test_a_leader_shutting_down_tells_the_listeners_on_other_instances(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider)
+    tid = await a.new_thread()
+    body = {"content": "cut short", "provider": "scripted"}
+    async with a.open_stream(tid, body):
+        call = await provider.next_call()
+        call.send("some ")
+        async with b.open_stream(tid, body) as on_b:
+            await within(on_b.content.readuntil(b"some"), what="B to see the first delta")
+            started = time.perf_counter()
+            await within(a.runner.cleanup(), 10, "A to shut down")
+            events = await collect(on_b)
+    assert events[-1].event == "error" and events[-1].json()["error"]["type"] == "shutting_down"
+    assert time.perf_counter() - started < a.settings.redis_lease_s  # told at once, not after the lease
+    messages = (await b.thread(tid))["messages"]
+    assert [(m["status"], m["content"]) for m in messages][1] == ("interrupted", "some ")
