@@ -3,6 +3,7 @@
 #   make test   the same set-up with the test extras, the static checks, then the whole suite
 #   make check  the static checks alone: ruff, mypy and the import-linter layer contract
 #   make validate  the acceptance suite against a fresh server on a free port
+#   make cluster   3 instances behind nginx on local Redis and PostgreSQL (tools/cluster.py)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP   = $(VENV)/.installed
 
 NODE_STAMP = node_modules/.package-lock.json
 
-.PHONY: run test check validate install clean
+.PHONY: run test check validate cluster install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,9 @@ test: check $(NODE_STAMP)
 
 validate: $(STAMP)
 	$(PY) tools/validate.py --serve $(VALIDATE_ARGS)
+
+cluster: $(STAMP)
+	$(PY) tools/cluster.py $(CLUSTER_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache node_modules

@@ -1,8 +1,9 @@
 """The aiohttp application: the composition of every layer.
 
 This module picks the implementations behind the seams (the store: PostgreSQL
-when ``DAC_DATABASE_URL`` is set, else SQLite; the in-process hub) and mounts
-the routes; nothing imports it but ``__main__``.
+when ``DAC_DATABASE_URL`` is set, else SQLite; the flight registry and the
+provider slots: on Redis when ``DAC_REDIS_URL`` is set, else the in-process hub
+and pacer) and mounts the routes; nothing imports it but ``__main__``.
 Resources live in one ``cleanup_ctx`` generator under typed ``web.AppKey``s:
 the store opens before the first request and closes after the last flight
 has been saved; ``on_shutdown`` tells listeners and cancels flights first.
@@ -25,14 +26,14 @@ from .config import Settings
 from .flight import Clock
 from .hub import Hub
 from .metrics import Metrics
-from .pacer import Pacer
+from .pacer import Pacer, Slots
 from .providers import ProviderRegistry, build_registry
 from .routes import api, cors, openai_compat, ops
 from .sqlite_store import SQLiteStore
 from .store import Store
 from .turns import TurnService
 
-__all__ = ["build_store", "make_app", "serve"]
+__all__ = ["build_store", "make_app", "open_registry", "serve"]
 
 log = logging.getLogger("server")
 
@@ -56,6 +57,25 @@ def build_store(settings: Settings, *, server: bool = True) -> Store:
     return SQLiteStore(settings.db_path, cache=server, recover=server)
 
 
+async def open_registry(settings: Settings, *, store: Store, metrics: Metrics, providers: ProviderRegistry,
+                        clock: Clock) -> tuple[Hub, Slots]:
+    """The flight registry and the provider slots: on Redis when ``DAC_REDIS_URL`` is set
+    (raises :class:`~server.redis_hub.RegistryOpenError` naming the setting when it does not answer), else in-process."""
+    if not settings.redis_url:
+        pacer = Pacer(queue_timeout_s=settings.queue_timeout_s)
+        return Hub(settings=settings, store=store, pacer=pacer, metrics=metrics, clock=clock), pacer
+    from .redis_hub import RedisHub, connect  # redis is loaded only where it is used
+    from .redis_pacer import RedisPacer
+
+    redis = connect(settings)
+    slots = RedisPacer(redis, prefix=settings.redis_prefix, lease_s=settings.redis_lease_s,
+                       queue_timeout_s=settings.queue_timeout_s)
+    hub = RedisHub(settings=settings, store=store, pacer=slots, metrics=metrics, providers=providers.get,
+                   redis=redis, clock=clock)
+    await hub.open()
+    return hub, slots
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     secret = load_secret(settings)  # first: nothing is open yet when it cannot be had
@@ -67,10 +87,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await app[PROVIDERS].aclose()
         raise
+    try:
+        hub, app[PACER] = await open_registry(settings, store=store, metrics=app[METRICS],
+                                              providers=app[PROVIDERS], clock=app[CLOCK])
+    except BaseException:
+        await app[PROVIDERS].aclose()
+        await store.close()
+        raise
     app[STORE] = store
     app[AUTH] = Auth.build(settings, store, secret=secret, clock=app[CLOCK])
-    app[PACER] = Pacer(queue_timeout_s=settings.queue_timeout_s)
-    hub = Hub(settings=settings, store=store, pacer=app[PACER], metrics=app[METRICS], clock=app[CLOCK])
     app[REGISTRY] = hub
     app[TURNS] = TurnService(settings=settings, registry=hub, store=store, metrics=app[METRICS],
                              clock=app[CLOCK])
@@ -80,6 +105,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:
         probing.cancel()
         await hub.shutdown()
+        await hub.close()
         await app[PROVIDERS].aclose()
         await store.close()
 
@@ -135,7 +161,7 @@ async def serve(settings: Settings, *, announce: bool = True,
         shutdown_timeout=5.0,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)
     await site.start()
     if announce:
         for address in runner.addresses:

@@ -11,7 +11,7 @@ from aiohttp import web
 from .auth import Auth
 from .config import Settings
 from .metrics import Metrics
-from .pacer import Pacer
+from .pacer import Slots
 from .providers import ProviderRegistry
 from .registry import FlightRegistry
 from .store import Store
@@ -22,7 +22,7 @@ __all__ = ["AUTH", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STO
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", Metrics)
-PACER = web.AppKey("pacer", Pacer)
+PACER = web.AppKey("pacer", Slots)
 PROVIDERS = web.AppKey("providers", ProviderRegistry)
 REGISTRY = web.AppKey("registry", FlightRegistry)
 TURNS = web.AppKey("turns", TurnService)

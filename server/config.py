@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["DATABASE_SCHEMES", "V1_RESULT_CACHE", "Settings", "is_loopback", "redact_url"]
+__all__ = ["DATABASE_SCHEMES", "REDIS_SCHEMES", "V1_RESULT_CACHE", "Settings", "is_loopback", "redact_url"]
 
 #: the values of ``DAC_V1_RESULT_CACHE``: when a finished answer serves an identical /v1 request
 V1_RESULT_CACHE = ("off", "deterministic", "always")
 #: the URL schemes of ``DAC_DATABASE_URL`` (both name PostgreSQL, as libpq accepts)
 DATABASE_SCHEMES = ("postgresql", "postgres")
+#: the URL schemes of ``DAC_REDIS_URL`` (TCP, TLS, a Unix socket), as redis-py reads them
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -78,17 +80,19 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
 
 
-def _database_url(env: Mapping[str, str]) -> str | None:
-    raw = env.get("DAC_DATABASE_URL", "").strip()
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    """The URL setting ``name``, checked for one of ``schemes``; None when unset."""
+    raw = env.get(name, "").strip()
     if not raw:
         return None
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018  (raises on a port that is not a number)
     except ValueError as exc:
-        raise ValueError(f"DAC_DATABASE_URL is not a valid URL ({exc}): {redact_url(raw)!r}") from None
-    if parts.scheme not in DATABASE_SCHEMES:
-        raise ValueError(f"DAC_DATABASE_URL must start with postgresql:// or postgres://, not {redact_url(raw)!r}")
+        raise ValueError(f"{name} is not a valid URL ({exc}): {redact_url(raw)!r}") from None
+    if parts.scheme not in schemes:
+        starts = [f"{scheme}://" for scheme in schemes]
+        raise ValueError(f"{name} must start with {', '.join(starts[:-1])} or {starts[-1]}, not {redact_url(raw)!r}")
     return raw
 
 
@@ -125,6 +129,16 @@ class Settings:
     database_url: str | None = None
     #: PostgreSQL connections one process keeps at most
     database_pool_size: int = 10
+    #: ``redis://...``: flights on Redis, shared by every instance that names it; None: in-process
+    redis_url: str | None = None
+    #: the prefix of every Redis key and channel (several gateways can share one Redis)
+    redis_prefix: str = "dac:"
+    #: a flight's leadership lease on Redis: a leader that stops renewing it is lost after this
+    redis_lease_s: float = 2.0
+    #: processes serving one port (``--workers``); more than one needs ``redis_url``
+    workers: int = 1
+    #: listen with SO_REUSEPORT (set for the workers of ``--workers``)
+    reuse_port: bool = False
     coalesce_enabled: bool = True
     stream_fanout_enabled: bool = True
     #: how long a failed flight answers identical requests with its error
@@ -178,8 +192,13 @@ class Settings:
             host=env.get("DAC_HOST") or d.host,
             port=int(_number(env, "DAC_PORT", d.port)),
             db_path=env.get("DAC_DB") or d.db_path,
-            database_url=_database_url(env),
+            database_url=_url(env, "DAC_DATABASE_URL", DATABASE_SCHEMES),
             database_pool_size=int(_number(env, "DAC_DATABASE_POOL_SIZE", d.database_pool_size, minimum=1)),
+            redis_url=_url(env, "DAC_REDIS_URL", REDIS_SCHEMES),
+            redis_prefix=env.get("DAC_REDIS_PREFIX", d.redis_prefix),
+            redis_lease_s=_number(env, "DAC_REDIS_LEASE_MS", d.redis_lease_s * 1000, minimum=200) / 1000,
+            workers=int(_number(env, "DAC_WORKERS", d.workers, minimum=1)),
+            reuse_port=_flag(env, "DAC_REUSE_PORT", d.reuse_port),
             coalesce_enabled=_flag(env, "COALESCE_ENABLED", d.coalesce_enabled),
             stream_fanout_enabled=_flag(env, "STREAM_FANOUT_ENABLED", d.stream_fanout_enabled),
             error_ttl_s=_number(env, "DAC_ERROR_TTL_S", d.error_ttl_s),
@@ -210,6 +229,11 @@ class Settings:
     def database(self) -> str:
         """Where threads are kept, for messages: the PostgreSQL URL without its password, or the SQLite file."""
         return redact_url(self.database_url) if self.database_url else self.db_path
+
+    @property
+    def redis(self) -> str:
+        """The Redis URL without its password, for messages; empty when flights are in-process."""
+        return redact_url(self.redis_url) if self.redis_url else ""
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -23,6 +23,8 @@ own status rules (they would otherwise retry a 502).
     ├── IdempotencyKeyReused          422 idempotency_key_reused
     ├── QueueFull                     503 queue_full          (Retry-After)
     ├── ShuttingDown                  503 shutting_down       (retryable)
+    ├── LeaderLost                    503 leader_lost         (retryable: another instance led it and vanished)
+    ├── RegistryUnavailable           503 registry_unavailable (retryable: Redis does not answer)
     ├── NoListeners                   499 cancelled           (flight aborted)
     └── UpstreamError                 502 upstream_error      (retryable)
         ├── ProviderAuthError         502 provider_auth       (upstream 401, 403)
@@ -43,6 +45,7 @@ __all__ = [
     "Forbidden",
     "GatewayError",
     "IdempotencyKeyReused",
+    "LeaderLost",
     "NoListeners",
     "NotFound",
     "PayloadTooLarge",
@@ -50,6 +53,7 @@ __all__ = [
     "ProviderNotConfigured",
     "QueueFull",
     "RateLimited",
+    "RegistryUnavailable",
     "ShuttingDown",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -173,6 +177,22 @@ class QueueFull(GatewayError):
 class ShuttingDown(GatewayError):
     status = 503
     type = "shutting_down"
+    retryable = True
+
+
+class LeaderLost(GatewayError):
+    """The instance that led the flight stopped renewing its lease (it died or lost Redis)."""
+
+    status = 503
+    type = "leader_lost"
+    retryable = True
+
+
+class RegistryUnavailable(GatewayError):
+    """The shared flight registry (Redis) did not answer."""
+
+    status = 503
+    type = "registry_unavailable"
     retryable = True
 
 

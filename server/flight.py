@@ -51,7 +51,7 @@ from .config import Settings
 from .errors import GatewayError, NoListeners, NotFound, ShuttingDown, UpstreamError
 from .eventlog import DeltaExtra, EventLog, FlightLog, encode_event
 from .metrics import Metrics, Outcome
-from .pacer import Pacer
+from .pacer import Slots
 from .providers import Chunk, FinishReason, Provider, ProviderRequest, ToolCallDelta, assemble_tool_calls
 from .states import DropReason, FlightState, MessageStatus
 from .store import ChatMessage, Message, Store, draft_turn
@@ -140,8 +140,9 @@ class Answer:
 
 
 class Flight:
-    def __init__(self, turn: TurnRequest, *, settings: Settings, store: Store, pacer: Pacer,
-                 metrics: Metrics, clock: Clock, on_end: Callable[[Flight], None]) -> None:
+    def __init__(self, turn: TurnRequest, *, settings: Settings, store: Store, pacer: Slots,
+                 metrics: Metrics, clock: Clock, on_end: Callable[[Flight], None],
+                 drafts: tuple[Message, Message] | None = None) -> None:
         self.turn = turn
         self.key = turn.key
         self._settings = settings
@@ -159,7 +160,8 @@ class Flight:
         self._pulling = False
         # Ids and times are fixed at once, so a stream can be named (202, stream_url)
         # and attached to while the flight still waits for a provider slot.
-        self.user_message, self._draft = draft_turn(
+        # ``drafts``: the rows another instance drafted (a mirror of its flight names the same ones).
+        self.user_message, self._draft = drafts or draft_turn(
             thread_id=turn.thread_id, content=turn.content, provider=turn.provider.name,
             model=turn.model, meta=dict(turn.meta))
         self.stream_id: str = self._draft["message_id"]
@@ -176,6 +178,8 @@ class Flight:
         self.usage: dict[str, Any] | None = None
         self.extra_meta: dict[str, Any] = {}
         self.listeners = 0
+        #: instances other than this one holding the flight (a registry shared by instances sets it)
+        self.remote = 0
         #: listeners that asked to stop and have not left yet (they no longer hold the flight)
         self.stopping = 0
         self.zero_since: float | None = None  # perf_counter when the count last reached zero
@@ -218,6 +222,35 @@ class Flight:
                 self._arm_idle(max(self._promised.values()) - now, DropReason.ATTACH_TIMEOUT)
             else:
                 self._arm_idle(self._settings.cancel_grace_s, DropReason.NO_LISTENERS)
+
+    def set_remote(self, holders: int) -> None:
+        """How many other instances hold the flight now (listeners or promises there).
+
+        Their count joins the local one: the flight is aborted only once neither
+        this instance nor any other has held it for the grace.
+        """
+        before, self.remote = self.remote, holders
+        if holders > 0:
+            if self._idle_handle is not None:
+                self._idle_handle.cancel()
+                self._idle_handle = None
+                self.zero_since = None
+        elif before > 0 and self.running and self.listeners - self.stopping == 0:
+            now = self._clock()
+            live = [deadline for deadline in self._promised.values() if deadline > now]
+            if live:
+                self._arm_idle(max(live) - now, DropReason.ATTACH_TIMEOUT)
+            else:
+                self._arm_idle(self._settings.cancel_grace_s, DropReason.NO_LISTENERS)
+
+    def fail(self, error: GatewayError) -> None:
+        """End the flight with ``error`` because what it runs on failed (its registry lost
+        its shared state): the upstream is cut, listeners get the error, the row is saved."""
+        if not self.running or self.task is None:
+            return
+        if self._rows_failed is None:
+            self._rows_failed = error
+        self.task.cancel()
 
     def issue(self, token: str) -> None:
         """Remember a token handed to a client (a stream_url's, a listener's stop_url)."""
@@ -268,7 +301,7 @@ class Flight:
         self._idle_handle = None
         if not self.running or self.task is None:
             return
-        if reason is not DropReason.SHUTDOWN and self.listeners - self.stopping > 0:
+        if reason is not DropReason.SHUTDOWN and self.listeners - self.stopping + self.remote > 0:
             return
         if self.zero_since is None:
             self.zero_since = time.perf_counter()
@@ -277,6 +310,11 @@ class Flight:
         self.task.cancel()
 
     # -- reading ---------------------------------------------------------
+
+    @property
+    def draft(self) -> Message:
+        """The assistant row as drafted when the flight was created (``streaming``, no text)."""
+        return self._draft
 
     @property
     def running(self) -> bool:

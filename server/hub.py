@@ -24,7 +24,7 @@ from .config import Settings
 from .errors import ShuttingDown
 from .flight import Clock, Flight, TurnRequest
 from .metrics import Metrics
-from .pacer import Pacer
+from .pacer import Slots
 from .states import DropReason, FlightState, Role
 from .store import Store
 
@@ -32,7 +32,7 @@ __all__ = ["Hub"]
 
 
 class Hub:
-    def __init__(self, *, settings: Settings, store: Store, pacer: Pacer, metrics: Metrics,
+    def __init__(self, *, settings: Settings, store: Store, pacer: Slots, metrics: Metrics,
                  clock: Clock = time.monotonic) -> None:
         self.settings = settings
         self.store = store
@@ -52,9 +52,17 @@ class Hub:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def engine(self) -> str:
+        return "inprocess"
+
     # -- joining ---------------------------------------------------------
 
-    def submit(self, turn: TurnRequest, *, listen: bool) -> tuple[Flight, Role]:
+    async def submit(self, turn: TurnRequest, *, listen: bool) -> tuple[Flight, Role]:
+        return self.join(turn, listen=listen)
+
+    def join(self, turn: TurnRequest, *, listen: bool) -> tuple[Flight, Role]:
+        """:meth:`submit` in one synchronous step (nothing can slip in between)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down; try again shortly")
         flight, role = self._lookup(turn), Role.FOLLOWER
@@ -68,8 +76,8 @@ class Hub:
             flight.add_listener()
         return flight, role
 
-    def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
-        flight, role = self.submit(turn, listen=False)
+    async def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
+        flight, role = self.join(turn, listen=False)
         return flight, role, flight.expect_attach() if flight.running else None
 
     def _lookup(self, turn: TurnRequest) -> Flight | None:
@@ -92,15 +100,19 @@ class Hub:
     def _start(self, turn: TurnRequest) -> Flight:
         flight = Flight(turn, settings=self.settings, store=self.store, pacer=self.pacer,
                         metrics=self.metrics, clock=self.clock, on_end=self._finished)
-        if turn.key is not None:
-            self._flights[turn.key] = flight
-        self._streams[flight.stream_id] = flight
-        task = flight.start()
-        self._live[task] = flight
-        task.add_done_callback(self._live.pop)
+        self._register(flight, flight.start())
         return flight
 
-    def stream(self, stream_id: str) -> Flight | None:
+    def _register(self, flight: Flight, task: asyncio.Task[None] | None) -> None:
+        """Map ``flight`` by key and stream id; ``task`` (what drives it) is awaited at shutdown."""
+        if flight.key is not None:
+            self._flights[flight.key] = flight
+        self._streams[flight.stream_id] = flight
+        if task is not None:
+            self._live[task] = flight
+            task.add_done_callback(self._live.pop)
+
+    async def stream(self, stream_id: str) -> Flight | None:
         return self._streams.get(stream_id)
 
     def forget_thread(self, thread_id: str) -> None:
@@ -160,6 +172,9 @@ class Hub:
             self._cache_bytes -= size
 
     # -- shutdown ----------------------------------------------------------
+
+    async def close(self) -> None:
+        """Release what the registry holds beyond its flights: nothing in-process."""
 
     async def shutdown(self, *, timeout: float = 10.0) -> None:
         """Tell every listener, cancel every flight, and wait for their turns to be saved."""

@@ -20,16 +20,33 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 from .errors import QueueFull
 
-__all__ = ["DEFAULT_QUEUE_TIMEOUT_S", "Pacer"]
+__all__ = ["DEFAULT_QUEUE_TIMEOUT_S", "Pacer", "Slots"]
 
 DEFAULT_QUEUE_TIMEOUT_S = 30.0
 #: weight of the newest call in the running mean of slot hold times
 HOLD_SMOOTHING = 0.2
 MIN_RETRY_AFTER_S = 1.0
+
+
+class Slots(Protocol):
+    """Provider slots as a flight takes them: :class:`Pacer` in one process, a shared
+    implementation across instances (``server.redis_pacer``)."""
+
+    def slot(self, provider: str, limit: int) -> AbstractAsyncContextManager[float]:
+        """Hold one of ``provider``'s at most ``limit`` slots; yields the seconds waited.
+
+        Raises :class:`~server.errors.QueueFull` after the queue timeout. The slot is
+        given back however the block ends."""
+        ...
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Per provider: its limit, calls running, flights waiting (as this process sees them)."""
+        ...
 
 
 class _Lane:

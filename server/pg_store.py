@@ -380,6 +380,12 @@ class PostgresStore:
             str(status), _text(content), None if usage is None else _json(usage), _json(meta), deltas, message_id,
         )
 
+    async def interrupt_turn(self, *, message_id: str, content: str, deltas: int = 0) -> bool:
+        done = await self._p.execute(
+            "UPDATE messages SET status = 'interrupted', content = $1, deltas = $2"
+            " WHERE message_id = $3 AND status = 'streaming'", _text(content), deltas, message_id)
+        return done.endswith(" 1")
+
     async def count_messages(self, org_id: str, thread_id: str) -> int:
         count = await self._p.fetchval(
             "SELECT COUNT(*) FROM messages WHERE org_id = $1 AND thread_id = $2", org_id, thread_id)

@@ -9,7 +9,9 @@ Guarantees every implementation keeps:
 - **One leader per key.** Of all :meth:`FlightRegistry.submit` calls with the
   same key while its flight runs, exactly one gets ``LEADER``; the others join
   that flight. ``submit`` decides and counts the listener in one step, with
-  nothing able to slip in between.
+  nothing able to slip in between (in-process: no await inside; shared: one
+  atomic script on the shared state, and one decision per key at a time in
+  each process).
 - **Removal by identity.** A flight that ends never evicts a newer flight of
   the same key.
 - **Kept results.** A ``DONE`` flight answers identical requests (``CACHE``)
@@ -34,19 +36,25 @@ class FlightRegistry(Protocol):
     def closing(self) -> bool:
         """True once :meth:`shutdown` began: ``submit`` then raises ``ShuttingDown``."""
 
-    def submit(self, turn: TurnRequest, *, listen: bool) -> tuple[Flight, Role]:
+    @property
+    def engine(self) -> str:
+        """Where flights are registered, as ``/readyz`` reports it: ``"inprocess"`` or ``"redis"``."""
+
+    async def submit(self, turn: TurnRequest, *, listen: bool) -> tuple[Flight, Role]:
         """Join, lead, or take the result of the flight for ``turn``.
 
         With ``listen`` the caller is counted as a listener at once and must call
-        ``remove_listener`` when it leaves. Synchronous: atomic on the event loop.
+        ``remove_listener`` when it leaves. Atomic: the decision and the count
+        are one step for every caller of the same key.
         """
 
-    def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
+    async def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
         """Mode 3: submit without listening; a running flight is promised to the caller
         until it attaches with the returned token (or the attach timeout passes)."""
 
-    def stream(self, stream_id: str) -> Flight | None:
-        """The running or kept flight whose assistant message is ``stream_id``."""
+    async def stream(self, stream_id: str) -> Flight | None:
+        """The running or kept flight whose assistant message is ``stream_id`` (on a shared
+        registry, a local mirror of another instance's flight)."""
 
     def forget_thread(self, thread_id: str) -> None:
         """Keep nothing of a deleted thread's flights once they end."""

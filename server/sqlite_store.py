@@ -411,6 +411,15 @@ class SQLiteStore:
             if history is not None:
                 history.add(seq, question, content)
 
+    async def interrupt_turn(self, *, message_id: str, content: str, deltas: int = 0) -> bool:
+        def update(db: sqlite3.Connection) -> bool:
+            cur = db.execute("UPDATE messages SET status = 'interrupted', content = ?, deltas = ?"
+                             " WHERE message_id = ? AND status = 'streaming'", (content, deltas, message_id))
+            return cur.rowcount == 1
+
+        self._pending.pop(message_id, None)
+        return await self._write(update)
+
     async def count_messages(self, org_id: str, thread_id: str) -> int:
         async with self._r.execute(
             "SELECT COUNT(*) FROM messages WHERE org_id = ? AND thread_id = ?", (org_id, thread_id)

@@ -152,6 +152,11 @@ class Store(Protocol):
                           usage: dict[str, Any] | None, meta: dict[str, Any], deltas: int = 0) -> None:
         """Update the assistant row once, atomically, with its final state."""
 
+    async def interrupt_turn(self, *, message_id: str, content: str, deltas: int = 0) -> bool:
+        """Mark the assistant row ``interrupted`` with ``content``, only while it is still
+        ``streaming``: one conditional update, so of several callers (the instances that
+        saw its leader vanish) exactly one changes it. True for that one."""
+
     async def count_messages(self, org_id: str, thread_id: str) -> int: ...
 
     # -- API keys: each belongs to one org; only its hash (hex sha256) is stored

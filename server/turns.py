@@ -309,7 +309,7 @@ class TurnService:
 
         ``started`` is the request's arrival (``time.perf_counter()``).
         """
-        flight, role = self.registry.submit(turn, listen=True)
+        flight, role = await self.registry.submit(turn, listen=True)
         lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started)
         async with self._recorded(lease, route=route, mode=mode):
             yield lease
@@ -319,7 +319,7 @@ class TurnService:
                      started: float) -> AsyncIterator[Lease | None]:
         """Listen to a running or kept flight (``GET /api/streams``); None when this
         process holds no flight of that id for the org."""
-        flight = self.registry.stream(stream_id)
+        flight = await self.registry.stream(stream_id)
         if flight is None or flight.turn.org_id != org_id:
             yield None
             return
@@ -368,14 +368,14 @@ class TurnService:
                 queue_wait_s=flight.queue_wait_s if chat and lease.role is Role.LEADER else None,
             ))
 
-    def stop(self, org_id: str, stream_id: str, token: str) -> bool:
+    async def stop(self, org_id: str, stream_id: str, token: str) -> bool:
         """A client stops on purpose: end the stream of the listener ``token`` names (or
         drop the promise of a mode-3 client not attached yet). When it was the last one
         holding the flight, the upstream is aborted at once, with no grace.
 
         False when the org has no such stream or listener here.
         """
-        flight = self.registry.stream(stream_id)
+        flight = await self.registry.stream(stream_id)
         if flight is None or flight.turn.org_id != org_id:
             return False
         lease = self._leases.get(token)
@@ -386,14 +386,14 @@ class TurnService:
             return True
         return flight.stop_listener(token, attached=False)
 
-    def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
+    async def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
         """Mode 3: start or join without listening; returns ``(flight, role, attach token)``.
 
         A failure the registry already holds (within the error TTL) is raised, so
         it leaves with its status instead of a 202.
         """
         started = time.perf_counter()
-        flight, role, token = self.registry.accept(turn)
+        flight, role, token = await self.registry.accept(turn)
         known = None if flight.running else flight.error
         # its answer is counted when its stream is first attached; a failure known now is that answer
         self.metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=role,
@@ -405,7 +405,7 @@ class TurnService:
 
     async def has_stream(self, org_id: str, stream_id: str) -> bool:
         """Whether the org has that stream: a flight here, or a stored answer."""
-        flight = self.registry.stream(stream_id)
+        flight = await self.registry.stream(stream_id)
         if flight is not None and flight.turn.org_id == org_id:
             return True
         return await self.store.get_answer(org_id, stream_id) is not None

@@ -13,6 +13,7 @@ from server.providers import ProviderRegistry, new_session
 from .engines import postgres  # noqa: F401  (a fixture)
 from .fake_upstream import FakeUpstream
 from .helpers import Gateway, ManualClock, start_gateway
+from .redis_engine import redis_server  # noqa: F401  (a fixture)
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-__all__ = ["ENGINES", "PostgresServer", "on_every_engine", "postgres", "run_apart"]
+__all__ = ["ENGINES", "PostgresServer", "on_every_engine", "postgres", "require_service", "run_apart"]
 
 T = TypeVar("T")
 
@@ -86,16 +86,22 @@ async def _probe(url: str) -> str | None:
     return None
 
 
+def require_service(name: str, url: str, why: str | None, start: str) -> None:
+    """Skip the test, saying how to start the service, when it does not answer (``why``);
+    under CI (``CI`` set) fail instead: there the services must run."""
+    if why is None:
+        return
+    message = f"{name} does not answer at {url} ({why}); start it with: {start}"
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     """The test PostgreSQL; skips (fails under CI) when it does not answer."""
     url = os.environ.get("DAC_TEST_DATABASE_URL") or DEFAULT_URL
-    why = run_apart(_probe(url))
-    if why is not None:
-        message = f"PostgreSQL does not answer at {url} ({why}); start it with: {START_COMMAND}"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require_service("PostgreSQL", url, run_apart(_probe(url)), START_COMMAND)
     server = PostgresServer(url)
     yield server
     run_apart(server.drop_all())

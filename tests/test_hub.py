@@ -591,7 +591,7 @@ async def test_a_stream_url_whose_flight_ended_before_its_rows_answers_its_error
     busy = asyncio.create_task(gw.post(tid, body("first")))
     call = await scripted.next_call()
     queued = await accept(gw, tid, body("queued"))
-    flight = gw.hub.stream(queued["stream_id"])
+    flight = await gw.hub.stream(queued["stream_id"])
     await within(flight.finished.wait(), 5, "the unattended queued flight to be cancelled")
     async with gw.session.get(gw.url + queued["stream_url"]) as resp:
         assert resp.status == 200
@@ -620,7 +620,7 @@ async def test_a_flight_cancelled_before_its_first_step_still_ends(gateway_facto
 
     gw = await gateway_factory()
     provider = gw.app[PROVIDERS].get("mock")
-    flight, role = gw.hub.submit(TurnRequest(org_id="org_a", thread_id=None, content="x",
+    flight, role = gw.hub.join(TurnRequest(org_id="org_a", thread_id=None, content="x",
                                              provider=provider, model="mock"), listen=True)
     await within(gw.hub.shutdown(), 5, "the shutdown")  # in the same loop pass as the submit
     assert role == "leader" and flight.finished.is_set()

@@ -133,7 +133,7 @@ async def test_the_gateway_runs_on_postgresql(tmp_path: Path, postgres: Postgres
     try:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/readyz") as resp:
-                assert await resp.json() == {"status": "ready", "store": "postgresql"}
+                assert await resp.json() == {"status": "ready", "store": "postgresql", "registry": "inprocess"}
             h = {"x-org-id": "org_a"}
             async with http.post(f"{base}/api/threads/", json={}, headers=h) as resp:
                 tid = (await resp.json())["thread_id"]
@@ -153,3 +153,23 @@ async def test_the_gateway_runs_on_postgresql(tmp_path: Path, postgres: Postgres
     finally:
         await conn.close()
     assert [tuple(r) for r in rows] == [("user", "complete"), ("assistant", "complete")]
+
+
+async def test_a_redis_that_does_not_answer_stops_the_start_naming_the_setting(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a local port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for url, expected in ((f"redis://:s3cret@127.0.0.1:{port}/0", b"cannot use Redis"),
+                          ("http://127.0.0.1:6379", b"must start with redis://")):
+        started = time.perf_counter()
+        status, out = await failed_start({"DAC_REDIS_URL": url, "DAC_DB": str(tmp_path / "x.db")})
+        assert status == 2, out
+        assert b"error: DAC_REDIS_URL" in out and expected in out, out
+        assert b"s3cret" not in out and b"listening" not in out
+        assert time.perf_counter() - started < 10
+
+
+async def test_workers_need_redis_and_say_why(tmp_path: Path) -> None:
+    status, out = await failed_start({"DAC_WORKERS": "2", "DAC_DB": str(tmp_path / "x.db"), "DAC_REDIS_URL": ""})
+    assert status == 2
+    assert b"needs DAC_REDIS_URL" in out and b"listening" not in out

@@ -31,7 +31,7 @@ HOLD_S = 0.05
 @on_every_engine
 async def test_health_and_readiness(gateway_factory: GatewayFactory, engine: str) -> None:
     gw = await gateway_factory()
-    for path, expected in (("/healthz", {"status": "ok"}), ("/readyz", {"status": "ready", "store": engine})):
+    for path, expected in (("/healthz", {"status": "ok"}), ("/readyz", {"status": "ready", "store": engine, "registry": "inprocess"})):
         async with gw.session.get(gw.url + path) as resp:
             assert resp.status == 200
             assert await resp.json() == expected

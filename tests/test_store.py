@@ -181,6 +181,21 @@ async def test_a_nul_character_does_not_stop_a_turn(store: Store) -> None:
     assert (answer["status"], answer["content"]) in (("complete", "c\x00d"), ("complete", "c\ufffdd"))
 
 
+async def test_an_answer_whose_leader_vanished_is_interrupted_once_with_its_text(store: Store) -> None:
+    t = await store.create_thread("org_a", "t")
+    _, assistant = await begin(store, org_id="org_a", thread_id=t["thread_id"])
+    marks = [store.interrupt_turn(message_id=assistant["message_id"], content="partial text", deltas=2)
+             for _ in range(3)]  # every instance that saw the leader go tries at once
+    assert sorted(await within(asyncio.gather(*marks), what="interrupt_turn")) == [False, False, True]
+    message = await store.get_message("org_a", assistant["message_id"])
+    assert message is not None and (message["status"], message["content"]) == ("interrupted", "partial text")
+    _, finished = await begin(store, org_id="org_a", thread_id=t["thread_id"])
+    await finish(store, finished, MessageStatus.COMPLETE, "whole answer")
+    assert not await within(store.interrupt_turn(message_id=finished["message_id"], content="late"))
+    message = await store.get_message("org_a", finished["message_id"])
+    assert message is not None and (message["status"], message["content"]) == ("complete", "whole answer")
+
+
 async def test_restart_leaves_no_message_streaming(new_store: NewStore) -> None:
     first = new_store()
     await within(first.open())

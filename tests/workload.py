@@ -152,7 +152,7 @@ async def abandoned_stream(gw: Gateway, provider: ScriptedProvider, thread_id: s
         assert resp.status == 200, await resp.text()
         events = sse_events(resp)
         meta = await within(anext(events), what="the meta event")
-        flight = gw.hub.stream(meta.json()["stream_id"])
+        flight = await gw.hub.stream(meta.json()["stream_id"])
         assert flight is not None
         call = await provider.next_call()
         call.send("partial")

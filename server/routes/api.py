@@ -174,7 +174,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
             await lease.hold(Until.ACCEPTED)
             return await _stream(request, lease, org)
     if stream:  # mode 3: 202 at once, then the stream_url
-        flight, role, attach = turns.accept(turn)
+        flight, role, attach = await turns.accept(turn)
         stream_url = _stream_path(request, org, flight.stream_id, attach)
         return json_response({"stream_id": flight.stream_id, "stream_url": stream_url,
                               "thread_id": turn.thread_id, "user_message": flight.user_message,
@@ -236,7 +236,7 @@ async def stop_stream(request: web.Request) -> web.Response:
         raise BadRequest("?token= is required: the token of the stream_url (or of the meta event's stop_url)",
                          param="token")
     org, listener = await stream_caller(request, stream_id)
-    if listener is None or not request.app[TURNS].stop(org, stream_id, listener):
+    if listener is None or not await request.app[TURNS].stop(org, stream_id, listener):
         raise NotFound("stream not found")
     return web.Response(status=204)
 

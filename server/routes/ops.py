@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from ..appkeys import METRICS, STORE
+from ..appkeys import METRICS, REGISTRY, STORE
 from ..errors import BadRequest
 from ._http import json_response, require_org
 
@@ -23,7 +23,9 @@ async def readyz(request: web.Request) -> web.Response:
     store = request.app.get(STORE)
     if store is None or not store.is_open:
         return json_response({"status": "starting"}, status=503)
-    return json_response({"status": "ready", "store": store.engine})
+    registry = request.app.get(REGISTRY)
+    return json_response({"status": "ready", "store": store.engine,
+                          "registry": registry.engine if registry is not None else "inprocess"})
 
 
 async def prometheus(request: web.Request) -> web.Response:

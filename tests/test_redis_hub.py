@@ -1,0 +1,163 @@
+"""The flight registry on Redis, with two gateways in this process sharing one Redis and one
+PostgreSQL (the tests with separate processes, nginx and kill -9 are in test_cluster.py).
+
+Each test has a Redis key prefix and a PostgreSQL schema of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from server.config import Settings
+from server.errors import UpstreamError
+from server.redis_hub import RedisHub
+
+from .engines import PostgresServer
+from .fake_upstream import wait_until
+from .helpers import Gateway, ScriptedProvider, collect, registry, start_gateway, text_of, within
+from .redis_engine import RedisServer
+
+Pair = Callable[..., Awaitable[tuple[Gateway, Gateway]]]
+
+
+@pytest.fixture
+async def pair(redis_server: RedisServer, postgres: PostgresServer) -> AsyncIterator[Pair]:
+    """``await pair(provider, **settings)``: two gateways (A, B) on the test's Redis prefix and schema."""
+    started: list[Gateway] = []
+    prefix, url = redis_server.new_prefix(), postgres.new_url()
+
+    async def make(provider: ScriptedProvider | None = None, **settings: Any) -> tuple[Gateway, Gateway]:
+        providers = registry(provider) if provider is not None else None
+        base = Settings.from_env({}).with_(auth="header", redis_url=redis_server.url, redis_prefix=prefix,
+                                           database_url=url, **settings)
+        for _ in range(2):
+            gw = await start_gateway(base, providers)
+            started.append(gw)
+            hub = gw.hub
+            assert isinstance(hub, RedisHub)
+            await within(hub.ctl_ready.wait(), 5, "the ctl channel")
+        return started[-2], started[-1]
+
+    yield make
+    for gw in reversed(started):
+        await gw.close()
+
+
+async def test_readyz_names_redis(pair: Pair) -> None:
+    a, _ = await pair()
+    async with a.session.get(f"{a.url}/readyz") as resp:
+        assert await resp.json() == {"status": "ready", "store": "postgresql", "registry": "redis"}
+
+
+async def test_identical_requests_on_two_instances_make_one_call(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider)
+    tid = await a.new_thread()
+    body = {"content": "hello", "provider": "scripted"}
+    first = asyncio.ensure_future(a.post(tid, body))
+    call = await provider.next_call()
+    others = [asyncio.ensure_future(gw.post(tid, body)) for gw in (a, b, b, a, b)]
+    await wait_until(lambda: sum(f.listeners for f in b.hub._streams.values()) == 3,
+                     "the followers on B")
+    call.send("one ", "two ", "three")
+    call.finish()
+    answers = await within(asyncio.gather(first, *others), what="every answer")
+    assert [status for status, _ in answers] == [200] * 6
+    assert {body["message"]["content"] for _, body in answers} == {"one two three"}
+    assert sorted(body["coalesce"] for _, body in answers) == ["follower"] * 5 + ["leader"]
+    assert len(provider.calls) == 1
+    messages = (await b.thread(tid))["messages"]
+    assert [(m["role"], m["status"]) for m in messages] == [("user", "complete"), ("assistant", "complete")]
+    status, cached = await b.post(tid, body)  # finished: B answers from Redis, no call
+    assert (status, cached["coalesce"], cached["message"]["content"]) == (200, "cache", "one two three")
+    assert len(provider.calls) == 1
+
+
+async def test_the_upstream_closes_only_when_the_last_instance_lets_go(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider)
+    tid = await a.new_thread()
+    body = {"content": "long one", "provider": "scripted"}
+    async with a.open_stream(tid, body) as on_a:
+        call = await provider.next_call()
+        call.send("first ")
+        async with b.open_stream(tid, body) as on_b:
+            await within(on_b.content.readuntil(b"first"), what="B to see the first delta")
+            on_a.close()  # A's only client leaves
+            flight = await a.hub.stream(call_stream(a))
+            await wait_until(lambda: flight.listeners == 0, "A's listener to leave")
+            await asyncio.sleep(a.settings.cancel_grace_s * 3)
+            call.send("second ")
+            await within(on_b.content.readuntil(b"second"), what="B to go on after A left")
+            assert not call.closed.is_set()
+        # B's client leaves too: now the upstream closes
+    left = time.perf_counter()
+    await within(call.closed.wait(), 2, "the upstream to close")
+    assert call.closed_at is not None and call.closed_at - left < 0.3
+
+
+def call_stream(gw: Gateway) -> str:
+    """The stream id of the one flight ``gw`` leads."""
+    (stream_id,) = gw.hub._led
+    return str(stream_id)
+
+
+async def test_a_failure_answers_from_the_other_instance_within_the_error_ttl(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider)
+    tid = await a.new_thread()
+    body = {"content": "doomed", "provider": "scripted"}
+    first = asyncio.ensure_future(a.post(tid, body))
+    call = await provider.next_call()
+    call.fail(UpstreamError("the provider is down", status=502))
+    status, answer = await within(first)
+    assert status == 502 and answer["error"]["type"] == "upstream_error"
+    status, again = await b.post(tid, body)
+    assert (status, again["error"]) == (502, answer["error"])
+    assert len(provider.calls) == 1
+
+
+async def test_a_stream_is_resumed_on_the_other_instance_after_its_last_event_id(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider)
+    tid = await a.new_thread()
+    async with a.open_stream(tid, {"content": "resume me", "provider": "scripted"}) as on_a:
+        call = await provider.next_call()
+        call.send("a ", "b ", "c ")
+        data = await within(on_a.content.readuntil(b"id: 3\n"), what="three deltas on A")
+        assert b"stream_id" in data
+        stream_id = data.split(b'"stream_id":"')[1].split(b'"')[0].decode()
+        async with b.session.get(f"{b.url}/api/streams/{stream_id}",
+                                 headers=b.h(**{"Last-Event-ID": "2"})) as on_b:
+            assert on_b.status == 200
+            call.send("d ", "e")
+            call.finish()
+            events = await collect(on_b)
+    deltas = [(e.id, e.json()["text"]) for e in events if e.event == "delta"]
+    assert deltas == [(3, "c "), (4, "d "), (5, "e")]
+    assert events[-1].event == "done" and events[-1].json()["message"]["content"] == "a b c d e"
+    assert text_of(events) == "c d e"
+
+
+async def test_a_leader_shutting_down_tells_the_listeners_on_other_instances(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider)
+    tid = await a.new_thread()
+    body = {"content": "cut short", "provider": "scripted"}
+    async with a.open_stream(tid, body):
+        call = await provider.next_call()
+        call.send("some ")
+        async with b.open_stream(tid, body) as on_b:
+            await within(on_b.content.readuntil(b"some"), what="B to see the first delta")
+            started = time.perf_counter()
+            await within(a.runner.cleanup(), 10, "A to shut down")
+            events = await collect(on_b)
+    assert events[-1].event == "error" and events[-1].json()["error"]["type"] == "shutting_down"
+    assert time.perf_counter() - started < a.settings.redis_lease_s  # told at once, not after the lease
+    messages = (await b.thread(tid))["messages"]
+    assert [(m["status"], m["content"]) for m in messages][1] == ("interrupted", "some ")
