@@ -30,7 +30,7 @@ from .app import serve
 from .auth import AuthSetupError
 from .config import Settings, is_loopback
 from .providers import ProviderConfigError
-from .redis_hub import RegistryOpenError
+from .registry import RegistryOpenError
 from .store import StoreOpenError
 
 

@@ -60,7 +60,7 @@ def build_store(settings: Settings, *, server: bool = True) -> Store:
 async def open_registry(settings: Settings, *, store: Store, metrics: Metrics, providers: ProviderRegistry,
                         clock: Clock) -> tuple[Hub, Slots]:
     """The flight registry and the provider slots: on Redis when ``DAC_REDIS_URL`` is set
-    (raises :class:`~server.redis_hub.RegistryOpenError` naming the setting when it does not answer), else in-process."""
+    (raises :class:`~server.registry.RegistryOpenError` naming the setting when it does not answer), else in-process."""
     if not settings.redis_url:
         pacer = Pacer(queue_timeout_s=settings.queue_timeout_s)
         return Hub(settings=settings, store=store, pacer=pacer, metrics=metrics, clock=clock), pacer

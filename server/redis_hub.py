@@ -85,6 +85,7 @@ from .hub import Hub
 from .metrics import Metrics
 from .pacer import Slots
 from .providers import Provider
+from .registry import RegistryOpenError
 from .states import DropReason, FlightState, MessageStatus, Role
 from .store import Message, Store
 
@@ -157,10 +158,6 @@ local turn = redis.call('HGET', ARGV[1] .. ARGV[2] .. ':meta', 'turn')
 if not turn then return false end
 return {redis.call('GET', KEYS[1]) or '', turn}
 """
-
-
-class RegistryOpenError(RuntimeError):
-    """Redis cannot be used at start; the message names ``DAC_REDIS_URL``."""
 
 
 def connect(settings: Settings) -> aioredis.Redis:

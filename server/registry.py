@@ -28,7 +28,11 @@ from typing import Protocol
 from .flight import Flight, TurnRequest
 from .states import Role
 
-__all__ = ["FlightRegistry"]
+__all__ = ["FlightRegistry", "RegistryOpenError"]
+
+
+class RegistryOpenError(RuntimeError):
+    """A shared registry (Redis) cannot be used at start; the message names the setting."""
 
 
 class FlightRegistry(Protocol):
