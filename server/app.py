@@ -19,10 +19,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .appkeys import METRICS, PACER, PROVIDERS, REGISTRY, SETTINGS, STORE, TURNS
+from .appkeys import LIMITS, METRICS, PACER, PROVIDERS, REGISTRY, SETTINGS, STORE, TURNS
 from .config import Settings
 from .flight import Clock
 from .hub import Hub
+from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Pacer
 from .pg_store import PostgresStore
@@ -64,7 +65,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         raise
     app[STORE] = store
     app[PACER] = Pacer(queue_timeout_s=settings.queue_timeout_s)
-    hub = Hub(settings=settings, store=store, pacer=app[PACER], metrics=app[METRICS], clock=app[CLOCK])
+    hub = Hub(settings=settings, store=store, pacer=app[PACER], metrics=app[METRICS], clock=app[CLOCK],
+              limits=app[LIMITS])
     app[REGISTRY] = hub
     app[TURNS] = TurnService(settings=settings, registry=hub, store=store, metrics=app[METRICS])
     try:
@@ -89,6 +91,7 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
     app[SETTINGS] = settings
     app[METRICS] = Metrics(window=settings.perf_window)
     app[CLOCK] = clock
+    app[LIMITS] = OrgLimits(settings)
     if providers is not None:
         app[PROVIDERS] = providers
     app.cleanup_ctx.append(_resources)
@@ -105,8 +108,20 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
             return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
 
         app.router.add_get("/", page)
-        app.router.add_static("/static/", STATIC_DIR)
+        app.router.add_get("/static/{path:.+}", static_file)
     return app
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file under ``static/``; any name that is not one (too long, ``..``, a NUL) is 404."""
+    try:
+        path = (STATIC_DIR / request.match_info["path"]).resolve()
+        found = path.is_relative_to(STATIC_DIR) and path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
 
 
 async def serve(settings: Settings, *, announce: bool = True) -> None:

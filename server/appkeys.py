@@ -9,6 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .config import Settings
+from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Pacer
 from .providers import ProviderRegistry
@@ -16,7 +17,7 @@ from .registry import FlightRegistry
 from .store import Store
 from .turns import TurnService
 
-__all__ = ["METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE", "STREAM_STARTED", "TURNS"]
+__all__ = ["CLOSE_AFTER", "LIMITS", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE", "STREAM_STARTED", "TURNS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -25,6 +26,9 @@ PACER = web.AppKey("pacer", Pacer)
 PROVIDERS = web.AppKey("providers", ProviderRegistry)
 REGISTRY = web.AppKey("registry", FlightRegistry)
 TURNS = web.AppKey("turns", TurnService)
+LIMITS = web.AppKey("limits", OrgLimits)
 
 #: set on a request once its streaming response has been prepared
 STREAM_STARTED = web.RequestKey("stream_started", bool)
+#: set on a request whose connection must close after its answer (its body was broken)
+CLOSE_AFTER = web.RequestKey("close_after", bool)

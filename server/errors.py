@@ -18,6 +18,8 @@ own status rules (they would otherwise retry a 502).
     ├── Unauthorized                  401 unauthorized
     ├── NotFound                      404 not_found
     ├── PayloadTooLarge               413 payload_too_large
+    ├── LimitExceeded                 429 rate_limited        (an org's limit; Retry-After)
+    ├── RequestTimeout                408 request_timeout     (a body too slow to arrive)
     ├── QueueFull                     503 queue_full          (Retry-After)
     ├── ShuttingDown                  503 shutting_down       (retryable)
     ├── NoListeners                   499 cancelled           (flight aborted)
@@ -38,6 +40,7 @@ from typing import Any
 __all__ = [
     "BadRequest",
     "GatewayError",
+    "LimitExceeded",
     "NoListeners",
     "NotFound",
     "PayloadTooLarge",
@@ -45,6 +48,7 @@ __all__ = [
     "ProviderNotConfigured",
     "QueueFull",
     "RateLimited",
+    "RequestTimeout",
     "ShuttingDown",
     "Unauthorized",
     "UpstreamBadRequest",
@@ -70,6 +74,7 @@ class GatewayError(Exception):
         retryable: bool | None = None,
         retry_after: float | None = None,
         param: str | None = None,
+        limit: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -81,6 +86,8 @@ class GatewayError(Exception):
             self.retryable = retryable
         self.retry_after = retry_after
         self.param = param
+        #: the name of the limit a request went over (``rpm``, ``max_body_bytes``...), if so
+        self.limit = limit
 
     def to_dict(self) -> dict[str, Any]:
         """The ``error`` object of the JSON body and of the SSE ``error`` event."""
@@ -91,6 +98,8 @@ class GatewayError(Exception):
         }
         if self.retry_after is not None:
             body["retry_after"] = self.retry_after
+        if self.limit is not None:
+            body["limit"] = self.limit
         return body
 
     @property
@@ -136,6 +145,21 @@ class NotFound(GatewayError):
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "payload_too_large"
+
+
+class LimitExceeded(GatewayError):
+    """An org went over one of its limits (``limit`` names it); ``retry_after`` says when
+    it is likely under it again."""
+
+    status = 429
+    type = "rate_limited"
+    retryable = True
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "request_timeout"
+    retryable = True
 
 
 class QueueFull(GatewayError):

@@ -277,7 +277,8 @@ class Flight:
             try:
                 # The slot before the rows: a request the full queue turns away (503) or
                 # whose clients leave while it waits was never accepted, and leaves no turn.
-                async with self._pacer.slot(provider.name, provider.max_concurrency) as waited:
+                async with self._pacer.slot(provider.name, provider.max_concurrency,
+                                            org=self.turn.org_id) as waited:
                     self.queue_wait_s = waited
                     self._metrics.queue_wait.labels(provider.name).observe(waited)
                     messages = await self._conversation()

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from .config import Settings
 from .errors import ShuttingDown
 from .flight import Clock, Flight, TurnRequest
+from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Pacer
 from .states import DropReason, FlightState, Role
@@ -33,8 +34,10 @@ __all__ = ["Hub"]
 
 class Hub:
     def __init__(self, *, settings: Settings, store: Store, pacer: Pacer, metrics: Metrics,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, limits: OrgLimits | None = None) -> None:
         self.settings = settings
+        self.limits = limits
+        self._counted: dict[Flight, float] = {}  # flights counted against their org: perf_counter at start
         self.store = store
         self.pacer = pacer
         self.metrics = metrics
@@ -90,8 +93,12 @@ class Hub:
         return None
 
     def _start(self, turn: TurnRequest) -> Flight:
+        if self.limits is not None:
+            self.limits.take_flight(turn.org_id)  # raises when the org leads its limit of flights
         flight = Flight(turn, settings=self.settings, store=self.store, pacer=self.pacer,
                         metrics=self.metrics, clock=self.clock, on_end=self._finished)
+        if self.limits is not None:
+            self._counted[flight] = time.perf_counter()
         if turn.key is not None:
             self._flights[turn.key] = flight
         self._streams[flight.stream_id] = flight
@@ -118,6 +125,9 @@ class Hub:
     def _finished(self, flight: Flight) -> None:
         """A flight ended: keep it for its TTL, or forget it at once."""
         s = self.settings
+        started = self._counted.pop(flight, None)
+        if started is not None and self.limits is not None:
+            self.limits.release_flight(flight.turn.org_id, time.perf_counter() - started)
         if flight.forgotten:
             ttl = 0.0
         elif flight.state is FlightState.DONE:

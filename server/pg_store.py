@@ -363,6 +363,25 @@ class PostgresStore:
             str(status), _text(content), None if usage is None else _json(usage), _json(meta), deltas, message_id,
         )
 
+    async def messages_before(self, org_id: str, thread_id: str, *, limit: int,
+                              before: str | None = None) -> list[Message] | None:
+        bound = 2**62
+        if before is not None:
+            seq = await self._p.fetchval(
+                "SELECT seq FROM messages WHERE org_id = $1 AND thread_id = $2 AND message_id = $3",
+                org_id, thread_id, before)
+            if seq is None:
+                return None
+            bound = int(seq)
+        rows = await self._p.fetch(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE org_id = $1 AND thread_id = $2 AND seq < $3"
+            " ORDER BY seq DESC LIMIT $4",
+            org_id, thread_id, bound, limit)
+        return [message_from_row(row) for row in rows]
+
+    async def count_threads(self, org_id: str) -> int:
+        return int(await self._p.fetchval("SELECT COUNT(*) FROM threads WHERE org_id = $1", org_id))
+
     async def count_messages(self, org_id: str, thread_id: str) -> int:
         count = await self._p.fetchval(
             "SELECT COUNT(*) FROM messages WHERE org_id = $1 AND thread_id = $2", org_id, thread_id)

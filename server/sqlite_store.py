@@ -296,6 +296,31 @@ class SQLiteStore:
             rows = await cur.fetchall()
         return [message_from_row(row) for row in rows]
 
+    async def messages_before(self, org_id: str, thread_id: str, *, limit: int,
+                              before: str | None = None) -> list[Message] | None:
+        bound = 2**62
+        if before is not None:
+            async with self._r.execute(
+                "SELECT seq FROM messages WHERE org_id = ? AND thread_id = ? AND message_id = ?",
+                (org_id, thread_id, before),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            bound = int(row[0])
+        async with self._r.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE org_id = ? AND thread_id = ? AND seq < ?"
+            " ORDER BY seq DESC LIMIT ?",
+            (org_id, thread_id, bound, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [message_from_row(row) for row in rows]
+
+    async def count_threads(self, org_id: str) -> int:
+        async with self._r.execute("SELECT COUNT(*) FROM threads WHERE org_id = ?", (org_id,)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def history(self, org_id: str, thread_id: str) -> list[ChatMessage]:
         """The conversation to send upstream, oldest first: each completed answer and the
         question it answers. Served from memory for recent threads."""

@@ -121,6 +121,15 @@ class Store(Protocol):
     async def messages(self, org_id: str, thread_id: str) -> list[Message]:
         """The thread's messages, oldest first (in the order their turns were written)."""
 
+    async def messages_before(self, org_id: str, thread_id: str, *, limit: int,
+                              before: str | None = None) -> list[Message] | None:
+        """At most ``limit`` of the thread's messages, newest first, all older than the
+        message ``before`` (None: from the newest). None when ``before`` is not a message
+        of that thread."""
+
+    async def count_threads(self, org_id: str) -> int:
+        """How many threads the org keeps."""
+
     async def history(self, org_id: str, thread_id: str) -> list[ChatMessage]:
         """The conversation to send upstream, oldest first: completed answers and the
         questions they answer; failed, cancelled and interrupted turns are left out."""

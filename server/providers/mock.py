@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -70,6 +71,8 @@ class MockSpec:
             )
         except ValueError as exc:
             raise BadRequest(f"bad mock option in {model!r}: {exc}") from None
+        if not (math.isfinite(spec.ttft_ms) and math.isfinite(spec.itl_ms)):
+            raise BadRequest(f"mock timings must be finite numbers in {model!r}")
         if spec.ttft_ms < 0 or spec.itl_ms < 0 or not 0 <= spec.n <= 100_000:
             raise BadRequest(f"mock options out of range in {model!r}")
         if spec.ttft_ms > 600_000 or spec.itl_ms > 60_000:

@@ -12,11 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..appkeys import PROVIDERS, SETTINGS, STORE, TURNS
+from ..appkeys import LIMITS, PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound
 from ..flight import TurnRequest
 from ..turns import Lease, Surface, Until
 from ._http import error_middleware, json_response, last_event_id, open_event_stream, read_json, require_org
+from ._input import header_text, whole_number
 
 __all__ = ["error_response", "errors", "setup"]
 
@@ -24,6 +25,8 @@ MAX_CONTENT_CHARS = 200_000
 MAX_TITLE_CHARS = 200
 DEFAULT_THREAD_LIMIT = 200
 MAX_THREAD_LIMIT = 1000
+DEFAULT_MESSAGE_LIMIT = 200
+MAX_MESSAGE_LIMIT = 1000
 
 
 def error_response(error: GatewayError) -> web.Response:
@@ -54,28 +57,40 @@ def _optional_str(body: dict[str, Any], name: str, *, limit: int = 256) -> str |
 
 async def create_thread(request: web.Request) -> web.Response:
     org = require_org(request)
+    limits = request.app[LIMITS]
+    limits.admit(org)
     body = await read_json(request)
     title = _optional_str(body, "title", limit=MAX_TITLE_CHARS)
-    thread = await request.app[STORE].create_thread(org, (title or "").strip() or "New thread")
+    store = request.app[STORE]
+    async with limits.new_thread(org, lambda: store.count_threads(org)):
+        thread = await store.create_thread(org, (title or "").strip() or "New thread")
     return json_response(thread, status=201)
 
 
 async def list_threads(request: web.Request) -> web.Response:
     """The org's threads, newest first; ``?limit=N`` (1-1000, default 200)."""
     org = require_org(request)
-    raw = request.query.get("limit", str(DEFAULT_THREAD_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_THREAD_LIMIT:
-        raise BadRequest(f"limit must be a whole number from 1 to {MAX_THREAD_LIMIT}", param="limit")
-    return json_response({"threads": await request.app[STORE].list_threads(org, limit=int(raw))})
+    limit = whole_number(request, "limit", DEFAULT_THREAD_LIMIT, low=1, high=MAX_THREAD_LIMIT)
+    return json_response({"threads": await request.app[STORE].list_threads(org, limit=limit)})
 
 
 async def get_thread(request: web.Request) -> web.Response:
+    """A thread and a page of its messages, oldest first: the newest ``?limit=N`` (1-1000,
+    default 200) older than ``?before=MESSAGE_ID``; ``next_before`` while older ones remain."""
     org = require_org(request)
+    limit = whole_number(request, "limit", DEFAULT_MESSAGE_LIMIT, low=1, high=MAX_MESSAGE_LIMIT)
+    before = request.query.get("before") or None
     store = request.app[STORE]
     thread = await store.get_thread(org, request.match_info["thread_id"])
     if thread is None:
         raise NotFound("thread not found")
-    return json_response({**thread, "messages": await store.messages(org, thread["thread_id"])})
+    page = await store.messages_before(org, thread["thread_id"], limit=limit + 1, before=before)
+    if page is None:
+        raise BadRequest("before must name a message of this thread", param="before")
+    body: dict[str, Any] = {**thread, "messages": page[:limit][::-1]}
+    if len(page) > limit:
+        body["next_before"] = page[limit - 1]["message_id"]
+    return json_response(body)
 
 
 async def delete_thread(request: web.Request) -> web.Response:
@@ -117,7 +132,7 @@ async def _parse_message(request: web.Request, org: str, *, sse: bool) -> tuple[
         surface=Surface.API, org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
         streaming=sse or bool(stream), meta=meta,
         shareable=not body.get("tools") and not body.get("attachments"),
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=header_text(request, "Idempotency-Key"),
         no_cache="no-cache" in request.headers.get("Cache-Control", "").lower(),
     )
     return turn, bool(stream)
@@ -126,6 +141,7 @@ async def _parse_message(request: web.Request, org: str, *, sse: bool) -> tuple[
 async def post_message(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     org = require_org(request)
+    request.app[LIMITS].admit(org)
     sse = "text/event-stream" in request.headers.get("Accept", "")
     turn, stream = await _parse_message(request, org, sse=sse)
     turns = request.app[TURNS]

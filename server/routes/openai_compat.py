@@ -43,12 +43,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..appkeys import PROVIDERS, SETTINGS, STORE, TURNS
+from ..appkeys import LIMITS, PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound, Unauthorized
 from ..flight import Flight, TurnRequest
 from ..providers import Provider, ProviderRegistry
 from ..turns import Lease, Surface, Until
 from ._http import error_middleware, json_response, open_sse, read_json, require_org, send
+from ._input import header_text
 
 __all__ = ["API_KEYS", "setup"]
 
@@ -88,6 +89,8 @@ def _error_body(error: GatewayError) -> dict[str, Any]:
     body: dict[str, Any] = {"message": error.message, "type": kind, "param": error.param, "code": error.type}
     if error.retry_after is not None:
         body["retry_after"] = error.retry_after
+    if error.limit is not None:
+        body["limit"] = error.limit
     return {"error": body}
 
 
@@ -254,7 +257,7 @@ async def _parse(request: web.Request, org: str) -> _Call:
 
     users = [m["content"] for m in messages if m["role"] == "user"]
     content = users[-1] if users else ""
-    thread_id = request.headers.get("x-thread-id") or None
+    thread_id = header_text(request, "x-thread-id") or None
     if thread_id is not None:
         if not users:
             raise BadRequest("with x-thread-id the messages must hold a user message to write to the thread",
@@ -266,7 +269,7 @@ async def _parse(request: web.Request, org: str) -> _Call:
         surface=Surface.V1, org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
         streaming=bool(stream), messages=messages, params=params,
         shareable=not params.get("tools") and not params.get("functions"),
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=header_text(request, "Idempotency-Key"),
         no_cache="no-cache" in request.headers.get("Cache-Control", "").lower(),
     )
     return _Call(turn=turn, model=model_name, stream=bool(stream), include_usage=include_usage)
@@ -375,7 +378,9 @@ def _ending(answer: _Completion, flight: Flight, call: _Call) -> list[bytes]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    call = await _parse(request, _org(request))
+    org = _org(request)
+    request.config_dict[LIMITS].admit(org)
+    call = await _parse(request, org)
     turns = request.config_dict[TURNS]
     mode = "sse" if call.stream else "json"
     async with turns.lease(call.turn, route="v1", mode=mode, started=started) as lease:
