@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from . import serving
 from .appkeys import LIMITS, METRICS, PACER, PROVIDERS, REGISTRY, SETTINGS, STORE, TURNS
 from .config import Settings
 from .flight import Clock
@@ -29,6 +30,7 @@ from .pacer import Pacer
 from .pg_store import PostgresStore
 from .providers import ProviderRegistry, build_registry
 from .routes import api, openai_compat, ops
+from .serving import raise_fd_limit
 from .sqlite_store import SQLiteStore
 from .store import Store
 from .turns import TurnService
@@ -130,16 +132,11 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    fds = raise_fd_limit()
     app = make_app(settings)
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that leaves cancels its handler, idle or not
-        access_log=log if settings.env.get("DAC_ACCESS_LOG") == "1" else None,
-        shutdown_timeout=5.0,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    runner = await serving.start(app, settings, host=settings.host, port=settings.port,
+                                 access_log=log if settings.env.get("DAC_ACCESS_LOG") == "1" else None)
+    log.debug("open files: %d; connections: at most %d", fds, runner.guard.cap)
     if announce:
         for address in runner.addresses:
             host, port = address[0], address[1]
