@@ -15,7 +15,7 @@ import uvloop
 from .app import serve
 from .config import Settings
 from .providers import ProviderConfigError
-from .store import StoreOpenError
+from .store import StoreOpenError, StoreUnwritable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(serve(settings))
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 1
+    except StoreUnwritable as exc:  # like a port it cannot listen on: the place, not the setting
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except (ProviderConfigError, StoreOpenError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ own status rules (they would otherwise retry a 502).
     ├── LimitExceeded                 429 rate_limited        (an org's limit; Retry-After)
     ├── RequestTimeout                408 request_timeout     (a body too slow to arrive)
     ├── QueueFull                     503 queue_full          (Retry-After)
+    ├── StoreError                    503 store_error         (retryable: a write failed)
     ├── ShuttingDown                  503 shutting_down       (retryable)
     ├── NoListeners                   499 cancelled           (flight aborted)
     └── UpstreamError                 502 upstream_error      (retryable)
@@ -50,6 +51,7 @@ __all__ = [
     "RateLimited",
     "RequestTimeout",
     "ShuttingDown",
+    "StoreError",
     "Unauthorized",
     "UpstreamBadRequest",
     "UpstreamError",
@@ -165,6 +167,15 @@ class RequestTimeout(GatewayError):
 class QueueFull(GatewayError):
     status = 503
     type = "queue_full"
+    retryable = True
+
+
+class StoreError(GatewayError):
+    """The store could not write what the answer needs (the disk is full, say); nothing of
+    the failed write is kept, and the same request may succeed later."""
+
+    status = 503
+    type = "store_error"
     retryable = True
 
 

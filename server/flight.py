@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
-from .errors import GatewayError, NoListeners, NotFound, ShuttingDown, UpstreamError
+from .errors import GatewayError, NoListeners, NotFound, ShuttingDown, StoreError, UpstreamError
 from .eventlog import EventLog, FlightLog, encode_event
 from .metrics import Metrics
 from .pacer import Pacer
@@ -134,6 +134,10 @@ class Flight:
         self.finished_at: float | None = None  # clock
         self._idle_handle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self._chars = 0  # characters of answer text appended
+        self._checkpointing: asyncio.Future[None] | None = None  # the checkpoint being written
+        self._checkpointed = 0  # the delta the last checkpoint covers
+        self._checkpoint_at = time.monotonic()
 
     # -- listeners -------------------------------------------------------
 
@@ -353,8 +357,7 @@ class Flight:
             self._rows_failed = NotFound("thread not found (it was deleted)")
         else:
             log.error("could not write the turn of thread %s", self.turn.thread_id, exc_info=exc)
-            self._rows_failed = GatewayError(f"could not save the message ({exc.__class__.__name__})",
-                                             type="store_error")
+            self._rows_failed = StoreError(f"could not save the message ({exc.__class__.__name__}); try again")
         if self._pulling and self.task is not None:
             self.task.cancel()
 
@@ -393,8 +396,10 @@ class Flight:
                         else:
                             gap.observe(now - last)
                         last = now
-                        self.log.append(chunk.text)
+                        cut = self._append(chunk.text)
                         deltas.inc()
+                        if cut:
+                            break
                     if chunk.usage:
                         self.usage = chunk.usage
                     if chunk.meta:
@@ -403,6 +408,43 @@ class Flight:
             self._pulling = False
             if self.cancel_reason is not None and self.zero_since is not None:
                 metrics.cancel_latency.labels(provider.name).observe(time.perf_counter() - self.zero_since)
+
+    def _append(self, text: str) -> bool:
+        """Append a delta, cut at ``DAC_MAX_ANSWER_CHARS``: True when the answer reached it
+        (it then ends with finish_reason ``length``); checkpoint the text when due."""
+        limit = self._settings.max_answer_chars
+        cut = bool(limit) and self._chars + len(text) >= limit
+        if cut:
+            text = text[:limit - self._chars]
+            self.extra_meta["finish_reason"] = "length"
+        if text:
+            self.log.append(text)
+            self._chars += len(text)
+        self._checkpoint()
+        return cut
+
+    def _checkpoint(self) -> None:
+        """Write the text so far to the row every ``DAC_CHECKPOINT_DELTAS`` deltas or
+        ``DAC_CHECKPOINT_S`` seconds, one write at a time, beside the stream (never
+        waited for): after a crash the row keeps what was delivered up to the last one."""
+        s = self._settings
+        if self.turn.thread_id is None or self.message is None or self._checkpointing is not None:
+            return
+        seq, now = self.log.last_seq, time.monotonic()
+        if not ((s.checkpoint_deltas and seq - self._checkpointed >= s.checkpoint_deltas)
+                or (s.checkpoint_s and now - self._checkpoint_at >= s.checkpoint_s)):
+            return
+        self._checkpointed, self._checkpoint_at = seq, now
+        self._checkpointing = asyncio.ensure_future(
+            self._store.checkpoint(message_id=self.stream_id, content=self.log.text(), deltas=seq))
+        self._checkpointing.add_done_callback(self._checkpoint_done)
+
+    def _checkpoint_done(self, writing: asyncio.Future[None]) -> None:
+        self._checkpointing = None
+        if not writing.cancelled() and writing.exception() is not None:
+            log.warning("could not checkpoint message %s: %s", self.stream_id, writing.exception())
+        elif self.running and self._pulling:
+            self._checkpoint()  # deltas that came while it was written may be due already
 
     async def _close_turn(self, status: MessageStatus, error: GatewayError | None) -> None:
         """Save the outcome, then end the log: a client that sees ``done`` finds the row saved."""
@@ -421,8 +463,13 @@ class Flight:
                     await self._store.finish_turn(message_id=self.stream_id, status=status,
                                                   content=self.message["content"], usage=self.usage,
                                                   meta=meta, deltas=self.log.last_seq)
-                except Exception:
-                    log.exception("could not save message %s", self.stream_id)
+                except Exception as exc:
+                    log.error("could not save message %s: %s", self.stream_id, exc)
+                    if error is None:  # the answer was whole but is not saved: say so, keep nothing
+                        error = StoreError(f"the answer could not be saved ({exc.__class__.__name__}: {exc}); "
+                                           "try again")
+                        status = MessageStatus.ERROR
+                        self.message = {**self.message, "status": status}
         if self.usage:
             self._metrics.token_usage(provider, self.usage)
         if self.upstream_started is not None:

@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 
 from .config import Settings
-from .errors import ShuttingDown
+from .errors import ShuttingDown, StoreError
 from .flight import Clock, Flight, TurnRequest
 from .limits import OrgLimits
 from .metrics import Metrics
@@ -128,8 +128,8 @@ class Hub:
         started = self._counted.pop(flight, None)
         if started is not None and self.limits is not None:
             self.limits.release_flight(flight.turn.org_id, time.perf_counter() - started)
-        if flight.forgotten:
-            ttl = 0.0
+        if flight.forgotten or isinstance(flight.error, StoreError):
+            ttl = 0.0  # nothing unsaved answers anyone: a repeat starts afresh
         elif flight.state is FlightState.DONE:
             size = flight.answer_bytes()
             if size > s.cache_max_bytes:

@@ -43,6 +43,7 @@ from .store import (
     Message,
     StoredAnswer,
     StoreOpenError,
+    StoreUnwritable,
     Thread,
     message_from_row,
     new_id,
@@ -54,6 +55,8 @@ __all__ = ["SQLiteStore"]
 T = TypeVar("T")
 #: threads whose conversation is kept in memory, least recently used dropped first
 HISTORY_CACHE_THREADS = 1024
+#: what a readiness probe writes (and deletes) while the store is marked unwritable
+PROBE_BYTES = 1024 * 1024
 #: threads remembered as existing (thread_id -> its org and row)
 THREAD_CACHE_SIZE = 8192
 
@@ -119,6 +122,7 @@ class SQLiteStore:
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
         self._versions: dict[tuple[str, str], int] = {}  # bumped by every write a history depends on
         self._pending: dict[str, tuple[str, str, int, str]] = {}  # assistant id -> org, thread, user seq, question
+        self._writable = True
 
     @property
     def engine(self) -> str:
@@ -129,6 +133,8 @@ class SQLiteStore:
             await self._open()
         except (OSError, sqlite3.Error) as exc:
             await self.close()
+            if _unwritable(exc):
+                raise StoreUnwritable(f"DAC_DB: cannot write the SQLite file {self.path}: {exc}") from exc
             raise StoreOpenError(f"DAC_DB: cannot use the SQLite file {self.path}: {exc}") from exc
 
     async def _open(self) -> None:
@@ -196,6 +202,11 @@ class SQLiteStore:
                     results = await loop.run_in_executor(self._thread, self._transaction, [op for op, _ in batch])
                 except Exception as exc:  # the commit itself failed: nothing of the batch is kept
                     results = [(False, exc)] * len(batch)
+                failures = [value for ok, value in results if not ok]
+                if any(_unwritable(exc) for exc in failures):
+                    self._writable = False
+                elif not failures:
+                    self._writable = True
                 for (_, done), (ok, value) in zip(batch, results, strict=True):
                     if done.cancelled():
                         continue
@@ -218,6 +229,8 @@ class SQLiteStore:
                 try:
                     results.append((True, op(conn)))
                 except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite undid the whole transaction (a full disk, say): every op of it failed
                     conn.execute("ROLLBACK TO op")
                     results.append((False, exc))
                 conn.execute("RELEASE op")
@@ -227,6 +240,25 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise
         return results
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    async def check_writable(self) -> bool:
+        """Write :data:`PROBE_BYTES` (room for an answer) and take them back, in the next
+        group commit; the store is writable again when that commits."""
+        def probe(db: sqlite3.Connection) -> None:
+            db.execute("CREATE TABLE IF NOT EXISTS write_probe (data BLOB)")
+            db.execute("INSERT INTO write_probe VALUES (zeroblob(?))", (PROBE_BYTES,))
+            db.execute("DELETE FROM write_probe")
+
+        try:
+            await self._write(probe)
+        except (sqlite3.Error, OSError, RuntimeError):
+            return False
+        self._writable = True
+        return True
 
     # -- threads -------------------------------------------------------------
 
@@ -424,12 +456,34 @@ class SQLiteStore:
             if history is not None:
                 history.add(seq, question, content)
 
+    async def checkpoint(self, *, message_id: str, content: str, deltas: int) -> None:
+        def update(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE messages SET content = ?, deltas = ? WHERE message_id = ? AND status = 'streaming'",
+                       (content, deltas, message_id))
+
+        await self._write(update)
+
     async def count_messages(self, org_id: str, thread_id: str) -> int:
         async with self._r.execute(
             "SELECT COUNT(*) FROM messages WHERE org_id = ? AND thread_id = ?", (org_id, thread_id)
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+
+def _unwritable(exc: BaseException) -> bool:
+    """A failure for want of room or rights (full, read-only, I/O), not of the data."""
+    if isinstance(exc, OSError):
+        return True
+    if not isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # extended: the primary code is its low byte
+    return (isinstance(code, int) and code & 0xFF in _UNWRITABLE_CODES) or any(
+        w in str(exc) for w in ("readonly", "disk is full", "disk I/O"))
+
+
+#: SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_PERM (primary codes)
+_UNWRITABLE_CODES = frozenset({8, 10, 13, 14, 3})
 
 
 _INSERT_MESSAGE = (

@@ -36,6 +36,7 @@ __all__ = [
     "Message",
     "Store",
     "StoreOpenError",
+    "StoreUnwritable",
     "StoredAnswer",
     "Thread",
     "conversation",
@@ -85,6 +86,10 @@ class StoredAnswer(NamedTuple):
 
 class StoreOpenError(RuntimeError):
     """:meth:`Store.open` cannot use the database; the message names the setting to fix."""
+
+
+class StoreUnwritable(StoreOpenError):
+    """:meth:`Store.open` can read the database but not write it (a read-only file)."""
 
 
 class Store(Protocol):
@@ -148,6 +153,17 @@ class Store(Protocol):
     async def finish_turn(self, *, message_id: str, status: MessageStatus, content: str,
                           usage: dict[str, Any] | None, meta: dict[str, Any], deltas: int = 0) -> None:
         """Update the assistant row once, atomically, with its final state."""
+
+    async def checkpoint(self, *, message_id: str, content: str, deltas: int) -> None:
+        """Keep the text an answer has so far on its row while it is still ``streaming``
+        (after a crash the row keeps it); a row that has ended is left as it is."""
+
+    @property
+    def writable(self) -> bool:
+        """False since a write failed for want of room or rights, until one succeeds."""
+
+    async def check_writable(self) -> bool:
+        """Try a small write now (for readiness while :attr:`writable` is False)."""
 
     async def count_messages(self, org_id: str, thread_id: str) -> int: ...
 
