@@ -35,11 +35,13 @@ Invariants (the leader task is the only writer):
 from __future__ import annotations
 
 import asyncio
+import sys
+from array import array
 from typing import Any, Protocol
 
 import orjson
 
-__all__ = ["PING", "EventLog", "FlightLog", "Sink", "encode_event"]
+__all__ = ["PING", "EventLog", "FinishedLog", "FlightLog", "Sink", "encode_event"]
 
 #: the keep-alive comment pushed to idle subscribers
 PING = b": ping\n\n"
@@ -113,6 +115,49 @@ class FlightLog(Protocol):
     def stop(self, sink: Sink) -> bool: ...
 
 
+class _Texts:
+    """Every delta's text, in little memory: deltas joined in blocks of :data:`BLOCK`, and
+    where each delta ends (4 bytes a delta) instead of a string object per delta."""
+
+    BLOCK = 256
+    __slots__ = ("blocks", "ends", "tail")
+
+    def __init__(self) -> None:
+        self.blocks: list[str] = []
+        self.tail: list[str] = []  # the deltas of the block being filled
+        self.ends = array("I")  # ends[i]: where delta i + 1 ends in the whole text
+
+    def append(self, text: str) -> None:
+        self.ends.append((self.ends[-1] if self.ends else 0) + len(text))
+        self.tail.append(text)
+        if len(self.tail) == self.BLOCK:
+            self.blocks.append("".join(self.tail))
+            self.tail = []
+
+    def upto(self, n: int) -> str:
+        """The text of the first ``n`` deltas."""
+        if n <= 0:
+            return ""
+        whole = "".join(self.blocks) + "".join(self.tail)
+        return whole if n >= len(self.ends) else whole[:self.ends[n - 1]]
+
+    def since(self, cursor: int, last: int) -> list[str]:
+        """The texts of deltas ``cursor`` to ``last`` (a block's deltas as one piece)."""
+        out: list[str] = []
+        i, size, ends = cursor - 1, self.BLOCK, self.ends  # i: 0-based index of the next delta
+        while i < last:
+            b = i // size
+            if b < len(self.blocks):
+                block, base = self.blocks[b], (ends[b * size - 1] if b else 0)
+                stop = min(last, (b + 1) * size)
+                out.append(block[(ends[i - 1] if i else 0) - base:ends[stop - 1] - base])
+                i = stop
+            else:
+                out.extend(self.tail[i - b * size:last - b * size])
+                i = last
+        return out
+
+
 class EventLog:
     """The in-process :class:`FlightLog`: a ring of encoded frames and the texts."""
 
@@ -122,7 +167,7 @@ class EventLog:
         self.capacity = capacity
         self.ping_interval_s = ping_interval_s
         self._slots: list[bytes] = []
-        self._parts: list[str] = []
+        self._parts = _Texts()
         self.last_seq = 0
         self.final: bytes | None = None
         self._wakeup = asyncio.Event()
@@ -163,6 +208,13 @@ class EventLog:
         wakeup, self._wakeup = self._wakeup, asyncio.Event()
         wakeup.set()
 
+    def finished(self, text: str | None = None) -> FinishedLog:
+        """This closed log in the least memory (see :class:`FinishedLog`); ``text``: the
+        whole text if the caller holds it already, so the two share one string."""
+        assert self.final is not None, "only a closed log can be compacted"
+        whole = self.text() if text is None else text
+        return FinishedLog(text=whole, ends=self._parts.ends, final=self.final, capacity=self.capacity)
+
     # -- reader side (subscribers) ---------------------------------------
 
     @property
@@ -174,7 +226,7 @@ class EventLog:
         return max(1, self.last_seq - self.capacity + 1)
 
     def text(self, upto: int | None = None) -> str:
-        return "".join(self._parts if upto is None else self._parts[:upto])
+        return self._parts.upto(self.last_seq if upto is None else upto)
 
     def read(self, cursor: int) -> tuple[list[bytes], int, bool]:
         """Frames for a subscriber whose next wanted delta is ``cursor``.
@@ -204,7 +256,7 @@ class EventLog:
         means the log is closed and ``texts`` reach its end.
         """
         last = self.last_seq
-        texts = self._parts[cursor - 1 : last] if cursor <= last else []
+        texts = self._parts.since(cursor, last) if cursor <= last else []
         return texts, max(cursor, last + 1), self.final is not None
 
     async def wait(self, cursor: int) -> None:
@@ -291,3 +343,78 @@ class EventLog:
             idle = 0.0
         if self._pushed:
             self._ping_handle = loop.call_later(self.ping_interval_s - idle, self._ping)
+
+
+class FinishedLog:
+    """A closed :class:`EventLog` kept for the result TTL, in the least memory: the whole
+    text once and where each delta ends (4 bytes a delta), instead of a string per delta
+    and a ring of frames. Readers see the same events: the frames of the newest
+    ``capacity`` deltas are encoded again when read, older ones are one ``snapshot``."""
+
+    def __init__(self, *, text: str, ends: array[int], final: bytes, capacity: int) -> None:
+        self._text = text
+        self._ends = ends
+        self.final: bytes | None = final
+        self.capacity = capacity
+
+    @property
+    def last_seq(self) -> int:
+        return len(self._ends)
+
+    @property
+    def closed(self) -> bool:
+        return True
+
+    def size_bytes(self) -> int:
+        """What it holds in memory, roughly: the text, the offsets and the final frame."""
+        assert self.final is not None
+        return sys.getsizeof(self._text) + len(self._ends) * self._ends.itemsize + len(self.final) + 256
+
+    def append(self, text: str) -> int:
+        raise RuntimeError("append after the log was closed")
+
+    def close(self, frame: bytes) -> None:
+        """Already closed: nothing changes."""
+
+    def _start(self, seq: int) -> int:
+        return self._ends[seq - 2] if seq > 1 else 0
+
+    def text(self, upto: int | None = None) -> str:
+        if upto is None or upto >= self.last_seq:
+            return self._text
+        return self._text[:self._ends[upto - 1]] if upto > 0 else ""
+
+    def read(self, cursor: int) -> tuple[list[bytes], int, bool]:
+        assert self.final is not None
+        frames: list[bytes] = []
+        last = self.last_seq
+        if cursor <= last:
+            if cursor < max(1, last - self.capacity + 1):
+                frames.append(encode_event("snapshot", {"text": self._text}, last))
+            else:
+                frames.extend(encode_event("delta", {"text": self._text[self._start(s):self._ends[s - 1]]}, s)
+                              for s in range(cursor, last + 1))
+            cursor = last + 1
+        frames.append(self.final)
+        return frames, cursor, True
+
+    def texts(self, cursor: int) -> tuple[list[str], int, bool]:
+        last = self.last_seq
+        texts = [self._text[self._start(cursor):]] if cursor <= last else []
+        return texts, max(cursor, last + 1), True
+
+    async def wait(self, cursor: int) -> None:
+        """Closed: there is never anything to wait for."""
+
+    def subscribe(self, sink: Sink, cursor: int) -> asyncio.Future[int | None]:
+        """Push the rest at once and end (readers normally finish by :meth:`read`)."""
+        sink.push(b"".join(self.read(cursor)[0]))
+        ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        ended.set_result(None)
+        return ended
+
+    def unsubscribe(self, sink: Sink) -> None:
+        """Nothing is pushed after :meth:`subscribe`."""
+
+    def stop(self, sink: Sink) -> bool:
+        return False

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from contextlib import aclosing
@@ -49,7 +50,7 @@ from typing import Any
 
 from .config import Settings
 from .errors import GatewayError, NoListeners, NotFound, ShuttingDown, StoreError, UpstreamError
-from .eventlog import EventLog, FlightLog, encode_event
+from .eventlog import EventLog, FinishedLog, FlightLog, encode_event
 from .metrics import Metrics
 from .pacer import Pacer
 from .providers import Provider, ProviderRequest
@@ -59,6 +60,9 @@ from .store import ChatMessage, Message, Store, draft_turn
 __all__ = ["Clock", "Flight", "TurnRequest"]
 
 log = logging.getLogger(__name__)
+
+#: what a finished flight holds beside its texts (the objects, ids, message dicts), roughly
+FLIGHT_OVERHEAD_BYTES = 4096
 
 #: seconds on a monotonic scale; the registry's TTLs and the attach promises read it
 Clock = Callable[[], float]
@@ -135,6 +139,7 @@ class Flight:
         self._idle_handle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self._chars = 0  # characters of answer text appended
+        self.held_bytes = 0  # what it holds once kept (see :meth:`keep`)
         self._checkpointing: asyncio.Future[None] | None = None  # the checkpoint being written
         self._checkpointed = 0  # the delta the last checkpoint covers
         self._checkpoint_at = time.monotonic()
@@ -251,9 +256,14 @@ class Flight:
         assert self.message is not None
         return self.message
 
-    def answer_bytes(self) -> int:
-        """The UTF-8 size of the final answer (what a result cache counts)."""
-        return len(self.message["content"].encode()) if self.message else 0
+    def keep(self) -> int:
+        """Hold the finished answer in the least memory (a result cache keeps it for its
+        TTL); returns the bytes it then holds, what the cache counts."""
+        if isinstance(self.log, EventLog) and self.log.closed:
+            self.log = self.log.finished(self.message["content"] if self.message else None)
+        held = self.log.size_bytes() if isinstance(self.log, FinishedLog) else len(self.log.text().encode())
+        self.held_bytes = held + sys.getsizeof(self.turn.content) + FLIGHT_OVERHEAD_BYTES
+        return self.held_bytes
 
     # -- the leader ------------------------------------------------------
 

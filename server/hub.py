@@ -131,7 +131,7 @@ class Hub:
         if flight.forgotten or isinstance(flight.error, StoreError):
             ttl = 0.0  # nothing unsaved answers anyone: a repeat starts afresh
         elif flight.state is FlightState.DONE:
-            size = flight.answer_bytes()
+            size = flight.keep()  # what it really holds once compacted, not only its text
             if size > s.cache_max_bytes:
                 ttl = 0.0  # too large to keep: it must not push out what the cache holds
             else:

@@ -57,6 +57,8 @@ T = TypeVar("T")
 HISTORY_CACHE_THREADS = 1024
 #: what a readiness probe writes (and deletes) while the store is marked unwritable
 PROBE_BYTES = 1024 * 1024
+#: ... and at most this many characters of them in all
+HISTORY_CACHE_CHARS = 1_000_000
 #: threads remembered as existing (thread_id -> its org and row)
 THREAD_CACHE_SIZE = 8192
 
@@ -90,13 +92,15 @@ CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (thread_id, seq);
 class _History:
     """The completed turns of one thread, ordered by the user message's ``seq``."""
 
-    __slots__ = ("pairs",)
+    __slots__ = ("chars", "pairs")
 
     def __init__(self, pairs: list[tuple[int, str, str]]) -> None:
         self.pairs = pairs  # (user seq, question, answer)
+        self.chars = sum(len(q) + len(a) for _, q, a in pairs)
 
     def add(self, seq: int, question: str, answer: str) -> None:
         bisect.insort(self.pairs, (seq, question, answer))
+        self.chars += len(question) + len(answer)
 
     def conversation(self) -> list[ChatMessage]:
         convo: list[ChatMessage] = []
@@ -120,6 +124,7 @@ class SQLiteStore:
         self._committing: asyncio.Task[None] | None = None
         self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
+        self._history_chars = 0  # characters held by ``_histories``
         self._versions: dict[tuple[str, str], int] = {}  # bumped by every write a history depends on
         self._pending: dict[str, tuple[str, str, int, str]] = {}  # assistant id -> org, thread, user seq, question
         self._writable = True
@@ -314,7 +319,7 @@ class SQLiteStore:
         deleted = await self._write(delete)
         if deleted:
             self._threads.pop(thread_id, None)
-            self._histories.pop((org_id, thread_id), None)
+            self._forget_history((org_id, thread_id))
             self._bump((org_id, thread_id))
         return deleted
 
@@ -364,9 +369,9 @@ class SQLiteStore:
             if not self.cache or self._versions.get(key, 0) != version:  # a write landed meanwhile
                 return cached.conversation()
             self._histories[key] = cached
-            while len(self._histories) > HISTORY_CACHE_THREADS:
-                self._histories.popitem(last=False)
+            self._history_chars += cached.chars
         self._histories.move_to_end(key)
+        self._trim_histories()
         return cached.conversation()
 
     async def _completed_pairs(self, org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
@@ -380,6 +385,18 @@ class SQLiteStore:
             if role == "user" and after[1] == "assistant" and after[3] == MessageStatus.COMPLETE:
                 pairs.append((int(seq), str(question), str(after[2])))
         return pairs
+
+    def _trim_histories(self) -> None:
+        """Drop the least recently used conversations past the cache's bounds."""
+        while self._histories and (len(self._histories) > HISTORY_CACHE_THREADS
+                                   or self._history_chars > HISTORY_CACHE_CHARS):
+            _, dropped = self._histories.popitem(last=False)
+            self._history_chars -= dropped.chars
+
+    def _forget_history(self, key: tuple[str, str]) -> None:
+        dropped = self._histories.pop(key, None)
+        if dropped is not None:
+            self._history_chars -= dropped.chars
 
     def _bump(self, key: tuple[str, str]) -> None:
         self._versions[key] = self._versions.get(key, 0) + 1
@@ -455,6 +472,8 @@ class SQLiteStore:
             history = self._histories.get(key)
             if history is not None:
                 history.add(seq, question, content)
+                self._history_chars += len(question) + len(content)
+                self._trim_histories()
 
     async def checkpoint(self, *, message_id: str, content: str, deltas: int) -> None:
         def update(db: sqlite3.Connection) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
 from ..errors import BadRequest, UpstreamError
@@ -90,12 +90,15 @@ def _last_user_text(request: ProviderRequest) -> str:
 
 def mock_answer(prompt: str, n: int) -> list[str]:
     """The ``n`` tokens the mock streams for ``prompt``."""
+    return list(_tokens(prompt, n))
+
+
+def _tokens(prompt: str, n: int) -> Iterator[str]:
+    """The tokens of :func:`mock_answer`, one at a time (a long answer is never held whole)."""
     digest = hashlib.sha1(prompt.encode()).digest()
-    tokens = []
     for i in range(n):
         word = _WORDS[(digest[i % len(digest)] + i * 7) % len(_WORDS)]
-        tokens.append(word if i == 0 else " " + word)
-    return tokens
+        yield word if i == 0 else " " + word
 
 
 class MockProvider(Provider):
@@ -122,8 +125,7 @@ class MockProvider(Provider):
             await asyncio.sleep(spec.ttft_ms / 1000)
             if spec.fail:
                 raise UpstreamError("mock provider failed as asked (fail=1)")
-            tokens = mock_answer(prompt, spec.n)
-            for i, token in enumerate(tokens):
+            for i, token in enumerate(_tokens(prompt, spec.n)):
                 if i and spec.itl_ms:
                     await asyncio.sleep(spec.itl_ms / 1000)
                 if spec.fail_at is not None and i == spec.fail_at:
@@ -133,8 +135,8 @@ class MockProvider(Provider):
                 finish_reason="stop",
                 usage={
                     "prompt_tokens": len(prompt.split()),
-                    "completion_tokens": len(tokens),
-                    "total_tokens": len(prompt.split()) + len(tokens),
+                    "completion_tokens": spec.n,
+                    "total_tokens": len(prompt.split()) + spec.n,
                 },
             )
         finally:
