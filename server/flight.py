@@ -48,8 +48,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from .config import Settings
-from .errors import GatewayError, NoListeners, NotFound, ShuttingDown, StoreError, UpstreamError
+from .errors import BadRequest, GatewayError, NoListeners, NotFound, ShuttingDown, StoreError, UpstreamError
 from .eventlog import EventLog, FinishedLog, FlightLog, encode_event
 from .metrics import Metrics
 from .pacer import Pacer
@@ -57,7 +59,7 @@ from .providers import Provider, ProviderRequest
 from .states import DropReason, FlightState, MessageStatus
 from .store import ChatMessage, Message, Store, draft_turn
 
-__all__ = ["Clock", "Flight", "TurnRequest"]
+__all__ = ["Clock", "Flight", "TurnRequest", "context_budget", "message_chars"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,20 @@ FLIGHT_OVERHEAD_BYTES = 4096
 
 #: seconds on a monotonic scale; the registry's TTLs and the attach promises read it
 Clock = Callable[[], float]
+
+
+def context_budget(provider: Provider, model: str, settings: Settings) -> int:
+    """Characters of conversation ``model`` takes: the providers file's (per model, then per
+    provider), else the model's known window, else ``DAC_CONTEXT_CHARS``; 0: no budget."""
+    return provider.context_budget(model) or settings.context_chars
+
+
+def message_chars(message: ChatMessage) -> int:
+    """The characters a message stands for in a context budget (parts counted as JSON)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return len(content)
+    return len(orjson.dumps(content)) if content else 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -335,11 +351,39 @@ class Flight:
         memory by the store where it can) plus the new user message."""
         turn = self.turn
         if turn.messages is not None:
-            return turn.messages
+            return self._fit(turn.messages)
         if turn.thread_id is None:
             return [{"role": "user", "content": turn.content}]
         history = await self._store.history(turn.org_id, turn.thread_id)
-        return [*history, {"role": "user", "content": turn.content}]
+        return self._fit([*history, {"role": "user", "content": turn.content}])
+
+    def _fit(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """The conversation within the context budget (characters; see :func:`context_budget`):
+        the oldest turns are dropped first, system messages and the last message kept, and
+        the turn's messages say so in their ``meta`` (``context_cut``). A conversation that
+        cannot fit even so is a 400, before anything is written."""
+        budget = context_budget(self.turn.provider, self.turn.model, self._settings)
+        sizes = [message_chars(m) for m in messages]
+        total = sum(sizes)
+        if not budget or total <= budget:
+            return messages
+        keep = [True] * len(messages)
+        dropped = 0
+        for i in range(len(messages) - 1):
+            if total <= budget and messages[i].get("role") == "user":
+                break  # fits, and what is left starts with a question
+            if messages[i].get("role") in ("system", "developer"):
+                continue
+            keep[i] = False
+            total -= sizes[i]
+            dropped += 1
+        if total > budget:
+            raise BadRequest(f"the conversation does not fit the model's context budget of {budget} characters "
+                             "even with every earlier turn dropped", param="messages")
+        cut = {"dropped_messages": dropped, "budget_chars": budget, "sent_chars": total}
+        for meta in (self.user_message["meta"], self._draft["meta"], self.extra_meta):
+            meta["context_cut"] = cut
+        return [m for m, kept in zip(messages, keep, strict=True) if kept]
 
     def _open_turn(self) -> None:
         """Start writing the turn's rows (none when stateless: accepted at once).

@@ -33,9 +33,9 @@ from typing import Any, Protocol
 import orjson
 
 from .config import Settings
-from .errors import GatewayError
+from .errors import BadRequest, GatewayError
 from .eventlog import Sink, encode_event
-from .flight import Flight, TurnRequest
+from .flight import Flight, TurnRequest, context_budget, message_chars
 from .metrics import Metrics, RequestRecord
 from .providers import Provider
 from .registry import FlightRegistry
@@ -242,6 +242,13 @@ class TurnService:
         """
         params = params or {}
         s = self.settings
+        budget = context_budget(provider, model, s)
+        if budget:
+            fixed = [m for m in messages or () if m.get("role") in ("system", "developer")]
+            alone = sum(map(message_chars, fixed)) + (message_chars(messages[-1]) if messages else len(content))
+            if alone > budget:
+                raise BadRequest(f"the message is longer than the context budget of {model!r} "
+                                 f"({alone} characters, at most {budget})", param="content")
         key = None
         if shareable and s.coalesce_enabled and (s.stream_fanout_enabled or not streaming):
             if idempotency_key:

@@ -216,3 +216,73 @@ async def test_a_read_only_database_stops_the_start_with_status_1_naming_dac_db(
         for path in folder.glob("*"):
             path.unlink()
         folder.rmdir()
+
+
+async def test_the_history_sent_upstream_keeps_to_the_context_budget(gateway_factory) -> None:
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), context_chars=80)
+    tid = await gw.new_thread()
+    for i in range(4):  # each turn: a 10-character question and a 19-character answer
+        pending = asyncio.create_task(gw.post(tid, scripted_body(f"question {i}")))
+        call = await scripted.next_call()
+        call.send(f"answer number {i} ok.")
+        call.finish()
+        status, body = await within(pending, 5, f"turn {i}")
+        assert status == 200, body
+    sent = [m["content"] for m in scripted.calls[-1].request.messages]
+    # 3 earlier turns (87 characters) and the question do not fit in 80: the oldest go first
+    assert sent == ["question 1", "answer number 1 ok.", "question 2", "answer number 2 ok.", "question 3"], sent
+    last = (await gw.thread(tid))["messages"][-2:]
+    for message in last:
+        assert message["meta"]["context_cut"]["dropped_messages"] == 2, message
+        assert message["meta"]["context_cut"]["budget_chars"] == 80
+    assert "context_cut" not in (await gw.thread(tid))["messages"][0]["meta"]
+
+    status, body = await gw.post(tid, scripted_body("x" * 81))  # cannot fit even alone
+    assert status == 400 and "context budget" in body["error"]["message"], body
+    async with gw.session.post(f"{gw.url}/v1/chat/completions", headers=gw.h(), json={
+            "model": "scripted/scripted", "messages": [{"role": "user", "content": "y" * 81}]}) as resp:
+        assert resp.status == 400, await resp.text()
+    assert len((await gw.thread(tid))["messages"]) == 8 and len(scripted.calls) == 4
+
+
+def test_the_providers_file_sets_context_budgets(tmp_path) -> None:
+    from server.config import Settings
+    from server.providers.catalog import ProviderConfigError, resolve
+
+    path = tmp_path / "providers.toml"
+    path.write_text('[[providers]]\nname = "local"\nkind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\n'
+                    'context_chars = 5000\nmodel_context_chars = { small = 800 }\n')
+    spec = next(r.spec for r in resolve(Settings.from_env({"DAC_PROVIDERS_FILE": str(path)})) if r.spec.name == "local")
+    assert spec.context_chars == 5000 and dict(spec.model_context_chars) == {"small": 800}
+    path.write_text('[[providers]]\nname = "local"\nkind = "openai"\nmodel_context_chars = { small = "big" }\n')
+    try:
+        resolve(Settings.from_env({"DAC_PROVIDERS_FILE": str(path)}))
+    except ProviderConfigError as exc:
+        assert "model_context_chars" in str(exc)
+    else:
+        raise AssertionError("a bad model_context_chars was accepted")
+
+
+async def test_a_thread_pages_its_messages(gateway_factory) -> None:
+    gw = await gateway_factory()
+    tid = await gw.new_thread()
+    for i in range(5):
+        status, _ = await gw.post(tid, {"content": f"q{i}", "model": "mock:ttft=0,itl=0,n=2"})
+        assert status == 200
+    everything = (await gw.thread(tid))["messages"]
+    assert len(everything) == 10 and "next_before" not in await gw.thread(tid)
+    pages, before = [], None
+    for _ in range(5):  # bounded: 3 pages expected
+        params = {"limit": "4", **({"before": before} if before else {})}
+        async with gw.session.get(f"{gw.url}/api/threads/{tid}", params=params, headers=gw.h()) as resp:
+            page = await resp.json()
+        pages.append(page["messages"])
+        before = page.get("next_before")
+        if before is None:
+            break
+    assert [len(p) for p in pages] == [4, 4, 2]
+    assert [m for p in reversed(pages) for m in p] == everything  # oldest first within and across pages
+    for params in ({"before": "msg_nope"}, {"limit": "٣"}, {"limit": "0"}):
+        async with gw.session.get(f"{gw.url}/api/threads/{tid}", params=params, headers=gw.h()) as resp:
+            assert resp.status == 400, params
