@@ -22,7 +22,7 @@ from tools.sse import sse_events
 
 from .fake_upstream import wait_until
 from .helpers import ScriptedProvider, collect, registry, text_of, within
-from .test_main import ROOT, start_server
+from .test_main import ROOT, new_thread, start_server
 
 
 def scripted_body(content: str) -> dict[str, Any]:
@@ -138,10 +138,9 @@ async def test_kill_9_after_50_delivered_deltas_keeps_the_last_checkpoint(tmp_pa
     received = ""
     try:
         async with aiohttp.ClientSession() as http:
-            h = {"x-org-id": "org_a"}
-            async with http.post(f"{url}/api/threads/", json={}, headers=h) as resp:
-                tid = (await resp.json())["thread_id"]
-            async with http.post(f"{url}/api/threads/{tid}/messages", headers={**h, "Accept": "text/event-stream"},
+            tid = await new_thread(http, url)
+            async with http.post(f"{url}/api/threads/{tid}/messages",
+                                 headers={"x-org-id": "org_a", "Accept": "text/event-stream"},
                                  json={"content": "crash", "model": "mock:ttft=0,itl=20,n=400"}) as resp:
                 deltas = 0
 

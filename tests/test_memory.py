@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 
 from .helpers import within
-from .test_main import start_server
+from .test_main import new_thread, start_server
 
 CACHE_MAX_BYTES = 8 * 1024 * 1024
 
@@ -28,8 +28,7 @@ async def test_40_answers_of_100000_tokens_keep_rss_growth_under_3x_the_cache_li
             h = {"x-org-id": "org_mem"}
 
             async def ask(content: str, tokens: int) -> int:
-                async with http.post(f"{url}/api/threads/", json={}, headers=h) as resp:
-                    tid = (await resp.json())["thread_id"]
+                tid = await new_thread(http, url, "org_mem")
                 async with http.post(f"{url}/api/threads/{tid}/messages", headers=h, json={
                         "content": content, "model": f"mock:ttft=0,itl=0,n={tokens}"}) as resp:
                     assert resp.status == 200, await resp.text()
