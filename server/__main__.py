@@ -31,7 +31,7 @@ from .auth import AuthSetupError
 from .config import Settings, is_loopback
 from .providers import ProviderConfigError
 from .registry import RegistryOpenError
-from .store import StoreOpenError
+from .store import StoreOpenError, StoreUnwritable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(serve(settings, greet=keys_cli.greet(settings)))
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 1
+    except StoreUnwritable as exc:  # like a port it cannot listen on: the place, not the setting
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except (ProviderConfigError, StoreOpenError, AuthSetupError, RegistryOpenError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,15 +20,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .appkeys import AUTH, METRICS, PACER, PROVIDERS, REGISTRY, SETTINGS, STORE, TURNS
+from . import serving
+from .appkeys import AUTH, LIMITS, METRICS, PACER, PROVIDERS, REGISTRY, SETTINGS, STORE, TURNS
 from .auth import Auth, load_secret
 from .config import Settings
 from .flight import Clock
 from .hub import Hub
+from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Pacer, Slots
 from .providers import ProviderRegistry, build_registry
 from .routes import api, cors, openai_compat, ops
+from .serving import raise_fd_limit
 from .sqlite_store import SQLiteStore
 from .store import Store
 from .turns import TurnService
@@ -58,12 +61,12 @@ def build_store(settings: Settings, *, server: bool = True) -> Store:
 
 
 async def open_registry(settings: Settings, *, store: Store, metrics: Metrics, providers: ProviderRegistry,
-                        clock: Clock) -> tuple[Hub, Slots]:
+                        clock: Clock, limits: OrgLimits | None = None) -> tuple[Hub, Slots]:
     """The flight registry and the provider slots: on Redis when ``DAC_REDIS_URL`` is set
     (raises :class:`~server.registry.RegistryOpenError` naming the setting when it does not answer), else in-process."""
     if not settings.redis_url:
         pacer = Pacer(queue_timeout_s=settings.queue_timeout_s)
-        return Hub(settings=settings, store=store, pacer=pacer, metrics=metrics, clock=clock), pacer
+        return Hub(settings=settings, store=store, pacer=pacer, metrics=metrics, clock=clock, limits=limits), pacer
     from .redis_hub import RedisHub, connect  # redis is loaded only where it is used
     from .redis_pacer import RedisPacer
 
@@ -71,7 +74,7 @@ async def open_registry(settings: Settings, *, store: Store, metrics: Metrics, p
     slots = RedisPacer(redis, prefix=settings.redis_prefix, lease_s=settings.redis_lease_s,
                        queue_timeout_s=settings.queue_timeout_s)
     hub = RedisHub(settings=settings, store=store, pacer=slots, metrics=metrics, providers=providers.get,
-                   redis=redis, clock=clock)
+                   redis=redis, clock=clock, limits=limits)
     await hub.open()
     return hub, slots
 
@@ -89,7 +92,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         raise
     try:
         hub, app[PACER] = await open_registry(settings, store=store, metrics=app[METRICS],
-                                              providers=app[PROVIDERS], clock=app[CLOCK])
+                                              providers=app[PROVIDERS], clock=app[CLOCK], limits=app[LIMITS])
     except BaseException:
         await app[PROVIDERS].aclose()
         await store.close()
@@ -125,6 +128,7 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
     app[SETTINGS] = settings
     app[METRICS] = Metrics(window=settings.perf_window)
     app[CLOCK] = clock
+    app[LIMITS] = OrgLimits(settings)
     if providers is not None:
         app[PROVIDERS] = providers
     app.cleanup_ctx.append(_resources)
@@ -141,8 +145,20 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
             return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
 
         app.router.add_get("/", page)
-        app.router.add_static("/static/", STATIC_DIR)
+        app.router.add_get("/static/{path:.+}", static_file)
     return app
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file under ``static/``; any name that is not one (too long, ``..``, a NUL) is 404."""
+    try:
+        path = (STATIC_DIR / request.match_info["path"]).resolve()
+        found = path.is_relative_to(STATIC_DIR) and path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
 
 
 async def serve(settings: Settings, *, announce: bool = True,
@@ -153,16 +169,11 @@ async def serve(settings: Settings, *, announce: bool = True,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    fds = raise_fd_limit()
     app = make_app(settings)
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that leaves cancels its handler, idle or not
-        access_log=log if settings.env.get("DAC_ACCESS_LOG") == "1" else None,
-        shutdown_timeout=5.0,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)
-    await site.start()
+    runner = await serving.start(app, settings, host=settings.host, port=settings.port,
+                                 access_log=log if settings.env.get("DAC_ACCESS_LOG") == "1" else None)
+    log.debug("open files: %d; connections: at most %d", fds, runner.guard.cap)
     if announce:
         for address in runner.addresses:
             host, port = address[0], address[1]

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .auth import Auth
 from .config import Settings
+from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Slots
 from .providers import ProviderRegistry
@@ -17,7 +18,8 @@ from .registry import FlightRegistry
 from .store import Store
 from .turns import TurnService
 
-__all__ = ["AUTH", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE", "STREAM_STARTED", "TURNS"]
+__all__ = ["AUTH", "CLOSE_AFTER", "LIMITS", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE",
+           "STREAM_STARTED", "TURNS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -27,6 +29,9 @@ PROVIDERS = web.AppKey("providers", ProviderRegistry)
 REGISTRY = web.AppKey("registry", FlightRegistry)
 TURNS = web.AppKey("turns", TurnService)
 AUTH = web.AppKey("auth", Auth)
+LIMITS = web.AppKey("limits", OrgLimits)
 
 #: set on a request once its streaming response has been prepared
 STREAM_STARTED = web.RequestKey("stream_started", bool)
+#: set on a request whose connection must close after its answer (its body was broken)
+CLOSE_AFTER = web.RequestKey("close_after", bool)

@@ -7,6 +7,7 @@ cannot be parsed stop the server at start with a message naming the variable.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,8 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number, not {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {raw!r}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, not {raw!r}")
     return value
@@ -182,6 +185,31 @@ class Settings:
     stream_token_ttl_s: float = 3600.0
     #: origins whose browsers may call the API from another site (CORS)
     cors_origins: tuple[str, ...] = ()
+    # -- limits per org (0: no limit) --
+    #: chat requests and thread creations an org may make per minute
+    org_rpm: int = 0
+    #: flights an org may lead at once (followers of a running flight are free)
+    org_max_flights: int = 256
+    #: threads an org may keep
+    org_max_threads: int = 0
+    # -- connections --
+    #: a request line and headers must arrive within this from their first byte (slowloris)
+    header_timeout_s: float = 10.0
+    #: a request body must arrive within this once its headers are in
+    body_timeout_s: float = 30.0
+    #: an idle connection between requests is closed after this
+    keepalive_timeout_s: float = 75.0
+    #: open connections beyond this are answered 503 and closed
+    max_connections: int = 10_000
+    # -- memory and data --
+    #: an answer is cut at this many characters and ends with finish_reason ``length`` (0: no cut)
+    max_answer_chars: int = 1_000_000
+    #: characters of history sent upstream when neither the providers file nor the model says (0: no cut)
+    context_chars: int = 0
+    #: the partial answer is written to its row every this many deltas ...
+    checkpoint_deltas: int = 50
+    #: ... or every this many seconds, whichever comes first (0 for both: only at the end)
+    checkpoint_s: float = 2.0
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -222,6 +250,17 @@ class Settings:
             key_cache_ttl_s=_number(env, "DAC_KEY_CACHE_TTL_S", d.key_cache_ttl_s),
             stream_token_ttl_s=_number(env, "DAC_STREAM_TOKEN_TTL_S", d.stream_token_ttl_s, minimum=1),
             cors_origins=_origins(env),
+            org_rpm=int(_number(env, "DAC_ORG_RPM", d.org_rpm)),
+            org_max_flights=int(_number(env, "DAC_ORG_MAX_FLIGHTS", d.org_max_flights)),
+            org_max_threads=int(_number(env, "DAC_ORG_MAX_THREADS", d.org_max_threads)),
+            header_timeout_s=_number(env, "DAC_HEADER_TIMEOUT_S", d.header_timeout_s, minimum=0.01),
+            body_timeout_s=_number(env, "DAC_BODY_TIMEOUT_S", d.body_timeout_s, minimum=0.01),
+            keepalive_timeout_s=_number(env, "DAC_KEEPALIVE_TIMEOUT_S", d.keepalive_timeout_s, minimum=0.01),
+            max_connections=int(_number(env, "DAC_MAX_CONNECTIONS", d.max_connections, minimum=1)),
+            max_answer_chars=int(_number(env, "DAC_MAX_ANSWER_CHARS", d.max_answer_chars)),
+            context_chars=int(_number(env, "DAC_CONTEXT_CHARS", d.context_chars)),
+            checkpoint_deltas=int(_number(env, "DAC_CHECKPOINT_DELTAS", d.checkpoint_deltas)),
+            checkpoint_s=_number(env, "DAC_CHECKPOINT_S", d.checkpoint_s),
             env=env,
         )
 

@@ -21,7 +21,10 @@ own status rules (they would otherwise retry a 502).
     ├── PayloadTooLarge               413 payload_too_large
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── IdempotencyKeyReused          422 idempotency_key_reused
+    ├── LimitExceeded                 429 rate_limited        (an org's limit; Retry-After)
+    ├── RequestTimeout                408 request_timeout     (a body too slow to arrive)
     ├── QueueFull                     503 queue_full          (Retry-After)
+    ├── StoreError                    503 store_error         (retryable: a write failed)
     ├── ShuttingDown                  503 shutting_down       (retryable)
     ├── LeaderLost                    503 leader_lost         (retryable: another instance led it and vanished)
     ├── RegistryUnavailable           503 registry_unavailable (retryable: Redis does not answer)
@@ -46,6 +49,7 @@ __all__ = [
     "GatewayError",
     "IdempotencyKeyReused",
     "LeaderLost",
+    "LimitExceeded",
     "NoListeners",
     "NotFound",
     "PayloadTooLarge",
@@ -54,7 +58,9 @@ __all__ = [
     "QueueFull",
     "RateLimited",
     "RegistryUnavailable",
+    "RequestTimeout",
     "ShuttingDown",
+    "StoreError",
     "Unauthorized",
     "UnsupportedMediaType",
     "UpstreamBadRequest",
@@ -80,6 +86,7 @@ class GatewayError(Exception):
         retryable: bool | None = None,
         retry_after: float | None = None,
         param: str | None = None,
+        limit: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -91,6 +98,8 @@ class GatewayError(Exception):
             self.retryable = retryable
         self.retry_after = retry_after
         self.param = param
+        #: the name of the limit a request went over (``rpm``, ``max_body_bytes``...), if so
+        self.limit = limit
 
     def to_dict(self) -> dict[str, Any]:
         """The ``error`` object of the JSON body and of the SSE ``error`` event."""
@@ -101,6 +110,8 @@ class GatewayError(Exception):
         }
         if self.retry_after is not None:
             body["retry_after"] = self.retry_after
+        if self.limit is not None:
+            body["limit"] = self.limit
         return body
 
     @property
@@ -168,9 +179,33 @@ class IdempotencyKeyReused(GatewayError):
     type = "idempotency_key_reused"
 
 
+class LimitExceeded(GatewayError):
+    """An org went over one of its limits (``limit`` names it); ``retry_after`` says when
+    it is likely under it again."""
+
+    status = 429
+    type = "rate_limited"
+    retryable = True
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "request_timeout"
+    retryable = True
+
+
 class QueueFull(GatewayError):
     status = 503
     type = "queue_full"
+    retryable = True
+
+
+class StoreError(GatewayError):
+    """The store could not write what the answer needs (the disk is full, say); nothing of
+    the failed write is kept, and the same request may succeed later."""
+
+    status = 503
+    type = "store_error"
     retryable = True
 
 

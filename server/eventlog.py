@@ -43,12 +43,14 @@ Invariants (the leader task is the only writer):
 from __future__ import annotations
 
 import asyncio
+import sys
+from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, TypedDict
 
 import orjson
 
-__all__ = ["PING", "Delta", "DeltaExtra", "EventLog", "FlightLog", "Sink", "encode_event"]
+__all__ = ["PING", "Delta", "DeltaExtra", "EventLog", "FinishedLog", "FlightLog", "Sink", "encode_event"]
 
 #: the keep-alive comment pushed to idle subscribers
 PING = b": ping\n\n"
@@ -159,6 +161,85 @@ class FlightLog(Protocol):
     def stop(self, sink: Sink) -> bool: ...
 
 
+def _joined(extras: Mapping[int, DeltaExtra], upto: int | None) -> DeltaExtra:
+    """What deltas ``1..upto`` carried beside the text, joined (see :meth:`EventLog.extra`)."""
+    reasoning: list[str] = []
+    refusal: list[str] = []
+    tool_calls: list[Mapping[str, object]] = []
+    for seq in sorted(extras):
+        if upto is not None and seq > upto:
+            break
+        extra = extras[seq]
+        reasoning.append(extra.get("reasoning", ""))
+        refusal.append(extra.get("refusal", ""))
+        tool_calls.extend(extra.get("tool_calls", ()))
+    whole = _present(DeltaExtra(reasoning="".join(reasoning), refusal="".join(refusal), tool_calls=tool_calls))
+    return whole or DeltaExtra()
+
+
+def _end(ended: asyncio.Future[int | None], value: int | None) -> None:
+    """End a pushed subscription, unless its subscriber is gone already (its handler was
+    cancelled when its client left, before it could unsubscribe)."""
+    if not ended.done():
+        ended.set_result(value)
+
+
+class _Texts:
+    """Every delta's text, in little memory: deltas joined in blocks of :data:`BLOCK`, and
+    where each delta ends (4 bytes a delta) instead of a string object per delta."""
+
+    BLOCK = 256
+    __slots__ = ("blocks", "ends", "tail")
+
+    def __init__(self) -> None:
+        self.blocks: list[str] = []
+        self.tail: list[str] = []  # the deltas of the block being filled
+        self.ends = array("I")  # ends[i]: where delta i + 1 ends in the whole text
+
+    def append(self, text: str) -> None:
+        self.ends.append((self.ends[-1] if self.ends else 0) + len(text))
+        self.tail.append(text)
+        if len(self.tail) == self.BLOCK:
+            self.blocks.append("".join(self.tail))
+            self.tail = []
+
+    def upto(self, n: int) -> str:
+        """The text of the first ``n`` deltas."""
+        if n <= 0:
+            return ""
+        whole = "".join(self.blocks) + "".join(self.tail)
+        return whole if n >= len(self.ends) else whole[:self.ends[n - 1]]
+
+    def each(self, cursor: int, last: int) -> list[str]:
+        """The text of each delta from ``cursor`` to ``last``, one string a delta."""
+        out: list[str] = []
+        size, ends, blocks = self.BLOCK, self.ends, self.blocks
+        for i in range(cursor - 1, last):  # i: 0-based index of the delta
+            b = i // size
+            if b < len(blocks):
+                base = ends[b * size - 1] if b else 0
+                out.append(blocks[b][(ends[i - 1] if i else 0) - base:ends[i] - base])
+            else:
+                out.append(self.tail[i - b * size])
+        return out
+
+    def since(self, cursor: int, last: int) -> list[str]:
+        """The texts of deltas ``cursor`` to ``last`` (a block's deltas as one piece)."""
+        out: list[str] = []
+        i, size, ends = cursor - 1, self.BLOCK, self.ends  # i: 0-based index of the next delta
+        while i < last:
+            b = i // size
+            if b < len(self.blocks):
+                block, base = self.blocks[b], (ends[b * size - 1] if b else 0)
+                stop = min(last, (b + 1) * size)
+                out.append(block[(ends[i - 1] if i else 0) - base:ends[stop - 1] - base])
+                i = stop
+            else:
+                out.extend(self.tail[i - b * size:last - b * size])
+                i = last
+        return out
+
+
 class EventLog:
     """The in-process :class:`FlightLog`: a ring of encoded frames and the texts."""
 
@@ -168,7 +249,7 @@ class EventLog:
         self.capacity = capacity
         self.ping_interval_s = ping_interval_s
         self._slots: list[bytes] = []
-        self._parts: list[str] = []
+        self._parts = _Texts()
         #: what deltas carry beside the text, by seq (only those that carry something)
         self._extras: dict[int, DeltaExtra] = {}
         self.last_seq = 0
@@ -217,6 +298,14 @@ class EventLog:
         wakeup, self._wakeup = self._wakeup, asyncio.Event()
         wakeup.set()
 
+    def finished(self, text: str | None = None) -> FinishedLog:
+        """This closed log in the least memory (see :class:`FinishedLog`); ``text``: the
+        whole text if the caller holds it already, so the two share one string."""
+        assert self.final is not None, "only a closed log can be compacted"
+        whole = self.text() if text is None else text
+        return FinishedLog(text=whole, ends=self._parts.ends, extras=self._extras, final=self.final,
+                           capacity=self.capacity)
+
     # -- reader side (subscribers) ---------------------------------------
 
     @property
@@ -228,23 +317,12 @@ class EventLog:
         return max(1, self.last_seq - self.capacity + 1)
 
     def text(self, upto: int | None = None) -> str:
-        return "".join(self._parts if upto is None else self._parts[:upto])
+        return self._parts.upto(self.last_seq if upto is None else upto)
 
     def extra(self, upto: int | None = None) -> DeltaExtra:
         """Everything deltas ``1..upto`` carried beside the text, joined: the whole reasoning
         and refusal so far, and every tool-call piece so far in order."""
-        reasoning: list[str] = []
-        refusal: list[str] = []
-        tool_calls: list[Mapping[str, object]] = []
-        for seq in sorted(self._extras):
-            if upto is not None and seq > upto:
-                break
-            extra = self._extras[seq]
-            reasoning.append(extra.get("reasoning", ""))
-            refusal.append(extra.get("refusal", ""))
-            tool_calls.extend(extra.get("tool_calls", ()))
-        whole = _present(DeltaExtra(reasoning="".join(reasoning), refusal="".join(refusal), tool_calls=tool_calls))
-        return whole or DeltaExtra()
+        return _joined(self._extras, upto)
 
     def read(self, cursor: int) -> tuple[list[bytes], int, bool]:
         """Frames for a subscriber whose next wanted delta is ``cursor``.
@@ -274,7 +352,7 @@ class EventLog:
         means the log is closed and ``texts`` reach its end.
         """
         last = self.last_seq
-        texts = self._parts[cursor - 1 : last] if cursor <= last else []
+        texts = self._parts.since(cursor, last) if cursor <= last else []
         return texts, max(cursor, last + 1), self.final is not None
 
     def deltas(self, cursor: int) -> tuple[list[Delta], int, bool]:
@@ -282,8 +360,7 @@ class EventLog:
         beside the text: readers that frame every delta their own way keep its chunking."""
         last = self.last_seq
         extras = self._extras
-        deltas = [Delta(text, extras.get(seq)) for seq, text in enumerate(self._parts[cursor - 1 : last], cursor)
-                  ] if cursor <= last else []
+        deltas = [Delta(text, extras.get(seq)) for seq, text in enumerate(self._parts.each(cursor, last), cursor)]
         return deltas, max(cursor, last + 1), self.final is not None
 
     async def wait(self, cursor: int) -> None:
@@ -304,6 +381,7 @@ class EventLog:
         """
         ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._pushed[sink] = _Pushed(cursor, ended)
+        ended.add_done_callback(lambda done: self._gone(sink, done))
         loop = asyncio.get_running_loop()
         if self.last_seq >= cursor or self.final is not None:
             if self._flush_handle is None:
@@ -317,13 +395,19 @@ class EventLog:
         """Stop pushing to ``sink`` (its client left); harmless if it is not pushed to."""
         self._pushed.pop(sink, None)
 
+    def _gone(self, sink: Sink, ended: asyncio.Future[int | None]) -> None:
+        """A subscription cancelled with its handler (the client left): push nothing more to it."""
+        sub = self._pushed.get(sink)
+        if ended.cancelled() and sub is not None and sub.ended is ended:
+            del self._pushed[sink]
+
     def stop(self, sink: Sink) -> bool:
         """End ``sink``'s pushed subscription with -1 (its client asked to stop)."""
         sub = self._pushed.pop(sink, None)
         if sub is None:
             return False
         if not sub.ended.done():
-            sub.ended.set_result(-1)
+            _end(sub.ended, -1)
         return True
 
     def _flush(self) -> None:
@@ -341,13 +425,13 @@ class EventLog:
             if data and not sink.push(data):
                 fallen.append(sink)
                 continue
-            sub.cursor = last + 1
+            sub.cursor = max(sub.cursor, last + 1)  # a cursor ahead of the log stays where it is
         for sink in fallen:
             sub = self._pushed.pop(sink)
-            sub.ended.set_result(sub.cursor)
+            _end(sub.ended, sub.cursor)
         if final is not None:
             for sub in self._pushed.values():
-                sub.ended.set_result(None)
+                _end(sub.ended, None)
             self._pushed.clear()
         if self._ping_handle is not None and (final is not None or not self._pushed):
             self._ping_handle.cancel()
@@ -365,8 +449,98 @@ class EventLog:
             fallen = [sink for sink in self._pushed if not sink.push(PING)]
             for sink in fallen:
                 sub = self._pushed.pop(sink)
-                sub.ended.set_result(sub.cursor)
+                _end(sub.ended, sub.cursor)
             self._pushed_at = loop.time()
             idle = 0.0
         if self._pushed:
             self._ping_handle = loop.call_later(self.ping_interval_s - idle, self._ping)
+
+
+class FinishedLog:
+    """A closed :class:`EventLog` kept for the result TTL, in the least memory: the whole
+    text once and where each delta ends (4 bytes a delta), instead of a string per delta
+    and a ring of frames. Readers see the same events: the frames of the newest
+    ``capacity`` deltas are encoded again when read, older ones are one ``snapshot``."""
+
+    def __init__(self, *, text: str, ends: array[int], extras: dict[int, DeltaExtra], final: bytes,
+                 capacity: int) -> None:
+        self._text = text
+        self._ends = ends
+        self._extras = extras
+        self.final: bytes | None = final
+        self.capacity = capacity
+
+    @property
+    def last_seq(self) -> int:
+        return len(self._ends)
+
+    @property
+    def closed(self) -> bool:
+        return True
+
+    def size_bytes(self) -> int:
+        """What it holds in memory, roughly: the text, the offsets and the final frame."""
+        assert self.final is not None
+        extras = sum(len(orjson.dumps(extra)) for extra in self._extras.values())
+        return sys.getsizeof(self._text) + len(self._ends) * self._ends.itemsize + len(self.final) + extras + 256
+
+    def append(self, text: str, extra: DeltaExtra | None = None) -> int:
+        raise RuntimeError("append after the log was closed")
+
+    def close(self, frame: bytes) -> None:
+        """Already closed: nothing changes."""
+
+    def _start(self, seq: int) -> int:
+        return self._ends[seq - 2] if seq > 1 else 0
+
+    def text(self, upto: int | None = None) -> str:
+        if upto is None or upto >= self.last_seq:
+            return self._text
+        return self._text[:self._ends[upto - 1]] if upto > 0 else ""
+
+    def extra(self, upto: int | None = None) -> DeltaExtra:
+        return _joined(self._extras, upto)
+
+    def _delta(self, seq: int) -> str:
+        return self._text[self._start(seq):self._ends[seq - 1]]
+
+    def read(self, cursor: int) -> tuple[list[bytes], int, bool]:
+        assert self.final is not None
+        frames: list[bytes] = []
+        last = self.last_seq
+        if cursor <= last:
+            if cursor < max(1, last - self.capacity + 1):
+                frames.append(encode_event("snapshot", {"text": self._text, **self.extra(last)}, last))
+            else:
+                extras = self._extras
+                frames.extend(encode_event("delta", {"text": self._delta(s), **extras.get(s, {})}, s)
+                              for s in range(cursor, last + 1))
+            cursor = last + 1
+        frames.append(self.final)
+        return frames, cursor, True
+
+    def deltas(self, cursor: int) -> tuple[list[Delta], int, bool]:
+        last, extras = self.last_seq, self._extras
+        deltas = [Delta(self._delta(s), extras.get(s)) for s in range(cursor, last + 1)]
+        return deltas, max(cursor, last + 1), True
+
+    def texts(self, cursor: int) -> tuple[list[str], int, bool]:
+        last = self.last_seq
+        texts = [self._text[self._start(cursor):]] if cursor <= last else []
+        return texts, max(cursor, last + 1), True
+
+    async def wait(self, cursor: int) -> None:
+        """Closed: there is never anything to wait for."""
+
+    def subscribe(self, sink: Sink, cursor: int) -> asyncio.Future[int | None]:
+        """Push the rest at once and end (readers normally finish by :meth:`read`)."""
+        sink.push(b"".join(self.read(cursor)[0]))
+        ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        ended.set_result(None)
+        return ended
+
+    def unsubscribe(self, sink: Sink) -> None:
+        """Nothing is pushed after :meth:`subscribe`."""
+
+    def stop(self, sink: Sink) -> bool:
+        return False

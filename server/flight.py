@@ -41,27 +41,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from .config import Settings
-from .errors import GatewayError, NoListeners, NotFound, ShuttingDown, UpstreamError
-from .eventlog import DeltaExtra, EventLog, FlightLog, encode_event
+from .errors import BadRequest, GatewayError, NoListeners, NotFound, ShuttingDown, StoreError, UpstreamError
+from .eventlog import DeltaExtra, EventLog, FinishedLog, FlightLog, encode_event
 from .metrics import Metrics, Outcome
 from .pacer import Slots
 from .providers import Chunk, FinishReason, Provider, ProviderRequest, ToolCallDelta, assemble_tool_calls
 from .states import DropReason, FlightState, MessageStatus
 from .store import ChatMessage, Message, Store, draft_turn
 
-__all__ = ["Answer", "Clock", "Flight", "TurnRequest"]
+__all__ = ["Answer", "Clock", "Flight", "TurnRequest", "context_budget", "message_chars"]
 
 log = logging.getLogger(__name__)
 
+#: what a finished flight holds beside its texts (the objects, ids, message dicts), roughly
+FLIGHT_OVERHEAD_BYTES = 4096
+
 #: seconds on a monotonic scale; the registry's TTLs and the attach promises read it
 Clock = Callable[[], float]
+
+
+def context_budget(provider: Provider, model: str, settings: Settings) -> int:
+    """Characters of conversation ``model`` takes: the providers file's (per model, then per
+    provider), else the model's known window, else ``DAC_CONTEXT_CHARS``; 0: no budget."""
+    return provider.context_budget(model) or settings.context_chars
+
+
+def message_chars(message: ChatMessage) -> int:
+    """The characters a message stands for in a context budget (parts counted as JSON)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return len(content)
+    return len(orjson.dumps(content)) if content else 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -195,6 +215,11 @@ class Flight:
         self.finished_at: float | None = None  # clock
         self._idle_handle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self._chars = 0  # characters of answer text appended
+        self.held_bytes = 0  # what it holds once kept (see :meth:`keep`)
+        self._checkpointing: asyncio.Future[None] | None = None  # the checkpoint being written
+        self._checkpointed = 0  # the delta the last checkpoint covers
+        self._checkpoint_at = time.monotonic()
 
     # -- listeners -------------------------------------------------------
 
@@ -346,9 +371,14 @@ class Flight:
         assert self.message is not None
         return self.message
 
-    def answer_bytes(self) -> int:
-        """The UTF-8 size of the final answer (what a result cache counts)."""
-        return len(self.message["content"].encode()) if self.message else 0
+    def keep(self) -> int:
+        """Hold the finished answer in the least memory (a result cache keeps it for its
+        TTL); returns the bytes it then holds, what the cache counts."""
+        if isinstance(self.log, EventLog) and self.log.closed:
+            self.log = self.log.finished(self.message["content"] if self.message else None)
+        held = self.log.size_bytes() if isinstance(self.log, FinishedLog) else len(self.log.text().encode())
+        self.held_bytes = held + sys.getsizeof(self.turn.content) + FLIGHT_OVERHEAD_BYTES
+        return self.held_bytes
 
     # -- the leader ------------------------------------------------------
 
@@ -376,7 +406,8 @@ class Flight:
             try:
                 # The slot before the rows: a request the full queue turns away (503) or
                 # whose clients leave while it waits was never accepted, and leaves no turn.
-                async with self._pacer.slot(provider.name, provider.max_concurrency) as waited:
+                async with self._pacer.slot(provider.name, provider.max_concurrency,
+                                            org=self.turn.org_id) as waited:
                     self.queue_wait_s = waited
                     self._metrics.queue_wait.labels(provider.name).observe(waited)
                     messages = await self._conversation()
@@ -419,11 +450,39 @@ class Flight:
         memory by the store where it can) plus the new user message."""
         turn = self.turn
         if turn.messages is not None:
-            return turn.messages
+            return self._fit(turn.messages)
         if turn.thread_id is None:
             return [turn.new_message()]
         history = await self._store.history(turn.org_id, turn.thread_id)
-        return [*history, turn.new_message()]
+        return self._fit([*history, turn.new_message()])
+
+    def _fit(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """The conversation within the context budget (characters; see :func:`context_budget`):
+        the oldest turns are dropped first, system messages and the last message kept, and
+        the turn's messages say so in their ``meta`` (``context_cut``). A conversation that
+        cannot fit even so is a 400, before anything is written."""
+        budget = context_budget(self.turn.provider, self.turn.model, self._settings)
+        sizes = [message_chars(m) for m in messages]
+        total = sum(sizes)
+        if not budget or total <= budget:
+            return messages
+        keep = [True] * len(messages)
+        dropped = 0
+        for i in range(len(messages) - 1):
+            if total <= budget and messages[i].get("role") == "user":
+                break  # fits, and what is left starts with a question
+            if messages[i].get("role") in ("system", "developer"):
+                continue
+            keep[i] = False
+            total -= sizes[i]
+            dropped += 1
+        if total > budget:
+            raise BadRequest(f"the conversation does not fit the model's context budget of {budget} characters "
+                             "even with every earlier turn dropped", param="messages")
+        cut = {"dropped_messages": dropped, "budget_chars": budget, "sent_chars": total}
+        for meta in (self.user_message["meta"], self._draft["meta"], self.extra_meta):
+            meta["context_cut"] = cut
+        return [m for m, kept in zip(messages, keep, strict=True) if kept]
 
     def _open_turn(self) -> None:
         """Start writing the turn's rows (none when stateless: accepted at once).
@@ -451,8 +510,7 @@ class Flight:
             self._rows_failed = NotFound("thread not found (it was deleted)")
         else:
             log.error("could not write the turn of thread %s", self.turn.thread_id, exc_info=exc)
-            self._rows_failed = GatewayError(f"could not save the message ({exc.__class__.__name__})",
-                                             type="store_error")
+            self._rows_failed = StoreError(f"could not save the message ({exc.__class__.__name__}); try again")
         if self._pulling and self.task is not None:
             self.task.cancel()
 
@@ -496,8 +554,11 @@ class Flight:
                             else:
                                 gap.observe(now - last)
                             last = now
-                        self.log.append(chunk.text, answer.add(chunk))
+                        cut = self._append(chunk.text, answer.add(chunk))
                         deltas.inc()
+                        if cut:
+                            answer.finish_reason = "length"
+                            break
                     if chunk.finish_reason is not None:
                         answer.finish_reason = chunk.finish_reason
                     if chunk.usage:
@@ -508,6 +569,43 @@ class Flight:
             self._pulling = False
             if self.cancel_reason is not None and self.zero_since is not None:
                 metrics.cancel_latency.labels(provider.name).observe(time.perf_counter() - self.zero_since)
+
+    def _append(self, text: str, extra: DeltaExtra | None) -> bool:
+        """Append a delta, cut at ``DAC_MAX_ANSWER_CHARS``: True when the answer reached it
+        (it then ends with finish_reason ``length``); checkpoint the text when due."""
+        limit = self._settings.max_answer_chars
+        cut = bool(limit) and self._chars + len(text) >= limit
+        if cut:
+            text = text[:limit - self._chars]
+            self.extra_meta["finish_reason"] = "length"
+        if text or extra:
+            self.log.append(text, extra)
+            self._chars += len(text)
+        self._checkpoint()
+        return cut
+
+    def _checkpoint(self) -> None:
+        """Write the text so far to the row every ``DAC_CHECKPOINT_DELTAS`` deltas or
+        ``DAC_CHECKPOINT_S`` seconds, one write at a time, beside the stream (never
+        waited for): after a crash the row keeps what was delivered up to the last one."""
+        s = self._settings
+        if self.turn.thread_id is None or self.message is None or self._checkpointing is not None:
+            return
+        seq, now = self.log.last_seq, time.monotonic()
+        if not ((s.checkpoint_deltas and seq - self._checkpointed >= s.checkpoint_deltas)
+                or (s.checkpoint_s and now - self._checkpoint_at >= s.checkpoint_s)):
+            return
+        self._checkpointed, self._checkpoint_at = seq, now
+        self._checkpointing = asyncio.ensure_future(
+            self._store.checkpoint(message_id=self.stream_id, content=self.log.text(), deltas=seq))
+        self._checkpointing.add_done_callback(self._checkpoint_done)
+
+    def _checkpoint_done(self, writing: asyncio.Future[None]) -> None:
+        self._checkpointing = None
+        if not writing.cancelled() and writing.exception() is not None:
+            log.warning("could not checkpoint message %s: %s", self.stream_id, writing.exception())
+        elif self.running and self._pulling:
+            self._checkpoint()  # deltas that came while it was written may be due already
 
     async def _close_turn(self, status: MessageStatus, error: GatewayError | None) -> None:
         """Save the outcome, then end the log: a client that sees ``done`` finds the row saved."""
@@ -526,8 +624,13 @@ class Flight:
                     await self._store.finish_turn(message_id=self.stream_id, status=status,
                                                   content=self.message["content"], usage=self.usage,
                                                   meta=meta, deltas=self.log.last_seq)
-                except Exception:
-                    log.exception("could not save message %s", self.stream_id)
+                except Exception as exc:
+                    log.error("could not save message %s: %s", self.stream_id, exc)
+                    if error is None:  # the answer was whole but is not saved: say so, keep nothing
+                        error = StoreError(f"the answer could not be saved ({exc.__class__.__name__}: {exc}); "
+                                           "try again")
+                        status = MessageStatus.ERROR
+                        self.message = {**self.message, "status": status}
         if self.usage:
             self._metrics.token_usage(provider, self.usage)
         if self.upstream_started is not None:
@@ -543,16 +646,19 @@ class Flight:
         self._settle(status, error)
 
     def _settle(self, status: MessageStatus, error: GatewayError | None) -> None:
-        """Record the outcome and end the log with ``done`` or ``error``; every listener wakes."""
+        """Record the outcome and end the log with ``done`` or ``error``; every listener wakes,
+        and the registry learns of the end, whatever closing the log does."""
         self.error = error
         self.finished_at = self._clock()
-        if error is None:
-            self.state = FlightState.DONE
-            self.log.close(encode_event("done", {"message": self.message}, self.log.last_seq + 1))
-        else:
-            cancelled = status in (MessageStatus.CANCELLED, MessageStatus.INTERRUPTED)
-            self.state = FlightState.CANCELLED if cancelled else FlightState.FAILED
-            self.log.close(encode_event("error", {"error": error.to_dict()}))
-        self.finished.set()
-        self._accepted.set()
-        self._on_end(self)
+        try:
+            if error is None:
+                self.state = FlightState.DONE
+                self.log.close(encode_event("done", {"message": self.message}, self.log.last_seq + 1))
+            else:
+                cancelled = status in (MessageStatus.CANCELLED, MessageStatus.INTERRUPTED)
+                self.state = FlightState.CANCELLED if cancelled else FlightState.FAILED
+                self.log.close(encode_event("error", {"error": error.to_dict()}))
+        finally:
+            self.finished.set()
+            self._accepted.set()
+            self._on_end(self)

@@ -21,8 +21,9 @@ import time
 from collections import OrderedDict
 
 from .config import Settings
-from .errors import ShuttingDown
+from .errors import ShuttingDown, StoreError
 from .flight import Clock, Flight, TurnRequest
+from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Slots
 from .states import DropReason, FlightState, Role
@@ -33,8 +34,10 @@ __all__ = ["Hub"]
 
 class Hub:
     def __init__(self, *, settings: Settings, store: Store, pacer: Slots, metrics: Metrics,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, limits: OrgLimits | None = None) -> None:
         self.settings = settings
+        self.limits = limits
+        self._counted: dict[Flight, float] = {}  # flights counted against their org: perf_counter at start
         self.store = store
         self.pacer = pacer
         self.metrics = metrics
@@ -98,8 +101,12 @@ class Hub:
         return None
 
     def _start(self, turn: TurnRequest) -> Flight:
+        if self.limits is not None:
+            self.limits.take_flight(turn.org_id)  # raises when the org leads its limit of flights
         flight = Flight(turn, settings=self.settings, store=self.store, pacer=self.pacer,
                         metrics=self.metrics, clock=self.clock, on_end=self._finished)
+        if self.limits is not None:
+            self._counted[flight] = time.perf_counter()
         self._register(flight, flight.start())
         return flight
 
@@ -130,10 +137,13 @@ class Hub:
     def _finished(self, flight: Flight) -> None:
         """A flight ended: keep it for its TTL, or forget it at once."""
         s = self.settings
-        if flight.forgotten:
-            ttl = 0.0
+        started = self._counted.pop(flight, None)
+        if started is not None and self.limits is not None:
+            self.limits.release_flight(flight.turn.org_id, time.perf_counter() - started)
+        if flight.forgotten or isinstance(flight.error, StoreError):
+            ttl = 0.0  # nothing unsaved answers anyone: a repeat starts afresh
         elif flight.state is FlightState.DONE:
-            size = flight.answer_bytes()
+            size = flight.keep()  # what it really holds once compacted, not only its text
             if size > s.cache_max_bytes:
                 ttl = 0.0  # too large to keep: it must not push out what the cache holds
             else:

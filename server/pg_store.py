@@ -34,6 +34,8 @@ import asyncio
 import hashlib
 import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -118,6 +120,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX api_keys_by_org ON api_keys (org_id, seq);
     """,
 )
+
+#: the failures that say the database cannot take writes now (rather than that the data is wrong)
+_UNWRITABLE = (asyncpg.exceptions.DiskFullError, asyncpg.exceptions.ReadOnlySQLTransactionError,
+               asyncpg.exceptions.InsufficientPrivilegeError, asyncpg.exceptions.InsufficientResourcesError)
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -218,6 +224,7 @@ class PostgresStore:
         #: mark rows left streaming as interrupted at open (False: a tool beside running servers)
         self.recover = recover
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._writable = True
 
     @property
     def engine(self) -> str:
@@ -374,11 +381,62 @@ class PostgresStore:
         meta: dict[str, Any],
         deltas: int = 0,
     ) -> None:
-        await self._p.execute(
-            "UPDATE messages SET status = $1, content = $2, usage = $3, meta = $4, deltas = $5"
-            " WHERE message_id = $6",
-            str(status), _text(content), None if usage is None else _json(usage), _json(meta), deltas, message_id,
-        )
+        async with self._writing():
+            await self._p.execute(
+                "UPDATE messages SET status = $1, content = $2, usage = $3, meta = $4, deltas = $5"
+                " WHERE message_id = $6",
+                str(status), _text(content), None if usage is None else _json(usage), _json(meta), deltas, message_id,
+            )
+
+    async def checkpoint(self, *, message_id: str, content: str, deltas: int) -> None:
+        async with self._writing():
+            await self._p.execute(
+                "UPDATE messages SET content = $1, deltas = $2 WHERE message_id = $3 AND status = 'streaming'",
+                _text(content), deltas, message_id)
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """Note whether a write failed for want of room or rights (see :attr:`writable`)."""
+        try:
+            yield
+        except _UNWRITABLE:
+            self._writable = False
+            raise
+        self._writable = True
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    async def check_writable(self) -> bool:
+        """The server accepts writes (not a standby, not out of disk for a small write)."""
+        try:
+            async with self._writing(), self._p.acquire() as conn, conn.transaction():
+                await conn.execute("CREATE TEMPORARY TABLE IF NOT EXISTS write_probe (at timestamptz)"
+                                   " ON COMMIT DELETE ROWS")
+                await conn.execute("INSERT INTO write_probe VALUES (now())")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            return False
+        return self._writable
+
+    async def messages_before(self, org_id: str, thread_id: str, *, limit: int,
+                              before: str | None = None) -> list[Message] | None:
+        bound = 2**62
+        if before is not None:
+            seq = await self._p.fetchval(
+                "SELECT seq FROM messages WHERE org_id = $1 AND thread_id = $2 AND message_id = $3",
+                org_id, thread_id, before)
+            if seq is None:
+                return None
+            bound = int(seq)
+        rows = await self._p.fetch(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE org_id = $1 AND thread_id = $2 AND seq < $3"
+            " ORDER BY seq DESC LIMIT $4",
+            org_id, thread_id, bound, limit)
+        return [message_from_row(row) for row in rows]
+
+    async def count_threads(self, org_id: str) -> int:
+        return int(await self._p.fetchval("SELECT COUNT(*) FROM threads WHERE org_id = $1", org_id))
 
     async def interrupt_turn(self, *, message_id: str, content: str, deltas: int = 0) -> bool:
         done = await self._p.execute(

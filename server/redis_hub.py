@@ -82,6 +82,7 @@ from .errors import GatewayError, LeaderLost, RegistryUnavailable, ShuttingDown,
 from .eventlog import DeltaExtra, EventLog
 from .flight import Clock, Flight, TurnRequest
 from .hub import Hub
+from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Slots
 from .providers import Provider
@@ -323,8 +324,9 @@ class RedisHub(Hub):
 
     def __init__(self, *, settings: Settings, store: Store, pacer: Slots, metrics: Metrics,
                  providers: Callable[[str], Provider], redis: aioredis.Redis,
-                 clock: Clock = time.monotonic, instance: str | None = None) -> None:
-        super().__init__(settings=settings, store=store, pacer=pacer, metrics=metrics, clock=clock)
+                 clock: Clock = time.monotonic, instance: str | None = None,
+                 limits: OrgLimits | None = None) -> None:
+        super().__init__(settings=settings, store=store, pacer=pacer, metrics=metrics, clock=clock, limits=limits)
         self.redis = redis
         self._providers = providers
         self.instance = instance or secrets.token_hex(6)

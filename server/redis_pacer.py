@@ -94,7 +94,9 @@ class RedisPacer:
                 f"the provider slots (Redis) do not answer ({exc.__class__.__name__})") from None
 
     @asynccontextmanager
-    async def slot(self, provider: str, limit: int) -> AsyncIterator[float]:
+    async def slot(self, provider: str, limit: int, *, org: str = "") -> AsyncIterator[float]:
+        """As :meth:`server.pacer.Pacer.slot`; across instances waiters are not ordered by org
+        (each instance polls for a free slot), so ``org`` is not used here."""
         lane = self._lane(provider, limit)
         key, member = self.key(provider), secrets.token_hex(8)
         started = time.perf_counter()

@@ -44,6 +44,7 @@ from .store import (
     Message,
     StoredAnswer,
     StoreOpenError,
+    StoreUnwritable,
     Thread,
     message_from_row,
     new_id,
@@ -55,6 +56,10 @@ __all__ = ["SQLiteStore"]
 T = TypeVar("T")
 #: threads whose conversation is kept in memory, least recently used dropped first
 HISTORY_CACHE_THREADS = 1024
+#: what a readiness probe writes (and deletes) while the store is marked unwritable
+PROBE_BYTES = 1024 * 1024
+#: ... and at most this many characters of them in all
+HISTORY_CACHE_CHARS = 1_000_000
 #: threads remembered as existing (thread_id -> its org and row)
 THREAD_CACHE_SIZE = 8192
 
@@ -96,13 +101,20 @@ CREATE TABLE IF NOT EXISTS api_keys (
 class _History:
     """The completed turns of one thread, ordered by the user message's ``seq``."""
 
-    __slots__ = ("pairs",)
+    __slots__ = ("chars", "pairs")
 
     def __init__(self, pairs: list[tuple[int, str, str]]) -> None:
         self.pairs = pairs  # (user seq, question, answer)
+        self.chars = sum(len(q) + len(a) for _, q, a in pairs)
 
     def add(self, seq: int, question: str, answer: str) -> None:
+        """Add a completed turn; one the cache has already (read from disk after its
+        commit) is not added twice."""
+        i = bisect.bisect_left(self.pairs, (seq,))
+        if i < len(self.pairs) and self.pairs[i][0] == seq:
+            return
         bisect.insort(self.pairs, (seq, question, answer))
+        self.chars += len(question) + len(answer)
 
     def conversation(self) -> list[ChatMessage]:
         convo: list[ChatMessage] = []
@@ -128,8 +140,10 @@ class SQLiteStore:
         self._committing: asyncio.Task[None] | None = None
         self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
+        self._history_chars = 0  # characters held by ``_histories``
         self._versions: dict[tuple[str, str], int] = {}  # bumped by every write a history depends on
         self._pending: dict[str, tuple[str, str, int, str]] = {}  # assistant id -> org, thread, user seq, question
+        self._writable = True
 
     @property
     def engine(self) -> str:
@@ -140,6 +154,8 @@ class SQLiteStore:
             await self._open()
         except (OSError, sqlite3.Error) as exc:
             await self.close()
+            if _unwritable(exc):
+                raise StoreUnwritable(f"DAC_DB: cannot write the SQLite file {self.path}: {exc}") from exc
             raise StoreOpenError(f"DAC_DB: cannot use the SQLite file {self.path}: {exc}") from exc
 
     async def _open(self) -> None:
@@ -208,6 +224,11 @@ class SQLiteStore:
                     results = await loop.run_in_executor(self._thread, self._transaction, [op for op, _ in batch])
                 except Exception as exc:  # the commit itself failed: nothing of the batch is kept
                     results = [(False, exc)] * len(batch)
+                failures = [value for ok, value in results if not ok]
+                if any(_unwritable(exc) for exc in failures):
+                    self._writable = False
+                elif not failures:
+                    self._writable = True
                 for (_, done), (ok, value) in zip(batch, results, strict=True):
                     if done.cancelled():
                         continue
@@ -230,6 +251,8 @@ class SQLiteStore:
                 try:
                     results.append((True, op(conn)))
                 except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite undid the whole transaction (a full disk, say): every op of it failed
                     conn.execute("ROLLBACK TO op")
                     results.append((False, exc))
                 conn.execute("RELEASE op")
@@ -239,6 +262,25 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise
         return results
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    async def check_writable(self) -> bool:
+        """Write :data:`PROBE_BYTES` (room for an answer) and take them back, in the next
+        group commit; the store is writable again when that commits."""
+        def probe(db: sqlite3.Connection) -> None:
+            db.execute("CREATE TABLE IF NOT EXISTS write_probe (data BLOB)")
+            db.execute("INSERT INTO write_probe VALUES (zeroblob(?))", (PROBE_BYTES,))
+            db.execute("DELETE FROM write_probe")
+
+        try:
+            await self._write(probe)
+        except (sqlite3.Error, OSError, RuntimeError):
+            return False
+        self._writable = True
+        return True
 
     # -- threads -------------------------------------------------------------
 
@@ -294,7 +336,7 @@ class SQLiteStore:
         deleted = await self._write(delete)
         if deleted:
             self._threads.pop(thread_id, None)
-            self._histories.pop((org_id, thread_id), None)
+            self._forget_history((org_id, thread_id))
             self._bump((org_id, thread_id))
         return deleted
 
@@ -308,6 +350,31 @@ class SQLiteStore:
             rows = await cur.fetchall()
         return [message_from_row(row) for row in rows]
 
+    async def messages_before(self, org_id: str, thread_id: str, *, limit: int,
+                              before: str | None = None) -> list[Message] | None:
+        bound = 2**62
+        if before is not None:
+            async with self._r.execute(
+                "SELECT seq FROM messages WHERE org_id = ? AND thread_id = ? AND message_id = ?",
+                (org_id, thread_id, before),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            bound = int(row[0])
+        async with self._r.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE org_id = ? AND thread_id = ? AND seq < ?"
+            " ORDER BY seq DESC LIMIT ?",
+            (org_id, thread_id, bound, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [message_from_row(row) for row in rows]
+
+    async def count_threads(self, org_id: str) -> int:
+        async with self._r.execute("SELECT COUNT(*) FROM threads WHERE org_id = ?", (org_id,)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def history(self, org_id: str, thread_id: str) -> list[ChatMessage]:
         """The conversation to send upstream, oldest first: each completed answer and the
         question it answers. Served from memory for recent threads."""
@@ -319,9 +386,9 @@ class SQLiteStore:
             if not self.cache or self._versions.get(key, 0) != version:  # a write landed meanwhile
                 return cached.conversation()
             self._histories[key] = cached
-            while len(self._histories) > HISTORY_CACHE_THREADS:
-                self._histories.popitem(last=False)
+            self._history_chars += cached.chars
         self._histories.move_to_end(key)
+        self._trim_histories()
         return cached.conversation()
 
     async def _completed_pairs(self, org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
@@ -335,6 +402,18 @@ class SQLiteStore:
             if role == "user" and after[1] == "assistant" and after[3] == MessageStatus.COMPLETE:
                 pairs.append((int(seq), str(question), str(after[2])))
         return pairs
+
+    def _trim_histories(self) -> None:
+        """Drop the least recently used conversations past the cache's bounds."""
+        while self._histories and (len(self._histories) > HISTORY_CACHE_THREADS
+                                   or self._history_chars > HISTORY_CACHE_CHARS):
+            _, dropped = self._histories.popitem(last=False)
+            self._history_chars -= dropped.chars
+
+    def _forget_history(self, key: tuple[str, str]) -> None:
+        dropped = self._histories.pop(key, None)
+        if dropped is not None:
+            self._history_chars -= dropped.chars
 
     def _bump(self, key: tuple[str, str]) -> None:
         self._versions[key] = self._versions.get(key, 0) + 1
@@ -410,6 +489,15 @@ class SQLiteStore:
             history = self._histories.get(key)
             if history is not None:
                 history.add(seq, question, content)
+                self._history_chars += len(question) + len(content)
+                self._trim_histories()
+
+    async def checkpoint(self, *, message_id: str, content: str, deltas: int) -> None:
+        def update(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE messages SET content = ?, deltas = ? WHERE message_id = ? AND status = 'streaming'",
+                       (content, deltas, message_id))
+
+        await self._write(update)
 
     async def interrupt_turn(self, *, message_id: str, content: str, deltas: int = 0) -> bool:
         def update(db: sqlite3.Connection) -> bool:
@@ -471,6 +559,21 @@ _KEY_COLUMNS = "key_id, org_id, name, created_at, revoked_at"
 def _api_key(row: Any) -> ApiKey:
     key_id, org_id, name, created_at, revoked_at = row
     return {"key_id": key_id, "org_id": org_id, "name": name, "created_at": created_at, "revoked_at": revoked_at}
+
+
+def _unwritable(exc: BaseException) -> bool:
+    """A failure for want of room or rights (full, read-only, I/O), not of the data."""
+    if isinstance(exc, OSError):
+        return True
+    if not isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # extended: the primary code is its low byte
+    return (isinstance(code, int) and code & 0xFF in _UNWRITABLE_CODES) or any(
+        w in str(exc) for w in ("readonly", "disk is full", "disk I/O"))
+
+
+#: SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_PERM (primary codes)
+_UNWRITABLE_CODES = frozenset({8, 10, 13, 14, 3})
 
 
 _INSERT_MESSAGE = (

@@ -37,6 +37,7 @@ __all__ = [
     "Message",
     "Store",
     "StoreOpenError",
+    "StoreUnwritable",
     "StoredAnswer",
     "Thread",
     "conversation",
@@ -99,6 +100,10 @@ class StoreOpenError(RuntimeError):
     """:meth:`Store.open` cannot use the database; the message names the setting to fix."""
 
 
+class StoreUnwritable(StoreOpenError):
+    """:meth:`Store.open` can read the database but not write it (a read-only file)."""
+
+
 class Store(Protocol):
     """Threads and messages. Each method states what it promises beyond the module's rules."""
 
@@ -133,6 +138,15 @@ class Store(Protocol):
     async def messages(self, org_id: str, thread_id: str) -> list[Message]:
         """The thread's messages, oldest first (in the order their turns were written)."""
 
+    async def messages_before(self, org_id: str, thread_id: str, *, limit: int,
+                              before: str | None = None) -> list[Message] | None:
+        """At most ``limit`` of the thread's messages, newest first, all older than the
+        message ``before`` (None: from the newest). None when ``before`` is not a message
+        of that thread."""
+
+    async def count_threads(self, org_id: str) -> int:
+        """How many threads the org keeps."""
+
     async def history(self, org_id: str, thread_id: str) -> list[ChatMessage]:
         """The conversation to send upstream, oldest first: completed answers and the
         questions they answer; failed, cancelled and interrupted turns are left out."""
@@ -156,6 +170,16 @@ class Store(Protocol):
         """Mark the assistant row ``interrupted`` with ``content``, only while it is still
         ``streaming``: one conditional update, so of several callers (the instances that
         saw its leader vanish) exactly one changes it. True for that one."""
+    async def checkpoint(self, *, message_id: str, content: str, deltas: int) -> None:
+        """Keep the text an answer has so far on its row while it is still ``streaming``
+        (after a crash the row keeps it); a row that has ended is left as it is."""
+
+    @property
+    def writable(self) -> bool:
+        """False since a write failed for want of room or rights, until one succeeds."""
+
+    async def check_writable(self) -> bool:
+        """Try a small write now (for readiness while :attr:`writable` is False)."""
 
     async def count_messages(self, org_id: str, thread_id: str) -> int: ...
 

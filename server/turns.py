@@ -35,9 +35,9 @@ from typing import Any, Protocol
 import orjson
 
 from .config import Settings
-from .errors import GatewayError, IdempotencyKeyReused
+from .errors import BadRequest, GatewayError, IdempotencyKeyReused
 from .eventlog import Delta, Sink, encode_event
-from .flight import Flight, TurnRequest
+from .flight import Flight, TurnRequest, context_budget, message_chars
 from .metrics import Metrics, RequestRecord
 from .providers import Provider
 from .registry import FlightRegistry
@@ -266,6 +266,13 @@ class TurnService:
             provider.check_content(messages)
         provider.check_parts(attachments, "attachments")
         s = self.settings
+        budget = context_budget(provider, model, s)
+        if budget:
+            fixed = [m for m in messages or () if m.get("role") in ("system", "developer")]
+            alone = sum(map(message_chars, fixed)) + (message_chars(messages[-1]) if messages else len(content))
+            if alone > budget:
+                raise BadRequest(f"the message is longer than the context budget of {model!r} "
+                                 f"({alone} characters, at most {budget})", param="content")
         key = None
         if idempotency_key:
             request = coalesce_key(thread_id or "", provider.name, model, content, _digest(messages),

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from server import serving
 from server.app import make_app
 from server.appkeys import METRICS, REGISTRY, STORE
 from server.config import Settings
@@ -199,6 +200,11 @@ class Gateway(GatewayClient):
         await self.runner.cleanup()
 
 
+async def start_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """Serve ``app`` on a free port of 127.0.0.1 as ``serve()`` does, connection limits included."""
+    return await serving.start(app, settings, host="127.0.0.1", port=0, shutdown_timeout=2)
+
+
 def registry(*providers: Provider, default: str = "mock") -> ProviderRegistry:
     names = {p.name for p in providers}
     extra = [] if "mock" in names else [MockProvider()]
@@ -209,10 +215,7 @@ async def start_gateway(settings: Settings, providers: ProviderRegistry | None =
                         *, connections: int = 100, clock: ManualClock | None = None) -> Gateway:
     app = make_app(settings, providers=providers) if clock is None else make_app(
         settings, providers=providers, clock=clock)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner = await start_runner(app, settings)
     host, port = runner.addresses[0][:2]
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
                                     timeout=aiohttp.ClientTimeout(total=60))

@@ -98,8 +98,8 @@ ROUTES = [
 ]
 #: routes that name one of org A's things: another org's key gets 404 there
 FOREIGN_404 = {"/api/threads/{thread}", "/api/threads/{thread}/messages", "/api/streams/{stream}"}
-#: routes outside the two surfaces: open to all
-OPEN = {"/", "/healthz", "/readyz", "/metrics"}
+#: routes outside the two surfaces: open to all (the page and its files too)
+OPEN = {"/", "/healthz", "/readyz", "/metrics", "/static/{path}"}
 
 
 def mounted(app: web.Application) -> set[tuple[str, str]]:

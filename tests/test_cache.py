@@ -57,7 +57,9 @@ async def test_same_prompt_twice_is_a_cache_hit_in_both_endpoints(gateway_factor
     assert s.value("dac_coalesce_total", role="cache") == 1
     assert s.value("dac_upstream_calls_total") == 1
     assert s.value("dac_cache_entries") == 1
-    assert s.value("dac_cache_bytes") == len("the first answer")
+    # what the kept flight really holds: its text, offsets, final frame and objects
+    assert s.value("dac_cache_bytes") == (await gw.hub.stream(first["message"]["message_id"])).held_bytes
+    assert s.value("dac_cache_bytes") > len("the first answer")
     perf = await gw.performance()
     assert perf["requests"] == 2
     assert perf["coalesce"]["leaders"] == 1 and perf["coalesce"]["cache_hits"] == 1
@@ -152,26 +154,32 @@ async def test_lru_by_entries_keeps_the_recently_used(gateway_factory: GatewayFa
     assert len(provider.calls) == calls + 1
 
 
-async def test_lru_by_bytes_counts_utf8_bytes(gateway_factory: GatewayFactory) -> None:
+async def test_lru_by_bytes_counts_what_each_answer_holds(gateway_factory: GatewayFactory) -> None:
     provider = ScriptedProvider()
-    gw = await gateway_factory(providers=registry(provider), cache_max_bytes=100)
+    gw = await gateway_factory(providers=registry(provider))
     thread = await gw.new_thread()
-    # 60 characters but 120 bytes: larger than the bound, so it is not kept
-    await answered(gw, provider, thread, "accents", "é" * 60)
-    s = await scrape(gw)
-    assert s.value("dac_cache_entries") == 0 and s.value("dac_cache_bytes") == 0
-    await answered(gw, provider, thread, "accents", "é" * 60)
-
+    sizes = {}
+    for name, text in (("first", "x" * 60), ("second", "y" * 30), ("third", "z" * 30), ("accents", "é" * 6000)):
+        answer = await answered(gw, provider, thread, name, text)
+        sizes[name] = (await gw.hub.stream(answer["message"]["message_id"])).held_bytes
+    assert sizes["accents"] > sizes["first"] > sizes["second"]  # 12,000 UTF-8 bytes held, not 6,000
+    assert sizes["first"] - sizes["second"] >= 30
+    # room for the first and second answers, not for a third beside them
+    gw.hub.settings = gw.hub.settings.with_(cache_max_bytes=sizes["first"] + sizes["second"] + 10)
+    gw.hub._evict()
+    thread = await gw.new_thread()
     await answered(gw, provider, thread, "first", "x" * 60)
     await answered(gw, provider, thread, "second", "y" * 30)
     s = await scrape(gw)
-    assert s.value("dac_cache_entries") == 2 and s.value("dac_cache_bytes") == 90
-    await answered(gw, provider, thread, "third", "z" * 30)  # 120 bytes held: the oldest goes
+    assert s.value("dac_cache_entries") == 2 and s.value("dac_cache_bytes") == sizes["first"] + sizes["second"]
+    await answered(gw, provider, thread, "third", "z" * 30)  # over the bound: the oldest goes
     s = await scrape(gw)
-    assert s.value("dac_cache_entries") == 2 and s.value("dac_cache_bytes") == 60
+    assert s.value("dac_cache_entries") == 2
     assert (await from_cache(gw, thread, "second"))["coalesce"] == "cache"
     assert (await from_cache(gw, thread, "third"))["coalesce"] == "cache"
-    await answered(gw, provider, thread, "first", "x" * 60)
+    await answered(gw, provider, thread, "accents", "é" * 6000)  # larger than the bound: not kept
+    assert (await from_cache(gw, thread, "third"))["coalesce"] == "cache"
+    await answered(gw, provider, thread, "first", "x" * 60)  # evicted: asked upstream again
 
 
 async def test_the_result_ttl_bounds_a_cache_hit(gateway_factory: GatewayFactory) -> None:

@@ -575,11 +575,11 @@ async def test_a_reconnect_does_not_use_up_another_clients_promise(gateway_facto
 
 async def test_a_too_large_answer_does_not_empty_the_cache(gateway_factory) -> None:
     mock = MockProvider()
-    gw = await gateway_factory(providers=registry(mock), cache_max_bytes=200)
+    gw = await gateway_factory(providers=registry(mock), cache_max_bytes=10_000)
     tid = await gw.new_thread()
     small = {"content": "q0", "model": "mock:ttft=0,itl=0,n=2"}
     await gw.post(tid, small)
-    await gw.post(tid, {"content": "big", "model": "mock:ttft=0,itl=0,n=200"})
+    await gw.post(tid, {"content": "big", "model": "mock:ttft=0,itl=0,n=2000"})
     _, again = await gw.post(tid, small)
     assert again["coalesce"] == "cache" and mock.calls == 2
 

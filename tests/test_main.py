@@ -45,14 +45,20 @@ async def start_server(db: Path, *args: str, env: dict[str, str] | None = None) 
     return proc, match.group(1)
 
 
+async def new_thread(http: aiohttp.ClientSession, url: str, org: str = "org_a") -> str:
+    """A new thread of ``org`` on the server at ``url``."""
+    async with http.post(f"{url}/api/threads/", json={}, headers={"x-org-id": org}) as resp:
+        assert resp.status == 201, await resp.text()
+        return str((await resp.json())["thread_id"])
+
+
 async def test_sigterm_tells_listeners_and_saves_the_turn(tmp_path: Path) -> None:
     db = tmp_path / "dac.db"
     proc, url = await start_server(db)
     try:
         async with aiohttp.ClientSession() as http:
             h = {"x-org-id": "org_a"}
-            async with http.post(f"{url}/api/threads/", json={}, headers=h) as resp:
-                tid = (await resp.json())["thread_id"]
+            tid = await new_thread(http, url)
             async with http.post(f"{url}/api/threads/{tid}/messages", headers={**h, "Accept": "text/event-stream"},
                                  json={"content": "long", "model": "mock:ttft=0,itl=100,n=200"}) as resp:
                 events = []

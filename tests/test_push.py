@@ -198,3 +198,31 @@ async def test_a_client_that_stops_reading_is_dropped_and_never_buffers_without_
 async def _until(predicate: Any) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+async def test_a_subscriber_whose_handler_was_cancelled_does_not_break_the_others() -> None:
+    """A client that leaves has its handler cancelled (and so its subscription's future)
+    before it can unsubscribe: flushes, pings and the end go on for everyone else."""
+    log = EventLog(capacity=8, ping_interval_s=0.01)
+    gone, staying = FakeSink(), FakeSink()
+    gone_ended = log.subscribe(gone, 1)
+    ended = log.subscribe(staying, 1)
+    gone_ended.cancel()  # in the same loop pass as the appends and the end
+    log.append("a")
+    log.close(encode_event("done", {}, 2))
+    assert await within(ended, 1, "the end") is None
+    assert staying.events() == [delta(1, "a"), ("done", 2, "{}")]
+    assert not log._pushed and log._ping_handle is None
+
+
+async def test_a_subscriber_ahead_of_the_log_is_written_nothing_before_its_cursor() -> None:
+    """A subscriber resuming past the newest delta (a mirror that lags) waits for its cursor."""
+    log = EventLog(capacity=16)
+    for text in "abcdef":
+        log.append(text)
+    sink = FakeSink()
+    log.subscribe(sink, 9)
+    for text in "ghijk":  # deltas 7 to 11
+        log.append(text)
+        await asyncio.sleep(0)
+    assert [seq for _, seq, _ in sink.events()] == [9, 10, 11]

@@ -367,3 +367,43 @@ async def test_group_commit_answers_each_caller_with_its_own_rows(tmp_path: Path
         assert await store.messages("org_b", theirs) == []
     finally:
         await store.close()
+
+
+async def test_checkpoints_pages_and_thread_counts(store: Store) -> None:
+    """A checkpoint keeps the text of a streaming row and never touches an ended one;
+    messages page newest first before a message; threads are counted per org."""
+    thread = await store.create_thread("org_a", "t")
+    await store.create_thread("org_b", "other")
+    assert await store.count_threads("org_a") == 1 and await store.count_threads("org_c") == 0
+    _, assistant = await begin(store, org_id="org_a", thread_id=thread["thread_id"], content="q0")
+    await within(store.checkpoint(message_id=assistant["message_id"], content="par", deltas=3), what="checkpoint")
+    found = await store.get_answer("org_a", assistant["message_id"])
+    assert found is not None and found.message["content"] == "par" and found.deltas == 3
+    assert found.message["status"] == MessageStatus.STREAMING
+    await finish(store, assistant, MessageStatus.COMPLETE, "partial and whole", deltas=5)
+    await within(store.checkpoint(message_id=assistant["message_id"], content="late", deltas=4), what="checkpoint")
+    found = await store.get_answer("org_a", assistant["message_id"])
+    assert found is not None and found.message["content"] == "partial and whole"
+    assert store.writable and await store.check_writable()
+    for i in range(1, 3):
+        _, later = await begin(store, org_id="org_a", thread_id=thread["thread_id"], content=f"q{i}")
+        await finish(store, later, MessageStatus.COMPLETE)
+    everything = await store.messages("org_a", thread["thread_id"])
+    page = await store.messages_before("org_a", thread["thread_id"], limit=4)
+    assert page == everything[::-1][:4]
+    older = await store.messages_before("org_a", thread["thread_id"], limit=4, before=page[-1]["message_id"])
+    assert older == everything[::-1][4:]
+    assert await store.messages_before("org_b", thread["thread_id"], limit=4) == []
+    assert await store.messages_before("org_a", thread["thread_id"], limit=4, before="msg_nope") is None
+
+
+def test_a_turn_the_history_cache_read_from_disk_is_not_added_again() -> None:
+    """A cold history read that lands after a turn's commit, but before the store notes that
+    turn in the cache, must not make the turn appear twice in what goes upstream."""
+    from server.sqlite_store import _History
+
+    history = _History([(1, "q1", "a1")])  # read from disk, the turn already committed
+    history.add(1, "q1", "a1")  # then the turn's own note arrives
+    history.add(3, "q2", "a2")
+    assert history.conversation() == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]

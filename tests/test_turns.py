@@ -161,7 +161,7 @@ async def test_a_turn_whose_rows_fail_after_the_upstream_call_started_is_an_erro
         call = await scripted.next_call()  # the upstream call started before the rows were written
         await within(call.closed.wait(), 5, "the upstream call to be cut")
         status, body = await within(answer, 5, "the answer")
-        assert status == 500 and body["error"]["type"] == "store_error", body
+        assert status == 503 and body["error"]["type"] == "store_error", body
         assert (await gw.thread(tid))["messages"] == []
 
 

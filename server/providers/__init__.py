@@ -143,6 +143,12 @@ async def build_registry(settings: Settings) -> ProviderRegistry:
         else:
             providers.append(OpenAIProvider(**common, meta_keys=spec.meta_keys,
                                             stream_options=spec.stream_options))
+    budgets = {r.spec.name: r.spec for r in resolved}
+    for provider in providers:
+        declared = budgets.get(provider.name)
+        if declared is not None:
+            provider.context_chars = declared.context_chars
+            provider.model_context_chars = dict(declared.model_context_chars)
     registry = ProviderRegistry(providers, default=settings.default_provider, session=session)
     if settings.default_provider not in registry:
         await registry.aclose()

@@ -37,6 +37,15 @@ __all__ = [
 ]
 
 DEFAULT_MAX_CONCURRENCY = 16
+#: characters a token stands for when a context window is known only in tokens (on the safe side)
+CHARS_PER_TOKEN = 3
+#: context windows of well-known models, in tokens (a context budget defaults to these)
+KNOWN_CONTEXT_TOKENS: dict[str, int] = {
+    "gpt-4o": 128_000, "gpt-4o-mini": 128_000, "gpt-4.1": 1_047_576, "gpt-4.1-mini": 1_047_576,
+    "o3-mini": 200_000, "claude-3-5-haiku-latest": 200_000, "claude-3-5-sonnet-latest": 200_000,
+    "claude-3-7-sonnet-latest": 200_000, "sonar": 127_072, "sonar-pro": 200_000,
+    "llama-3.1-8b-instant": 131_072, "llama3.2": 131_072,
+}
 
 
 # -- what a request carries: OpenAI's chat messages ------------------------------------
@@ -218,6 +227,19 @@ class Provider(abc.ABC):
     local: bool = False
     #: it has produced output (or answered a probe) since the start
     answered: bool = False
+    #: characters of conversation sent upstream at most (0: the model's window when known)
+    context_chars: int = 0
+    #: the same per model (the providers file's ``model_context_chars``)
+    model_context_chars: dict[str, int] = {}  # replaced per instance, never mutated
+
+    def context_budget(self, model: str) -> int:
+        """Characters of conversation this provider takes for ``model``; 0 when unknown."""
+        if model in self.model_context_chars:
+            return self.model_context_chars[model]
+        if self.context_chars:
+            return self.context_chars
+        tokens = KNOWN_CONTEXT_TOKENS.get(model.rpartition("/")[2])
+        return tokens * CHARS_PER_TOKEN if tokens else 0
 
     def configured(self) -> bool:
         """Whether the provider can be called (has its key, say)."""

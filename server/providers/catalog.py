@@ -34,6 +34,8 @@ The file (``DAC_PROVIDERS_FILE``) declares more, or changes a built-in::
     # meta_keys = ["citations"]         # openai: chunk fields kept in the message's meta
     # stream_options = false            # openai: never send stream_options (servers that refuse it)
     # max_temperature = 1.0             # a higher temperature is sent as this (anthropic: at most 1)
+    # context_chars = 200000            # conversation characters sent upstream at most (oldest turns dropped)
+    # model_context_chars = { "llama3" = 24000 }   # the same per model
 
 An entry named like a built-in starts from the built-in's values. Unknown
 fields, wrong types and duplicate names stop the start with a message naming
@@ -59,7 +61,8 @@ __all__ = ["BUILTINS", "KINDS", "ProviderSpec", "ProviderConfigError", "env_pref
 KINDS = ("openai", "anthropic", "mock")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FIELDS = {"name", "kind", "base_url", "api_key_env", "max_concurrency", "timeouts", "default_model",
-           "models", "headers", "max_tokens", "meta_keys", "stream_options", "max_temperature"}
+           "models", "headers", "max_tokens", "meta_keys", "stream_options", "max_temperature",
+           "context_chars", "model_context_chars"}
 _TIMEOUTS = ("connect", "first_token", "idle", "total")
 
 
@@ -88,6 +91,9 @@ class ProviderSpec:
     stream_options: bool = True
     #: a temperature above this is sent as this
     max_temperature: float | None = None
+    #: conversation characters sent upstream at most (0: the model's window when known)
+    context_chars: int = 0
+    model_context_chars: Mapping[str, int] = field(default_factory=dict)
     #: whether base_url came from the file (then ``<NAME>_BASE_URL`` does not replace it)
     fixed_url: bool = False
 
@@ -215,6 +221,15 @@ def _entry(entry: dict[str, Any], base: Mapping[str, ProviderSpec], *, where: st
         if isinstance(ceiling, bool) or not isinstance(ceiling, int | float) or not 0 <= ceiling <= 2:
             raise ProviderConfigError(f"{where}: 'max_temperature' must be a number from 0 to 2, not {ceiling!r}")
         changes["max_temperature"] = float(ceiling)
+    if (budget := whole("context_chars")) is not None:
+        changes["context_chars"] = budget
+    if "model_context_chars" in entry:
+        table = entry["model_context_chars"]
+        if not isinstance(table, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in table.values()):
+            raise ProviderConfigError(f"{where}: 'model_context_chars' must be a table of whole numbers >= 1, "
+                                     "like { model = 24000 }")
+        changes["model_context_chars"] = dict(table)
     if "headers" in entry:
         headers = entry["headers"]
         if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncGenerator
+import math
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
 import orjson
@@ -80,6 +81,8 @@ class MockSpec:
             )
         except ValueError as exc:
             raise BadRequest(f"bad mock option in {model!r}: {exc}") from None
+        if not (math.isfinite(spec.ttft_ms) and math.isfinite(spec.itl_ms)):
+            raise BadRequest(f"mock timings must be finite numbers in {model!r}")
         if spec.ttft_ms < 0 or spec.itl_ms < 0 or not 0 <= spec.n <= 100_000 or not 0 <= spec.think <= 100_000:
             raise BadRequest(f"mock options out of range in {model!r}")
         if spec.ttft_ms > 600_000 or spec.itl_ms > 60_000:
@@ -99,12 +102,15 @@ def _last_user_text(request: ProviderRequest) -> str:
 
 def mock_answer(prompt: str, n: int) -> list[str]:
     """The ``n`` tokens the mock streams for ``prompt``."""
+    return list(_tokens(prompt, n))
+
+
+def _tokens(prompt: str, n: int) -> Iterator[str]:
+    """The tokens of :func:`mock_answer`, one at a time (a long answer is never held whole)."""
     digest = hashlib.sha1(prompt.encode()).digest()
-    tokens = []
     for i in range(n):
         word = _WORDS[(digest[i % len(digest)] + i * 7) % len(_WORDS)]
-        tokens.append(word if i == 0 else " " + word)
-    return tokens
+        yield word if i == 0 else " " + word
 
 
 class MockProvider(Provider):
@@ -136,8 +142,7 @@ class MockProvider(Provider):
                 if i and spec.itl_ms:
                     await asyncio.sleep(spec.itl_ms / 1000)
                 yield Chunk(reasoning=word)
-            tokens = mock_answer(prompt, spec.n)
-            for i, token in enumerate(tokens):
+            for i, token in enumerate(_tokens(prompt, spec.n)):
                 if i and spec.itl_ms:
                     await asyncio.sleep(spec.itl_ms / 1000)
                 if spec.fail_at is not None and i == spec.fail_at:
@@ -152,8 +157,8 @@ class MockProvider(Provider):
                 finish_reason="tool_calls" if spec.tool else "stop",
                 usage={
                     "prompt_tokens": len(prompt.split()),
-                    "completion_tokens": spec.think + len(tokens),
-                    "total_tokens": len(prompt.split()) + spec.think + len(tokens),
+                    "completion_tokens": spec.think + spec.n,
+                    "total_tokens": len(prompt.split()) + spec.think + spec.n,
                 },
             )
         finally:

@@ -32,7 +32,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Middleware
 from aiohttp_sse import EventSourceResponse
 
-from ..appkeys import AUTH, METRICS, SETTINGS, STREAM_STARTED
+from ..appkeys import AUTH, CLOSE_AFTER, METRICS, SETTINGS, STREAM_STARTED
 from ..auth import AuthMode
 from ..errors import (
     BadRequest,
@@ -43,6 +43,7 @@ from ..errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from ._input import check_depth, read_body
 
 __all__ = [
     "ORG_RE",
@@ -73,12 +74,12 @@ def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | 
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object (``{}`` when empty), or a 400 saying what is wrong.
+    """The request body as a JSON object (``{}`` when empty), or a 4xx saying what is wrong.
 
     A body that is not ``application/json`` (or ``application/...+json``) is a 415:
     a browser sends no other type from another site without asking first (CORS).
     """
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw.strip():
         return {}
     mime = request.content_type
@@ -90,6 +91,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    check_depth(body)
     return body
 
 
@@ -262,7 +264,7 @@ def _to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | No
         return exc
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.config_dict[SETTINGS].max_body_bytes
-        return PayloadTooLarge(f"request body too large (limit {limit} bytes)")
+        return PayloadTooLarge(f"request body too large (limit {limit} bytes)", limit="max_body_bytes")
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             return None
@@ -295,6 +297,8 @@ def error_middleware(render: Callable[[GatewayError], web.Response]) -> Middlewa
                 metrics.count_error(error.type)
                 response = render(error)
                 response.headers.update(error.headers())
+                if request.get(CLOSE_AFTER):
+                    response.force_close()
                 if isinstance(exc, web.HTTPException) and exc.status == 405 and "Allow" in exc.headers:
                     response.headers["Allow"] = exc.headers["Allow"]
                 return response

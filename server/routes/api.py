@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..appkeys import AUTH, PROVIDERS, SETTINGS, STORE, TURNS
+from ..appkeys import AUTH, LIMITS, PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound
 from ..flight import TurnRequest
 from ..providers import content_part
@@ -28,6 +28,7 @@ from ._http import (
     require_org,
     stream_caller,
 )
+from ._input import header_text, whole_number
 
 __all__ = ["error_response", "errors", "setup"]
 
@@ -35,6 +36,8 @@ MAX_CONTENT_CHARS = 200_000
 MAX_TITLE_CHARS = 200
 DEFAULT_THREAD_LIMIT = 200
 MAX_THREAD_LIMIT = 1000
+DEFAULT_MESSAGE_LIMIT = 200
+MAX_MESSAGE_LIMIT = 1000
 
 
 def error_response(error: GatewayError) -> web.Response:
@@ -65,32 +68,44 @@ def _optional_str(body: dict[str, Any], name: str, *, limit: int = 256) -> str |
 
 async def create_thread(request: web.Request) -> web.Response:
     org = await require_org(request)
+    limits = request.app[LIMITS]
+    limits.admit(org)
     body = await read_json(request)
     title = _optional_str(body, "title", limit=MAX_TITLE_CHARS)
-    thread = await request.app[STORE].create_thread(org, (title or "").strip() or "New thread")
+    store = request.app[STORE]
+    async with limits.new_thread(org, lambda: store.count_threads(org)):
+        thread = await store.create_thread(org, (title or "").strip() or "New thread")
     return json_response(thread, status=201)
 
 
 async def list_threads(request: web.Request) -> web.Response:
     """The org's threads, newest first; ``?limit=N`` (1-1000, default 200)."""
     org = await require_org(request)
-    raw = request.query.get("limit", str(DEFAULT_THREAD_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_THREAD_LIMIT:
-        raise BadRequest(f"limit must be a whole number from 1 to {MAX_THREAD_LIMIT}", param="limit")
-    return json_response({"threads": await request.app[STORE].list_threads(org, limit=int(raw))})
+    limit = whole_number(request, "limit", DEFAULT_THREAD_LIMIT, low=1, high=MAX_THREAD_LIMIT)
+    return json_response({"threads": await request.app[STORE].list_threads(org, limit=limit)})
 
 
 async def get_thread(request: web.Request) -> web.Response:
+    """A thread and a page of its messages, oldest first: the newest ``?limit=N`` (1-1000,
+    default 200) older than ``?before=MESSAGE_ID``; ``next_before`` while older ones remain."""
     org = await require_org(request)
+    limit = whole_number(request, "limit", DEFAULT_MESSAGE_LIMIT, low=1, high=MAX_MESSAGE_LIMIT)
+    before = request.query.get("before") or None
     store = request.app[STORE]
     thread = await store.get_thread(org, request.match_info["thread_id"])
     if thread is None:
         raise NotFound("thread not found")
-    messages: list[dict[str, Any]] = [dict(m) for m in await store.messages(org, thread["thread_id"])]
+    page = await store.messages_before(org, thread["thread_id"], limit=limit + 1, before=before)
+    if page is None:
+        raise BadRequest("before must name a message of this thread", param="before")
+    messages: list[dict[str, Any]] = [dict(m) for m in page[:limit][::-1]]
     for m in messages:  # an answer being written: where a page (EventSource, no header) can follow it
         if m["role"] == "assistant" and m["status"] == "streaming":
             m["stream_url"] = _stream_path(request, org, m["message_id"], None)
-    return json_response({**thread, "messages": messages})
+    body: dict[str, Any] = {**thread, "messages": messages}
+    if len(page) > limit:
+        body["next_before"] = page[limit - 1]["message_id"]
+    return json_response(body)
 
 
 async def delete_thread(request: web.Request) -> web.Response:
@@ -157,7 +172,7 @@ async def _parse_message(request: web.Request, org: str, *, sse: bool) -> tuple[
         surface=Surface.API, org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
         streaming=sse or bool(stream), meta=meta, params=params, attachments=attachments,
         shareable=not params and not attachments,
-        idempotency_key=request.headers.get("Idempotency-Key"),
+        idempotency_key=header_text(request, "Idempotency-Key"),
         no_cache="no-cache" in request.headers.get("Cache-Control", "").lower(),
     )
     return turn, bool(stream)
@@ -166,6 +181,7 @@ async def _parse_message(request: web.Request, org: str, *, sse: bool) -> tuple[
 async def post_message(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     org = await require_org(request)
+    request.app[LIMITS].admit(org)
     sse = "text/event-stream" in request.headers.get("Accept", "")
     turn, stream = await _parse_message(request, org, sse=sse)
     turns = request.app[TURNS]

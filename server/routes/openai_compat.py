@@ -46,13 +46,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..appkeys import PROVIDERS, SETTINGS, STORE, TURNS
+from ..appkeys import LIMITS, PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound
 from ..eventlog import Delta
 from ..flight import Flight, TurnRequest
 from ..providers import Provider, ProviderRegistry, content_part
 from ..turns import Lease, Surface, Until
 from ._http import error_middleware, json_response, open_sse, read_json, require_org, send
+from ._input import header_text
 
 __all__ = ["setup"]
 
@@ -91,6 +92,8 @@ def _error_body(error: GatewayError) -> dict[str, Any]:
     body: dict[str, Any] = {"message": error.message, "type": kind, "param": error.param, "code": error.type}
     if error.retry_after is not None:
         body["retry_after"] = error.retry_after
+    if error.limit is not None:
+        body["limit"] = error.limit
     return {"error": body}
 
 
@@ -259,7 +262,7 @@ async def _parse(request: web.Request, org: str) -> _Call:
     users = [m["content"] for m in messages if m["role"] == "user"]
     last = users[-1] if users else ""
     content = _text_of(last)
-    thread_id = request.headers.get("x-thread-id") or None
+    thread_id = header_text(request, "x-thread-id") or None
     if thread_id is not None:
         if not users:
             raise BadRequest("with x-thread-id the messages must hold a user message to write to the thread",
@@ -267,7 +270,7 @@ async def _parse(request: web.Request, org: str) -> _Call:
         if await cfg[STORE].get_thread(org, thread_id) is None:
             raise NotFound("thread not found (x-thread-id)", param="x-thread-id")
 
-    idempotency_key = request.headers.get("Idempotency-Key")
+    idempotency_key = header_text(request, "Idempotency-Key")
     turn = cfg[TURNS].turn(
         surface=Surface.V1, org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
         streaming=bool(stream), messages=messages, params=params,
@@ -431,7 +434,9 @@ def _ending(answer: _Completion, flight: Flight, call: _Call) -> list[bytes]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    call = await _parse(request, await _org(request))
+    org = await _org(request)
+    request.config_dict[LIMITS].admit(org)
+    call = await _parse(request, org)
     turns = request.config_dict[TURNS]
     mode = "sse" if call.stream else "json"
     async with turns.lease(call.turn, route="v1", mode=mode, started=started) as lease:

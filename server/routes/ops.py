@@ -23,6 +23,8 @@ async def readyz(request: web.Request) -> web.Response:
     store = request.app.get(STORE)
     if store is None or not store.is_open:
         return json_response({"status": "starting"}, status=503)
+    if not store.writable and not await store.check_writable():
+        return json_response({"status": "store_unwritable", "store": store.engine}, status=503)
     registry = request.app.get(REGISTRY)
     return json_response({"status": "ready", "store": store.engine,
                           "registry": registry.engine if registry is not None else "inprocess"})
