@@ -306,3 +306,41 @@ async def test_fake_openai_speaks_the_chat_completions_wire_format() -> None:
                 assert (await r.json())["calls"] == 3  # the refused call never started
     finally:
         await runner.cleanup()
+
+
+async def test_fake_openai_holds_calls_until_released() -> None:
+    app = make_app(FakeConfig(ttft_ms=0, itl_ms=0, tokens=3))
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    base = f"http://{host}:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def post(path: str, body: dict[str, Any]) -> Any:
+                async with session.post(f"{base}{path}", json=body, headers={"Authorization": "Bearer k"}) as r:
+                    return await r.json()
+
+            async def stats() -> dict[str, Any]:
+                async with session.get(f"{base}/stats") as r:
+                    return dict(await r.json())
+
+            await within(post("/config", {"hold": True, "ttft_ms": 5}))
+            held = asyncio.ensure_future(post("/v1/chat/completions", {
+                "model": "m", "messages": [{"role": "user", "content": "wait for it"}]}))
+
+            async def open_call() -> None:
+                while (await stats())["open"] != 1:
+                    await asyncio.sleep(0.01)
+
+            await within(open_call(), what="the call to reach the fake")
+            assert not held.done() and (await within(stats()))["recent"][0]["first_due"] is None
+            released = (await within(post("/release", {})))["released"]
+            answer = await within(held, what="the held call to answer")
+            assert answer["choices"][0]["message"]["content"] == "".join(mock_answer("wait for it", 3))
+            call = (await within(stats()))["recent"][0]
+            assert call["first_due"] >= released + 0.005  # its schedule starts at the release
+            assert (await within(post("/config", {})))["hold"] is False
+    finally:
+        await runner.cleanup()
