@@ -163,30 +163,37 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             }
             outcome = "complete"
             return web.Response(body=orjson.dumps(answer), content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            obj = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-            return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-        await resp.write(chunk({"role": "assistant", "content": ""}))
-        for i, token in enumerate(tokens):
-            await _until(due + itl * i)
-            await resp.write(chunk({"content": token}))
-        await resp.write(chunk({}, "stop"))
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            final = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [], "usage": usage}
-            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        head = {"id": completion_id, "created": created, "model": model}
+        resp = await _stream(request, body, tokens, usage, head, due=due, itl=itl)
         outcome = "complete"
         return resp
     finally:
         stats.end(call, outcome)
+
+
+async def _stream(request: web.Request, body: dict[str, Any], tokens: list[str], usage: dict[str, int],
+                  head: dict[str, Any], *, due: float, itl: float) -> web.StreamResponse:
+    """The answer as ``chat.completion.chunk`` events, token ``i`` at ``due + i * itl``."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        obj = {**head, "object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    await resp.write(chunk({"role": "assistant", "content": ""}))
+    for i, token in enumerate(tokens):
+        await _until(due + itl * i)
+        await resp.write(chunk({"content": token}))
+    await resp.write(chunk({}, "stop"))
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        final = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+        await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
 
 
 async def _until(when: float) -> None:
