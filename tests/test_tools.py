@@ -18,7 +18,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -282,17 +283,25 @@ def test_bench_fanout_checks_every_token_of_every_subscriber(tmp_path: Path) -> 
 # -- tools/fake_openai.py ---------------------------------------------------------------
 
 
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a free 127.0.0.1 port, run as the fake runs (a client that leaves cancels its
+    handler); yields its base URL."""
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
 async def test_fake_openai_speaks_the_chat_completions_wire_format() -> None:
     from openai import AsyncOpenAI, AuthenticationError
 
     app = make_app(FakeConfig(ttft_ms=0, itl_ms=0, tokens=6))
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    base = f"http://{host}:{port}"
-    try:
+    async with serving(app) as base:
         client = AsyncOpenAI(base_url=f"{base}/v1", api_key="k")
         stream = await within(client.chat.completions.create(
             model="fake-model", messages=[{"role": "user", "content": "Hello"}], stream=True,
@@ -334,19 +343,11 @@ async def test_fake_openai_speaks_the_chat_completions_wire_format() -> None:
             assert call["outcome"] == "disconnected"
             async with session.get(f"{base}/stats") as r:
                 assert (await r.json())["calls"] == 3  # the refused call never started
-    finally:
-        await runner.cleanup()
 
 
 async def test_fake_openai_holds_calls_until_released() -> None:
     app = make_app(FakeConfig(ttft_ms=0, itl_ms=0, tokens=3))
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    base = f"http://{host}:{port}"
-    try:
+    async with serving(app) as base:
         async with aiohttp.ClientSession() as session:
             async def post(path: str, body: dict[str, Any]) -> Any:
                 async with session.post(f"{base}{path}", json=body, headers={"Authorization": "Bearer k"}) as r:
@@ -372,5 +373,3 @@ async def test_fake_openai_holds_calls_until_released() -> None:
             call = (await within(stats()))["recent"][0]
             assert call["first_due"] >= released + 0.005  # its schedule starts at the release
             assert (await within(post("/config", {})))["hold"] is False
-    finally:
-        await runner.cleanup()

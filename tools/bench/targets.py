@@ -23,36 +23,15 @@ _OPS: dict[str, tuple[str, Callable[[float, float], bool]]] = {
 }
 
 
-def as_ms(value: float) -> str:
-    return f"{value:.2f} ms"
-
-
-def as_added_ms(value: float) -> str:
-    return f"{value:+.2f} ms"
-
-
-def as_us(value: float) -> str:
-    return f"{value:.2f} µs"
-
-
-def as_rate(value: float) -> str:
-    return f"{value:,.0f}/s"
-
-
-def as_times(value: float) -> str:
-    return f"{value:.2f}×"
-
-
-def as_kib(value: float) -> str:
-    return f"{value:.1f} KiB"
-
-
-def as_mb(value: float) -> str:
-    return f"{value:.1f} MB"
-
-
-def as_count(value: float) -> str:
-    return f"{value:,.0f}"
+#: how each unit prints (a value already in that unit)
+as_ms = "{:.2f} ms".format
+as_added_ms = "{:+.2f} ms".format
+as_us = "{:.2f} µs".format
+as_rate = "{:,.0f}/s".format
+as_times = "{:.2f}×".format
+as_kib = "{:.1f} KiB".format
+as_mb = "{:.1f} MB".format
+as_count = "{:,.0f}".format
 
 
 @dataclass(slots=True, kw_only=True)
