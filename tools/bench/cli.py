@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None, *, fanout_only: bool = False) -> int:
     report: dict[str, Any] = {
         "quick": args.quick,
         "machine": {"cpus": os.cpu_count(), "server_cores": sorted(server_cores or []),
-                    "load_cores": sorted(load_cores or []), "pinned": pinned, "python": sys.version.split()[0]},
+                    "load_cores": sorted(load_cores or []), "pinned": pinned, "python": sys.version.split()[0],
+                    "loadavg_at_start": os.getloadavg()},
         "litellm": "not installed" if litellm_cmd is None and args.litellm == "auto" else
                    ("off" if litellm_cmd is None else " ".join(litellm_cmd)),
         "sections": {},
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None, *, fanout_only: bool = False) -> int:
         failed |= _side_sections(args, report, setup, litellm_cmd=litellm_cmd, cores=cores)
     if 5 in args.sections:
         failed |= _fanout_section(args, report, pinned=pinned, cores=cores)
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    setup.append("Load average (1 min) of the whole machine: {:.2f} at the start, {:.2f} at the end (other "
+                 "processes share these cores).".format(report["machine"]["loadavg_at_start"][0],
+                                                       report["machine"]["loadavg_at_end"][0]))
     report["setup"] = " ".join(setup)
     report["checks"] = [c for key in sorted(report["sections"], key=int)
                         for c in report["sections"][key].get("checks", [])]
