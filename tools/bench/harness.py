@@ -62,6 +62,8 @@ class Target:
 @dataclass(slots=True, kw_only=True)
 class Stream:
     ok: bool
+    #: time.monotonic() when the request was sent
+    started: float
     ttft_s: float | None
     total_s: float
     text: str
@@ -172,7 +174,7 @@ class Bench:
         ttft, text, ok, error = None, "", False, None
         async with self.open(target, content, thread=thread) as resp:
             if resp.status != 200:
-                return Stream(ok=False, ttft_s=None, total_s=time.monotonic() - started, text="",
+                return Stream(ok=False, started=started, ttft_s=None, total_s=time.monotonic() - started, text="",
                               error=f"HTTP {resp.status} {(await resp.text())[:200]}")
             async for ev in sse_events(resp):
                 piece = None
@@ -192,7 +194,7 @@ class Bench:
                 if piece:
                     text += piece
                     ttft = ev.at - started if ttft is None else ttft
-        return Stream(ok=ok and error is None, ttft_s=ttft, total_s=time.monotonic() - started, text=text, error=error)
+        return Stream(ok=ok and error is None, started=started, ttft_s=ttft, total_s=time.monotonic() - started, text=text, error=error)
 
     async def complete(self, target: Target, content: str, *, thread: str | None = None) -> tuple[bool, float]:
         url, body, headers = self._request(target, content, stream=False, thread=thread)

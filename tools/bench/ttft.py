@@ -24,6 +24,7 @@ TTFT_TARGETS = (("v1", 50, 0.5), ("v1", 95, 1.0), ("api", 50, 0.8))
 async def section_ttft(bench: Bench, *, rounds: int) -> dict[str, Any]:
     await bench.set_upstream(**TTFT_UPSTREAM)
     ttfts: dict[str, list[float]] = {t.name: [] for t in bench.targets}
+    legs: dict[str, list[tuple[float, float]]] = {t.name: [] for t in bench.targets}
     errors: dict[str, int] = {t.name: 0 for t in bench.targets}
     for r, target in bench.alternating(rounds):
         content = f"TTFT {bench.run_id} round {r} via {target.name}"
@@ -31,17 +32,33 @@ async def section_ttft(bench: Bench, *, rounds: int) -> dict[str, Any]:
         complete = result.text == "".join(mock_answer(content, bench.timing.tokens))
         if result.ok and complete and result.ttft_s is not None:
             ttfts[target.name].append(result.ttft_s)
+            if target.via_fake:
+                legs[target.name] += await _legs(bench, content, result.started, result.started + result.ttft_s)
         else:
             errors[target.name] += 1
     cols = _columns(bench.targets, ttfts, errors)
+    for name, pairs in legs.items():
+        cols[name]["to_upstream_p50_s"] = percentile([p[0] for p in pairs], 50)
+        cols[name]["from_upstream_p50_s"] = percentile([p[1] for p in pairs], 50)
     return {"title": f"1. TTFT of one stream, {rounds} alternating runs per column "
                      f"(upstream: first token after {TTFT_UPSTREAM['ttft_ms']} ms)",
             "note": "A new question every run, so nothing is served from a cache. `gateway /v1` is the "
                     "stateless OpenAI-compatible surface; `gateway /api` posts to a fresh thread (made before "
                     "the clock starts) with `Accept: text/event-stream`. TTFT runs from the request to the "
-                    "first piece of text; added = the column's percentile minus direct's.",
+                    "first piece of text; added = the column's percentile minus direct's. The two legs come from the "
+                    "fake's record of each call (same CLOCK_MONOTONIC): from sending the request to the upstream "
+                    "call starting, and from the upstream's first token being due to the client reading it.",
             "columns": cols, "rows": _rows(bench.targets, cols), "checks": _checks(cols),
             "broken": broken(cols, "errors")}
+
+
+async def _legs(bench: Bench, content: str, sent: float, first: float) -> list[tuple[float, float]]:
+    """The two legs of one TTFT, from the fake's record of the call: request sent -> upstream call
+    started, and first token due at the upstream -> first text at the client."""
+    calls = [c for c in (await bench.fake_stats(last=5))["recent"] if c["prompt"] == content]
+    if len(calls) != 1 or calls[0]["first_due"] is None:
+        return []
+    return [(calls[0]["started"] - sent, first - calls[0]["first_due"])]
 
 
 def _columns(targets: list[Target], ttfts: dict[str, list[float]], errors: dict[str, int]) -> dict[str, Any]:
@@ -67,6 +84,11 @@ def _checks(cols: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
+def _leg(col: dict[str, Any], key: str) -> str:
+    seconds = col.get(key)
+    return "n/a" if seconds is None else f"{seconds * 1000:.2f} ms"
+
+
 def _rows(targets: list[Target], cols: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
     def added(name: str, key: str) -> str:
         seconds = cols[name][key]
@@ -78,5 +100,7 @@ def _rows(targets: list[Target], cols: dict[str, dict[str, Any]]) -> list[tuple[
         ("added over direct, p50", *[added(t.name, "added_median_s") for t in targets]),
         ("added over direct, p95", *[added(t.name, "added_p95_s") for t in targets]),
         ("ratio to direct (p50)", *[fmt_ratio(cols[t.name]["ratio_median"]) for t in targets]),
+        ("request → upstream call started, p50", *[_leg(cols[t.name], "to_upstream_p50_s") for t in targets]),
+        ("upstream's first token → client, p50", *[_leg(cols[t.name], "from_upstream_p50_s") for t in targets]),
         ("runs failed or incomplete", *[str(cols[t.name]["errors"]) for t in targets]),
     ]
