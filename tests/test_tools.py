@@ -263,7 +263,7 @@ def test_bench_quick_reports_every_figure_beside_its_target(tmp_path: Path) -> N
 
 def test_bench_fanout_checks_every_token_of_every_subscriber(tmp_path: Path) -> None:
     path = tmp_path / "fanout.json"
-    out = run([sys.executable, "tools/bench_fanout.py", "--subscribers", "40", "--tokens", "10",
+    out = run([sys.executable, "tools/bench_fanout.py", "--fanout-levels", "40", "--tokens", "10",
                "--load-processes", "2", "--json", str(path)])
     assert out.returncode == 0, out.stdout + out.stderr
     section = json.loads(path.read_text())["sections"]["5"]
