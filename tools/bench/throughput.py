@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from tools._common import percentile
+from tools._common import cores_busy_seconds, percentile
 from tools.bench.harness import Bench, Target, broken, fmt_ms, fmt_ratio, median, ratio
 from tools.bench.targets import Check, as_rate, as_times
 
@@ -55,7 +55,10 @@ async def distinct_requests(bench: Bench, target: Target, r: int, *, requests: i
             failed += not ok
 
     cpu_before = target.proc.cpu_seconds() if target.proc else None
-    load_before = _load_cpu(bench)
+    cores = target.proc.cores if target.proc and target.proc.pinned else None
+    cores_before = cores_busy_seconds(cores) if cores else None
+    load_before, load_cores = _load_cpu(bench), os.sched_getaffinity(0)
+    load_cores_before = cores_busy_seconds(load_cores)
     bench.section = "load"
     started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -66,7 +69,10 @@ async def distinct_requests(bench: Bench, target: Target, r: int, *, requests: i
             "latency_p50_s": median(latencies), "latency_p95_s": percentile(latencies, 95),
             "server_cpu_per_request_s": None if cpu is None else cpu / requests,
             "server_busy": None if cpu is None else cpu / elapsed,
-            "load_busy": (_load_cpu(bench) - load_before) / elapsed}
+            "server_cores_busy": None if cores is None or cores_before is None else
+            (cores_busy_seconds(cores) - cores_before) / elapsed / len(cores),
+            "load_busy": (_load_cpu(bench) - load_before) / elapsed,
+            "load_cores_busy": (cores_busy_seconds(load_cores) - load_cores_before) / elapsed / len(load_cores)}
 
 
 def _load_cpu(bench: Bench) -> float:
@@ -90,6 +96,8 @@ async def section_throughput(bench: Bench, *, requests: int, concurrency: int, r
                      "latency_p95_s": best(t.name, "latency_p95_s"),
                      "server_cpu_per_request_s": best(t.name, "server_cpu_per_request_s"),
                      "load_busy": best(t.name, "load_busy"), "server_busy": best(t.name, "server_busy"),
+                     "server_cores_busy": best(t.name, "server_cores_busy"),
+                     "load_cores_busy": best(t.name, "load_cores_busy"),
                      "failed": sum(run["failed"] for run in runs[t.name])}
             for t in bench.targets}
     return {"title": f"4. Throughput: {requests} distinct non-stream requests, {concurrency} at a time, "
@@ -97,9 +105,11 @@ async def section_throughput(bench: Bench, *, requests: int, concurrency: int, r
             "note": "`gateway /v1` is the stateless surface (nothing stored). `gateway /api` is the thread API: "
                     "every request stores a user and an assistant message in SQLite (one fresh thread per "
                     "request, made before the clock starts) and streams from the upstream. Server CPU is the "
-                    "gateway process's user+system time over the requests. Load core busy: the client's and the "
-                    "fake upstream's CPU over the run's time; near 100% the load side, not the column, sets the "
-                    "rate.",
+                    "gateway process's user+system time over the requests. Server core busy: the gateway's CPU over "
+                    "the run's time, and every process's (from /proc/stat): where the second is near 100% and the "
+                    "first well below it, other processes on the machine took the core and the rate is theirs as "
+                    "much as the gateway's. Load core busy: the client's and the fake upstream's CPU, and every "
+                    "process's, the same way; near 100% the load side, not the column, sets the rate.",
             "columns": cols, "rows": _rows(bench.targets, cols), "checks": _checks(cols),
             "broken": broken(cols, "failed")}
 
@@ -127,7 +137,9 @@ def _rows(targets: list[Target], cols: dict[str, dict[str, Any]]) -> list[tuple[
         ("... ratio to direct", *[fmt_ratio(cols[t.name]["ratio_rps"]) for t in targets]),
         ("latency p95", *[fmt_ms(cols[t.name]["latency_p95_s"]) for t in targets]),
         ("server CPU per request", *[cpu(t) for t in targets]),
-        ("server core busy", *[busy(cols[t.name]["server_busy"]) for t in targets]),
-        ("load core busy (client + fake)", *[busy(cols[t.name]["load_busy"]) for t in targets]),
+        ("server core busy: the gateway", *[busy(cols[t.name]["server_busy"]) for t in targets]),
+        ("... every process on that core", *[busy(cols[t.name]["server_cores_busy"]) for t in targets]),
+        ("load core busy: client + fake", *[busy(cols[t.name]["load_busy"]) for t in targets]),
+        ("... every process on that core", *[busy(cols[t.name]["load_cores_busy"]) for t in targets]),
         ("failed requests", *[str(cols[t.name]["failed"]) for t in targets]),
     ]
