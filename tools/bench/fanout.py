@@ -28,7 +28,16 @@ import aiohttp
 import orjson
 
 from server.providers.mock import mock_answer
-from tools._common import DEFAULT_ORG, ServerProcess, http_open, markdown_table, percentile, progress, raise_open_files
+from tools._common import (
+    DEFAULT_ORG,
+    ServerProcess,
+    cores_busy_seconds,
+    http_open,
+    markdown_table,
+    percentile,
+    progress,
+    raise_open_files,
+)
 from tools.bench.fanout_load import FanoutJob, fanout_worker
 from tools.bench.harness import FAKE_KEY, FAKE_MODEL
 from tools.bench.targets import Check, as_count, as_kib, as_ms, as_us
@@ -173,12 +182,20 @@ class Measured:
     cpu_start: float
     cpu_attached: float
     cpu_end: float
+    #: CPU seconds every process used on the server's cores between the same two moments, and the time between
+    cores_cpu: float | None
+    delivery_s: float
     posted: float
     attached_at: float
     #: when the fake upstream's schedule had the first token due, and the gap between tokens
     first_due: float | None
     itl_s: float
     server_pinned: bool
+
+
+def _cores_cpu(server: ServerProcess) -> float | None:
+    """CPU seconds used so far by every process on the server's cores (None when it is not pinned)."""
+    return cores_busy_seconds(server.cores) if server.pinned and server.cores else None
 
 
 def _job(server: ServerProcess, stream_url: str, tokens: int, processes: int) -> FanoutJob:
@@ -210,17 +227,23 @@ def fanout_level(subscribers: int, *, tokens: int, workers: int, fake: ServerPro
             posted = time.monotonic()
             load.send(_job(server, accepted["stream_url"], tokens, len(load.procs)))
             attached_at = max(load.wait_for("attached").values())
-            cpu_attached = server.cpu_seconds()
+            cpu_attached, cores_attached, since = server.cpu_seconds(), _cores_cpu(server), time.monotonic()
             rss_attached = load.rss_peak = server.rss_bytes()
             _fake(fake, "POST", "/release", {})
             results = load.wait_for("result")
-            cpu_end = server.cpu_seconds()
+            cpu_end, cores_end, until = server.cpu_seconds(), _cores_cpu(server), time.monotonic()
     call = next((c for c in reversed(_fake(fake, "GET", "/stats?last=5")["recent"]) if c["prompt"] == FANOUT_PROMPT), {})
     return _figures(Measured(
         subscribers=subscribers, tokens=tokens, load_processes=len(load.procs), results=results,
         rss_idle=rss_idle, rss_attached=rss_attached, rss_peak=load.rss_peak, cpu_start=cpu_start,
         cpu_attached=cpu_attached, cpu_end=cpu_end, posted=posted, attached_at=attached_at,
+        cores_cpu=None if cores_attached is None or cores_end is None else cores_end - cores_attached,
+        delivery_s=until - since,
         first_due=call.get("first_due"), itl_s=FANOUT_ITL_MS / 1000, server_pinned=server.pinned))
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -269,6 +292,8 @@ def _figures(m: Measured) -> dict[str, Any]:
         "attached_before_first_token": first_token is not None and m.attached_at < first_token,
         "load_cpu_s": round(sum(r["cpu_s"] for r in results), 3),
         "load_busy": round(sum(r["delivery_cpu_s"] for r in results) / streamed, 3) if streamed > 0 else None,
+        "server_busy": round(delivery_cpu / m.delivery_s, 3),
+        "server_core_busy_all": None if m.cores_cpu is None else round(m.cores_cpu / m.delivery_s, 3),
         "server_pinned": m.server_pinned,
     }
 
@@ -325,12 +350,13 @@ def run_fanout(levels: Sequence[int], *, tokens: int, workers: int | None, serve
     table = markdown_table(
         ["Subscribers", "Load processes", "Received every token", "Events delivered", "Server CPU per event",
          "Lag p50", "Lag p99", "Lag max", "Spread p99", "Server RSS per subscriber", "Attach time",
-         "Load core busy"],
+         "Server core busy: gateway / all", "Load core busy"],
         [(r["subscribers"], r["load_processes"], f"{r['subscribers'] - r['failed_subscribers']}/{r['subscribers']}",
           r["events_delivered"], f"{r['server_cpu_per_event_us']} µs", f"{r['lag_p50_ms']} ms",
           f"{r['lag_p99_ms']} ms", f"{r['lag_max_ms']} ms", f"{r['spread_p99_ms']} ms",
           f"{r['rss_per_subscriber_bytes'] / 1024:.1f} KiB", f"{r['attach_s'] * 1000:.0f} ms",
-          "n/a" if r["load_busy"] is None else f"{r['load_busy']:.0%}") for r in rows],
+          f"{_share(r['server_busy'])} / {_share(r['server_core_busy_all'])}", _share(r["load_busy"]))
+         for r in rows],
     )
     return {"rows": rows, "table": table, "checks": [c for r in rows for c in _checks(r)],
             "ok": all(r["failed_subscribers_all_runs"] == 0 for r in rows)}
