@@ -70,10 +70,13 @@ FANOUT_NOTE = (
     "schedule. Each subscriber checks every token's sequence number, order and text and the final message. "
     "Subscribers are raw asyncio connections held by {workers} load process(es){pinning}. Lag: a token's "
     "arrival at a subscriber minus the time the upstream's schedule had it due (CLOCK_MONOTONIC, shared); "
-    "spread: minus its earliest arrival at any subscriber. CPU per event: server user+system CPU from the "
-    "moment all subscribers were attached to the end, over deltas and done events delivered. RSS per "
-    "subscriber: (server RSS with everyone attached, or its peak while streaming) minus idle, over N; a fresh "
-    "server per run. Load core busy: the load processes' CPU while the flight streamed, over its duration. "
+    "spread: minus its earliest arrival at any subscriber. CPU per event: the gateway process's CPU clock from "
+    "the moment all subscribers were attached to the end, over deltas and done events delivered. Server core "
+    "busy: that CPU over that time, and every process's on the core (/proc/stat); the kernel's loopback "
+    "delivery of the gateway's writes runs as softirq on the gateway's core and shows only in the second. "
+    "RSS per subscriber: (server RSS with everyone attached, or its peak while streaming) minus idle, over N; "
+    "a fresh server per run. Load core busy: the load processes' CPU while the flight streamed, over its "
+    "duration. "
     "{repeats} run(s) per level; the table shows the one with the median p99 lag."
 )
 
