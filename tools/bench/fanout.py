@@ -233,8 +233,9 @@ def fanout_level(subscribers: int, *, tokens: int, workers: int, fake: ServerPro
             cpu_attached, cores_attached, since = server.cpu_seconds(), _cores_cpu(server), time.monotonic()
             rss_attached = load.rss_peak = server.rss_bytes()
             _fake(fake, "POST", "/release", {})
-            results = load.wait_for("result")
+            load.wait_for("ended")
             cpu_end, cores_end, until = server.cpu_seconds(), _cores_cpu(server), time.monotonic()
+            results = load.wait_for("result")
     call = next((c for c in reversed(_fake(fake, "GET", "/stats?last=5")["recent"]) if c["prompt"] == FANOUT_PROMPT), {})
     return _figures(Measured(
         subscribers=subscribers, tokens=tokens, load_processes=len(load.procs), results=results,

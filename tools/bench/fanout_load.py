@@ -160,7 +160,7 @@ class Subscriber(asyncio.Protocol):
 
 class Crowd:
     """One load process's ``count`` subscribers: connect them, report when all are attached and
-    when all have ended, then check what each received."""
+    when all have ended, then check what each received and report that."""
 
     def __init__(self, index: int, count: int, job: FanoutJob, outbox: Any) -> None:
         self.index, self.count, self.job, self.outbox = index, count, job, outbox
@@ -218,6 +218,7 @@ class Crowd:
             self._mark("ended")
             for sub in self.subscribers:
                 sub.end("timed out")
+        self.outbox.put(("ended", self.index, self.marks["ended"][0]))  # before the checks, which take a while
         return self.results()
 
     def results(self) -> dict[str, Any]:
