@@ -105,6 +105,8 @@ class LoadProcesses:
         self.deadline = 0.0
         #: the server's peak memory, sampled while waiting
         self.rss_peak = 0
+        #: reports received, by kind ("ready", "attached", "ended", "result") and process
+        self.reports: dict[str, dict[int, Any]] = {}
 
     def __enter__(self) -> LoadProcesses:
         for p in self.procs:
@@ -131,18 +133,17 @@ class LoadProcesses:
         self.rss_peak = max(self.rss_peak, self.server.rss_bytes())
 
     def wait_for(self, kind: str) -> dict[int, Any]:
-        """Each load process's report of ``kind``, by process."""
-        got: dict[int, Any] = {}
+        """Each load process's report of ``kind``, by process (a process may already have sent its
+        next report: it is kept for the next call)."""
+        got = self.reports.setdefault(kind, {})
         while len(got) < len(self.procs):
             try:
                 what, index, value = self.outbox.get(timeout=0.02)
             except queue.Empty:
                 self._between_reports(kind)
                 continue
-            if what != kind:
-                raise RuntimeError(f"fan-out: expected {kind!r} from load process {index}, got {what!r}")
-            got[index] = value
-        return got
+            self.reports.setdefault(what, {})[index] = value
+        return self.reports.pop(kind)
 
 
 # -- one level ----------------------------------------------------------------------------
