@@ -132,11 +132,16 @@ def _rows(targets: list[Target], cols: dict[str, dict[str, Any]]) -> list[tuple[
         seconds = cols[t.name]["server_cpu_per_request_s"]
         return "-" if seconds is None else f"{seconds * 1e6:.0f} µs"
 
+    def capacity(t: Target) -> str:
+        seconds = cols[t.name]["server_cpu_per_request_s"]
+        return "-" if not seconds else f"{1 / seconds:.0f}"
+
     return [
         ("requests per second", *[f"{cols[t.name]['rps']:.0f}" if cols[t.name]["rps"] else "n/a" for t in targets]),
         ("... ratio to direct", *[fmt_ratio(cols[t.name]["ratio_rps"]) for t in targets]),
         ("latency p95", *[fmt_ms(cols[t.name]["latency_p95_s"]) for t in targets]),
         ("server CPU per request", *[cpu(t) for t in targets]),
+        ("... requests per second of a whole core at that cost", *[capacity(t) for t in targets]),
         ("server core busy: the gateway", *[busy(cols[t.name]["server_busy"]) for t in targets]),
         ("... every process on that core", *[busy(cols[t.name]["server_cores_busy"]) for t in targets]),
         ("load core busy: client + fake", *[busy(cols[t.name]["load_busy"]) for t in targets]),
