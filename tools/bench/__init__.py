@@ -30,9 +30,9 @@ given beside the absolute figures.
    once the result TTL has passed, on a gateway of its own (:mod:`tools.bench.memory`).
 
 The targets are in :mod:`tools.bench.targets` and beside each section's
-figures; sections 1-4 and 6 share one set of processes and one client
-(:mod:`tools.bench.harness`, :mod:`tools.bench.side_by_side`); the command
-line is :mod:`tools.bench.cli`.
+figures; sections 1-4 share one set of processes and one client
+(:mod:`tools.bench.harness`, :mod:`tools.bench.side_by_side`), section 6 their
+fake upstream and a gateway of its own; the command line is :mod:`tools.bench.cli`.
 
 Where there are at least two cores, the server runs on one half and the load
 (with the fake upstream) on the other (``os.sched_setaffinity``); the
