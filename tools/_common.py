@@ -37,6 +37,7 @@ __all__ = [
     "ROOT",
     "Samples",
     "ServerProcess",
+    "cores_busy_seconds",
     "cpu_split",
     "free_port",
     "http_open",
@@ -105,6 +106,18 @@ def proc_cpu_seconds(pid: int) -> float:
         # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
         fields = raw[raw.rindex(")") + 2:].split()
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
+def cores_busy_seconds(cores: set[int]) -> float:
+    """CPU seconds that every process together has used so far on ``cores`` (``/proc/stat``,
+    in clock ticks): beside one process's own CPU, how much of its cores others took."""
+    busy = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+            busy += user + nice + system + irq + softirq + steal
+    return busy / _CLOCK_TICKS
 
 
 def proc_rss_bytes(pid: int) -> int:

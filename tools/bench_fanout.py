@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Fan-out of one mock flight to 100, 500 and 1000 SSE subscribers: section 5 of ``python -m tools.bench``.
+"""Fan-out of one flight to 1,000 and 10,000 SSE subscribers: section 5 of ``python -m tools.bench``.
 
-    tools/bench_fanout.py [--subscribers 100,500,1000] [--tokens 50] [--repeats 3] [--quick] [--json FILE]
+    tools/bench_fanout.py [--fanout-levels 1000,10000] [--tokens 50] [--repeats 1] [--load-processes N]
+                          [--quick] [--json FILE]
 
-Every subscriber must receive every token (checked by sequence number and
-text, and the final message); the table shows how many did, the server's CPU
-per delivered event, the p50/p99/max delivery lag and the server's memory per
-subscriber. Exits 1 if any subscriber missed anything.
+Every subscriber must receive every token in order (checked by sequence
+number and text, and the final message); the table shows how many did, the
+server's CPU per delivered event, the p50/p99/max delivery lag and the
+server's memory per subscriber, each checked against its target. Exits 1 if
+any subscriber missed anything.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@
   with ``finish_reason``, a usage chunk when ``stream_options.include_usage``,
   then ``data: [DONE]``); otherwise one ``chat.completion`` object. The answer
   is a deterministic list of words derived from the last user message (the
-  gateway's ``mock`` provider derives the same words), sent after ``ttft_ms``
-  and then one token every ``itl_ms``.
+  gateway's ``mock`` provider derives the same words), on a fixed schedule:
+  token ``i`` is due ``ttft_ms + i * itl_ms`` after the call started (a token
+  sent late does not delay the ones after it, as with a real model streaming
+  from elsewhere).
 - ``GET /v1/models``: the one model, ``fake-model`` (any model name is accepted).
 - Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
   ``401`` without ``Authorization: Bearer ...``, ``400`` for a body that is not
@@ -19,11 +21,14 @@ For the benchmark, outside the OpenAI surface:
 
 - ``GET /stats``: ``{"calls", "open", "config", "recent": [...]}``, where each
   recent call has its ``prompt`` (the last user message, cut to 200 chars),
-  ``stream``, ``started``, ``ended`` (``time.monotonic()`` seconds, the same
-  clock as every process on the machine) and ``outcome``: ``complete`` or
-  ``disconnected`` (the client closed the connection first).
-- ``POST /config`` with any of ``{"ttft_ms", "itl_ms", "tokens"}``: new timings
-  for calls from then on; ``POST /stats/reset`` forgets the counts.
+  ``stream``, ``started``, ``first_due`` (when its first token was due),
+  ``ended`` (``time.monotonic()`` seconds, the same clock as every process on
+  the machine) and ``outcome``: ``complete`` or ``disconnected`` (the client
+  closed the connection first).
+- ``POST /config`` with any of ``{"ttft_ms", "itl_ms", "tokens", "hold"}``: new
+  timings for calls from then on; with ``"hold": true`` new calls wait, before
+  they answer anything, until ``POST /release``, and their schedule starts
+  then. ``POST /stats/reset`` forgets the counts.
 
 Only 127.0.0.1 is served.
 """
@@ -60,6 +65,8 @@ MAX_TOKENS = 100_000
 
 CONFIG: web.AppKey[FakeConfig] = web.AppKey("config")
 STATS: web.AppKey[Stats] = web.AppKey("stats")
+#: set while calls may go on; cleared by ``"hold": true``, set again by ``POST /release``
+RELEASED: web.AppKey[asyncio.Event] = web.AppKey("released")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -67,6 +74,7 @@ class FakeConfig:
     ttft_ms: float = DEFAULT_TTFT_MS
     itl_ms: float = DEFAULT_ITL_MS
     tokens: int = DEFAULT_TOKENS
+    hold: bool = False
 
 
 @dataclass(slots=True, kw_only=True)
@@ -74,6 +82,7 @@ class Call:
     prompt: str
     stream: bool
     started: float
+    first_due: float | None = None
     ended: float | None = None
     outcome: str | None = None
 
@@ -139,11 +148,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
     created = int(time.time())
     try:
-        if config.ttft_ms:
-            await asyncio.sleep(config.ttft_ms / 1000)
+        if config.hold:
+            await request.app[RELEASED].wait()
+        due = call.first_due = time.monotonic() + config.ttft_ms / 1000
+        itl = config.itl_ms / 1000
+        await _until(due)
         if not stream:
-            if config.itl_ms and len(tokens) > 1:
-                await asyncio.sleep(config.itl_ms * (len(tokens) - 1) / 1000)
+            await _until(due + itl * (len(tokens) - 1))
             answer = {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(tokens)},
@@ -152,31 +163,44 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             }
             outcome = "complete"
             return web.Response(body=orjson.dumps(answer), content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            obj = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-            return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-        await resp.write(chunk({"role": "assistant", "content": ""}))
-        for i, token in enumerate(tokens):
-            if i and config.itl_ms:
-                await asyncio.sleep(config.itl_ms / 1000)
-            await resp.write(chunk({"content": token}))
-        await resp.write(chunk({}, "stop"))
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            final = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [], "usage": usage}
-            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        head = {"id": completion_id, "created": created, "model": model}
+        resp = await _stream(request, body, tokens, usage, head, due=due, itl=itl)
         outcome = "complete"
         return resp
     finally:
         stats.end(call, outcome)
+
+
+async def _stream(request: web.Request, body: dict[str, Any], tokens: list[str], usage: dict[str, int],
+                  head: dict[str, Any], *, due: float, itl: float) -> web.StreamResponse:
+    """The answer as ``chat.completion.chunk`` events, token ``i`` at ``due + i * itl``."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        obj = {**head, "object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    await resp.write(chunk({"role": "assistant", "content": ""}))
+    for i, token in enumerate(tokens):
+        await _until(due + itl * i)
+        await resp.write(chunk({"content": token}))
+    await resp.write(chunk({}, "stop"))
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        final = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+        await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def _until(when: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``when`` (a loop's timers may wake a little early);
+    not at all when it has."""
+    while (delay := when - time.monotonic()) > 0:
+        await asyncio.sleep(delay)
 
 
 async def models(_: web.Request) -> web.Response:
@@ -209,18 +233,32 @@ async def set_config(request: web.Request) -> web.Response:
             if value < 0:
                 return error(400, f"{name} must not be negative")
             setattr(config, name, value)
+    if "hold" in body:
+        config.hold = bool(body["hold"])
+        if config.hold:
+            request.app[RELEASED].clear()
     return web.json_response(asdict(config))
+
+
+async def release(request: web.Request) -> web.Response:
+    """Let the calls held by ``"hold": true`` go on (and new calls start at once)."""
+    request.app[CONFIG].hold = False
+    request.app[RELEASED].set()
+    return web.json_response({"released": time.monotonic()})
 
 
 def make_app(config: FakeConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[CONFIG] = config or FakeConfig()
     app[STATS] = Stats()
+    app[RELEASED] = asyncio.Event()
+    app[RELEASED].set()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", get_stats)
     app.router.add_post("/stats/reset", reset_stats)
     app.router.add_post("/config", set_config)
+    app.router.add_post("/release", release)
     return app
 
 

@@ -3,6 +3,7 @@ the formatting of their figures."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,18 +18,23 @@ from tools.sse import sse_events
 FAKE_MODEL = "fake-model"
 FAKE_KEY = "bench-key"
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_read=60)
+#: how often the servers' memory is read while a section runs
+RSS_SAMPLE_S = 0.05
 
 
 @dataclass(slots=True, kw_only=True)
 class Target:
     """One column: a way of reaching the fake upstream."""
 
-    name: str  # "direct", "gateway", "litellm"
-    #: "openai": POST {base}/chat/completions; "dac": the gateway's thread API at {base}
+    name: str  # "direct", "v1", "api", "litellm"
+    #: "openai": POST {base}/chat/completions to an OpenAI-compatible server; "v1": POST
+    #: {base}/v1/chat/completions, the gateway's stateless surface; "dac": the gateway's thread API at {base}
     kind: str
     base: str
+    #: the column's heading in the tables
+    label: str = ""
     proc: ServerProcess | None = None
-    #: for "dac": the provider and model to name; model None means the mock mirroring the fake
+    #: for "v1" and "dac": the provider and model to name; model None means the mock mirroring the fake
     provider: str = "openai"
     model: str | None = FAKE_MODEL
     #: for "openai": the bearer token the column wants
@@ -36,14 +42,28 @@ class Target:
     rss_idle: int | None = None
     rss_peak: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
+
     @property
     def via_fake(self) -> bool:
         return self.kind == "openai" or self.model is not None
+
+    @property
+    def openai_wire(self) -> bool:
+        """Answers in OpenAI's chat.completions format (``data:`` chunks, ``[DONE]``)."""
+        return self.kind in ("openai", "v1")
+
+    @property
+    def gateway(self) -> bool:
+        return self.kind in ("v1", "dac")
 
 
 @dataclass(slots=True, kw_only=True)
 class Stream:
     ok: bool
+    #: time.monotonic() when the request was sent
+    started: float
     ttft_s: float | None
     total_s: float
     text: str
@@ -68,10 +88,12 @@ def openai_text(chunk: dict[str, Any]) -> str | None:
 class Bench:
     """The client side of sections 1-4 and 6, over one aiohttp session."""
 
-    def __init__(self, *, session: aiohttp.ClientSession, targets: list[Target], fake_url: str, run_id: str) -> None:
+    def __init__(self, *, session: aiohttp.ClientSession, targets: list[Target], fake: ServerProcess,
+                 run_id: str) -> None:
         self.session = session
         self.targets = targets
-        self.fake_url = fake_url
+        self.fake = fake
+        self.fake_url = fake.url
         self.run_id = run_id
         self.timing = UpstreamTiming(ttft_ms=0, itl_ms=0, tokens=1)
         self.section = "idle"
@@ -81,6 +103,15 @@ class Bench:
         async with self.session.post(f"{self.fake_url}/config",
                                      json={"ttft_ms": ttft_ms, "itl_ms": itl_ms, "tokens": tokens}) as resp:
             resp.raise_for_status()
+
+    async def sample_rss(self) -> None:
+        """Each server's peak memory per phase (``self.section``: "idle" or "load"), until cancelled."""
+        while True:
+            for target in self.targets:
+                if target.proc is not None:
+                    rss = target.proc.rss_bytes()
+                    target.rss_peak[self.section] = max(rss, target.rss_peak.get(self.section, 0))
+            await asyncio.sleep(RSS_SAMPLE_S)
 
     async def fake_stats(self, last: int = 0) -> dict[str, Any]:
         params = {"last": str(last)} if last else {}
@@ -106,19 +137,28 @@ class Bench:
         """A fresh thread for a "dac" column (made before any clock starts); None for the others."""
         return await self.new_thread(target) if target.kind == "dac" else None
 
-    def alternating(self, rounds: int) -> Iterator[tuple[int, Target]]:
-        """(round, column): every column once a round, which of them goes first changing from round to round."""
+    def alternating(self, rounds: int, targets: list[Target] | None = None) -> Iterator[tuple[int, Target]]:
+        """(round, column): every column (of ``targets``, default all) once a round, which of them
+        goes first changing from round to round."""
         for r in range(rounds):
-            for target in rotate(self.targets, r):
+            for target in rotate(targets or self.targets, r):
                 yield r, target
+
+    def model_of(self, target: Target) -> str:
+        """The model a column names: the fake's, or the gateway's ``provider/model`` on /v1."""
+        model = target.model or self.timing.mock_model()
+        return f"{target.provider}/{model}" if target.kind == "v1" else model
 
     def _request(self, target: Target, content: str, *,
                  stream: bool, thread: str | None) -> tuple[str, dict[str, Any], dict[str, str]]:
         accept = {"Accept": "text/event-stream"} if stream else {}
-        if target.kind == "openai":
-            body: dict[str, Any] = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": content}],
-                                    "stream": stream}
-            return f"{target.base}/chat/completions", body, {"Authorization": f"Bearer {target.api_key}", **accept}
+        if target.openai_wire:
+            body: dict[str, Any] = {"model": self.model_of(target),
+                                    "messages": [{"role": "user", "content": content}], "stream": stream}
+            auth = ({"Authorization": f"Bearer {target.api_key}"} if target.kind == "openai"
+                    else self.gateway(target).headers())
+            path = "/v1/chat/completions" if target.kind == "v1" else "/chat/completions"
+            return f"{target.base}{path}", body, {**auth, **accept}
         assert thread is not None
         gateway = self.gateway(target)
         body = {"content": content, "provider": target.provider, "model": target.model or self.timing.mock_model()}
@@ -134,11 +174,11 @@ class Bench:
         ttft, text, ok, error = None, "", False, None
         async with self.open(target, content, thread=thread) as resp:
             if resp.status != 200:
-                return Stream(ok=False, ttft_s=None, total_s=time.monotonic() - started, text="",
+                return Stream(ok=False, started=started, ttft_s=None, total_s=time.monotonic() - started, text="",
                               error=f"HTTP {resp.status} {(await resp.text())[:200]}")
             async for ev in sse_events(resp):
                 piece = None
-                if target.kind == "openai":
+                if target.openai_wire:
                     if ev.data == b"[DONE]":
                         ok = True
                     elif "error" in (chunk := ev.json()):
@@ -154,7 +194,7 @@ class Bench:
                 if piece:
                     text += piece
                     ttft = ev.at - started if ttft is None else ttft
-        return Stream(ok=ok and error is None, ttft_s=ttft, total_s=time.monotonic() - started, text=text, error=error)
+        return Stream(ok=ok and error is None, started=started, ttft_s=ttft, total_s=time.monotonic() - started, text=text, error=error)
 
     async def complete(self, target: Target, content: str, *, thread: str | None = None) -> tuple[bool, float]:
         url, body, headers = self._request(target, content, stream=False, thread=thread)
@@ -163,6 +203,15 @@ class Bench:
             data = await resp.read()
             ok = resp.status == 200 and len(data) > 0
         return ok, time.monotonic() - started
+
+
+#: the columns whose failures are ours (a third-party column only reports)
+OUR_COLUMNS = ("direct", "v1", "api")
+
+
+def broken(cols: dict[str, dict[str, Any]], field_: str) -> bool:
+    """Whether any of our columns counted a failure in ``field_`` (a number or a list)."""
+    return any(cols.get(name, {}).get(field_) for name in OUR_COLUMNS)
 
 
 def rotate(items: list[Target], r: int) -> list[Target]:

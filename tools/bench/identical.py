@@ -1,4 +1,7 @@
-"""Section 2: 50 identical streams at once: upstream calls, and TTFT p95 as a ratio to direct."""
+"""Section 2: 50 identical streams at once: upstream calls, and TTFT p95 as a ratio to direct.
+
+Target: through the gateway, on either surface, the 50 streams make one upstream call.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from typing import Any
 
 from server.providers.mock import mock_answer
 from tools._common import percentile
-from tools.bench.harness import Bench, fmt_ms, fmt_ratio, median, ratio
+from tools.bench.harness import Bench, broken, fmt_ms, fmt_ratio, median, ratio
+from tools.bench.targets import Check
 
 IDENTICAL_STREAMS = 50
 
@@ -37,6 +41,10 @@ async def section_identical(bench: Bench, *, rounds: int) -> dict[str, Any]:
         cols[t.name] = {"upstream_calls_per_round": calls[t.name], "ttft_p95_s": p95,
                         "ttft_median_s": median(ttfts[t.name]), "ratio_p95": ratio(p95, base),
                         "failed_streams": bad[t.name]}
+    checks = [Check(section=2, key=f"identical_upstream_calls_{t.name}",
+                    figure=f"upstream calls per {IDENTICAL_STREAMS} identical streams, {t.label} (worst round)",
+                    value=max(calls[t.name], default=None), op="==", limit=1).as_dict()
+              for t in bench.targets if t.gateway]
     rows = [
         ("upstream calls per 50 streams", *[
             "/".join(str(c) for c in calls[t.name]) for t in bench.targets]),
@@ -47,4 +55,4 @@ async def section_identical(bench: Bench, *, rounds: int) -> dict[str, Any]:
     ]
     return {"title": f"2. {IDENTICAL_STREAMS} identical streams at once, {rounds} alternating round(s) "
                      "(upstream: 300 ms to the first token, 40 tokens 20 ms apart)",
-            "columns": cols, "rows": rows}
+            "columns": cols, "rows": rows, "checks": checks, "broken": broken(cols, "failed_streams")}

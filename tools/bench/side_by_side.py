@@ -1,4 +1,9 @@
-"""Sections 1-4 and 6: the columns side by side against one fake upstream in its own process."""
+"""Sections 1-4 and 6: the columns side by side against one fake upstream in its own process.
+
+Columns: ``direct`` (the client calls the fake itself), ``gateway /v1`` and
+``gateway /api`` (one gateway process, both surfaces), and ``litellm`` where
+LiteLLM's proxy is installed. Section 6 starts a gateway of its own.
+"""
 
 from __future__ import annotations
 
@@ -16,24 +21,24 @@ from tools.bench.cancel import section_cancel
 from tools.bench.harness import FAKE_KEY, FAKE_MODEL, REQUEST_TIMEOUT, Bench, Target
 from tools.bench.identical import IDENTICAL_STREAMS, section_identical
 from tools.bench.litellm_proxy import start_litellm
+from tools.bench.memory import measure_memory, section_memory
 from tools.bench.plan import Plan
-from tools.bench.rss import section_rss
 from tools.bench.throughput import section_throughput
 from tools.bench.ttft import section_ttft
 
-RSS_SAMPLE_S = 0.05
 
-
-async def _probe_gateway(bench: Bench, gateway: Target) -> None:
+async def _probe_gateway(bench: Bench) -> None:
     """Use the gateway's OpenAI-compatible provider if it has one; else its mock mirrors the fake."""
-    client = bench.gateway(gateway)
+    columns = [t for t in bench.targets if t.gateway]
+    client = bench.gateway(columns[0])
     thread = await client.new_thread("bench")
     status, body = await client.post(thread, {"content": "probe", "provider": "openai", "model": FAKE_MODEL})
     if status == 200:
         return
     progress(f"the gateway has no working 'openai' provider ({orjson.dumps(body).decode()[:160]}); "
-             "its column uses the built-in mock with the fake's timings")
-    gateway.provider, gateway.model = "mock", None
+             "its columns use the built-in mock with the fake's timings")
+    for column in columns:
+        column.provider, column.model = "mock", None
 
 
 async def _warm_up(bench: Bench) -> None:
@@ -46,16 +51,6 @@ async def _warm_up(bench: Bench) -> None:
     for target in bench.targets:
         if target.proc is not None:
             target.rss_idle = target.proc.rss_bytes()
-
-
-async def _sample_rss(bench: Bench) -> None:
-    """Each server's peak memory per phase ("idle" or "load"), until cancelled."""
-    while True:
-        for target in bench.targets:
-            if target.proc is not None:
-                rss = target.proc.rss_bytes()
-                target.rss_peak[bench.section] = max(rss, target.rss_peak.get(bench.section, 0))
-        await asyncio.sleep(RSS_SAMPLE_S)
 
 
 async def _run_sections(bench: Bench, plan: Plan, sections: set[int]) -> dict[int, dict[str, Any]]:
@@ -76,26 +71,26 @@ async def _run_sections(bench: Bench, plan: Plan, sections: set[int]) -> dict[in
     return out
 
 
-async def run_side_by_side(targets: list[Target], fake_url: str, plan: Plan,
+async def run_side_by_side(targets: list[Target], fake: ServerProcess, plan: Plan,
                            sections: set[int]) -> dict[int, dict[str, Any]]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
-        bench = Bench(session=session, targets=targets, fake_url=fake_url, run_id=uuid.uuid4().hex[:8])
-        gateway = next(t for t in targets if t.name == "gateway")
+        bench = Bench(session=session, targets=targets, fake=fake, run_id=uuid.uuid4().hex[:8])
         await bench.set_upstream(ttft_ms=0, itl_ms=0, tokens=5)
-        await _probe_gateway(bench, gateway)
+        await _probe_gateway(bench)
         await _warm_up(bench)
-        sampler = asyncio.ensure_future(_sample_rss(bench))
+        sampler = asyncio.ensure_future(bench.sample_rss())
         try:
             out = await _run_sections(bench, plan, sections)
         finally:
             sampler.cancel()
-    if 6 in sections:
-        out[6] = section_rss(targets)
-    for section in out.values():
-        section.setdefault("headers", ["", *[t.name for t in targets]])
-        section["gateway_upstream"] = "fake (openai provider)" if gateway.via_fake else "built-in mock"
     return out
+
+
+def _columns(fake: ServerProcess, gateway: ServerProcess) -> list[Target]:
+    return [Target(name="direct", kind="openai", base=f"{fake.url}/v1"),
+            Target(name="v1", label="gateway /v1", kind="v1", base=gateway.url, proc=gateway),
+            Target(name="api", label="gateway /api", kind="dac", base=gateway.url, proc=gateway)]
 
 
 def side_by_side(plan: Plan, sections: set[int], *, litellm_cmd: list[str] | None, server_cores: set[int] | None,
@@ -107,8 +102,7 @@ def side_by_side(plan: Plan, sections: set[int], *, litellm_cmd: list[str] | Non
                        ready_path="/v1/models", cores=load_cores) as fake, \
          ServerProcess(cores=server_cores, env={"OPENAI_BASE_URL": f"{fake.url}/v1",
                                                 "OPENAI_API_KEY": FAKE_KEY}) as gateway:
-        targets = [Target(name="direct", kind="openai", base=f"{fake.url}/v1"),
-                   Target(name="gateway", kind="dac", base=gateway.url, proc=gateway)]
+        targets = _columns(fake, gateway)
         if litellm_cmd is not None:
             progress(f"starting LiteLLM's proxy: {' '.join(litellm_cmd)}")
             try:
@@ -119,8 +113,14 @@ def side_by_side(plan: Plan, sections: set[int], *, litellm_cmd: list[str] | Non
                 progress(f"LiteLLM's proxy did not start, left out: {exc}")
                 report["litellm"] = f"failed to start ({str(exc).splitlines()[0]}; see above)"
         try:
-            results = uvloop.run(run_side_by_side(targets, fake.url, plan, sections))
+            results = uvloop.run(run_side_by_side(targets, fake, plan, sections))
         finally:
             if litellm_proc is not None:
                 litellm_proc.stop()
-    return results, targets[1].via_fake
+        if 6 in sections:
+            soak = measure_memory(plan.soak, fake=fake, like=targets[2], server_cores=server_cores)
+            results[6] = section_memory(targets, soak)
+    for section in results.values():
+        section.setdefault("headers", ["", *[t.label for t in targets]])
+        section["gateway_upstream"] = "fake (openai provider)" if targets[2].via_fake else "built-in mock"
+    return results, targets[2].via_fake
