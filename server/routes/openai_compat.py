@@ -40,20 +40,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from ..appkeys import LIMITS, PROVIDERS, SETTINGS, STORE, TURNS
 from ..errors import BadRequest, GatewayError, NotFound
-from ..eventlog import Delta
 from ..flight import Flight, TurnRequest
 from ..providers import Provider, ProviderRegistry, content_part
 from ..turns import Lease, Surface, Until
 from ._http import error_middleware, json_response, open_sse, read_json, require_org, send
 from ._input import header_text
+from .openai_wire import (
+    DONE,
+    Completion,
+    answer_extras,
+    answer_finish_reason,
+    answer_usage,
+    delta_object,
+    error_body,
+    frame,
+)
 
 __all__ = ["setup"]
 
@@ -71,8 +78,6 @@ TOOL_FIELDS = ("name", "tool_calls", "tool_call_id", "function_call")
 #: sampling parameters checked here, so bad values never reach a provider: name -> (low, high)
 RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0),
           "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
-#: vendor extras kept beside the text that OpenAI-style clients know how to read
-EXTRAS = ("citations", "search_results")
 
 
 #: when the surface started; the ``created`` of listed models
@@ -82,23 +87,8 @@ STARTED = web.AppKey("v1_started", int)
 # -- errors -------------------------------------------------------------------
 
 
-def _error_body(error: GatewayError) -> dict[str, Any]:
-    if error.status == 429:
-        kind = "rate_limit_error"
-    elif error.status >= 500:
-        kind = "server_error"
-    else:
-        kind = "invalid_request_error"
-    body: dict[str, Any] = {"message": error.message, "type": kind, "param": error.param, "code": error.type}
-    if error.retry_after is not None:
-        body["retry_after"] = error.retry_after
-    if error.limit is not None:
-        body["limit"] = error.limit
-    return {"error": body}
-
-
 def error_response(error: GatewayError) -> web.Response:
-    return json_response(_error_body(error), status=error.status)
+    return json_response(error_body(error), status=error.status)
 
 
 #: every error under /v1 leaves in OpenAI's shape, routing errors included; it is counted
@@ -294,122 +284,18 @@ def _reusable(policy: str, params: dict[str, Any], idempotency_key: str | None) 
     return params.get("temperature") == 0 or "seed" in params or bool(idempotency_key)
 
 
-# -- the answer -----------------------------------------------------------------
-
-
-def _usage(flight: Flight) -> dict[str, Any]:
-    usage = dict(flight.usage or {})
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
-    usage.setdefault("total_tokens", prompt + completion)
-    return {**usage, "prompt_tokens": prompt, "completion_tokens": completion}
-
-
-def _meta(flight: Flight) -> dict[str, Any]:
-    return flight.message["meta"] if flight.message else {}
-
-
-def _finish_reason(flight: Flight) -> str:
-    """What ended the answer, in OpenAI's words, as the flight kept it in the message meta
-    (``length``, ``tool_calls``, ``content_filter``...)."""
-    meta = _meta(flight)
-    reason = meta.get("finish_reason")
-    if isinstance(reason, str) and reason:
-        return reason
-    return "tool_calls" if meta.get("tool_calls") else "stop"
-
-
-def _delta(delta: Delta) -> dict[str, Any]:
-    """One log delta as a chunk's ``delta``: its text, reasoning, refusal and tool-call pieces."""
-    out: dict[str, Any] = {"content": delta.text} if delta.text else {}
-    extra = delta.extra
-    if extra:
-        if "reasoning" in extra:
-            out["reasoning_content"] = extra["reasoning"]
-        if "refusal" in extra:
-            out["refusal"] = extra["refusal"]
-        if "tool_calls" in extra:
-            out["tool_calls"] = extra["tool_calls"]
-    return out
-
-
-def _message(text: str, flight: Flight) -> dict[str, Any]:
-    """The assistant ``message`` of a whole answer; ``content`` is null when the answer is
-    only tool calls or a refusal."""
-    meta = _meta(flight)
-    refusal = meta.get("refusal") or None
-    calls = meta.get("tool_calls") or None
-    message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls or refusal else ""),
-                               "refusal": refusal}
-    if meta.get("reasoning"):
-        message["reasoning_content"] = meta["reasoning"]
-    if calls:
-        message["tool_calls"] = calls
-    return message
-
-
-def _extras(flight: Flight) -> dict[str, Any]:
-    meta = flight.message["meta"] if flight.message else {}
-    return {k: meta[k] for k in EXTRAS if k in meta}
-
-
-def _frame(data: Any) -> bytes:
-    """One SSE event: a single ``data:`` line (orjson never emits newlines)."""
-    return b"data: " + orjson.dumps(data) + b"\n\n"
-
-
-class _Completion:
-    """The id, created and model that every object of one response shares.
-
-    The id comes from the flight's assistant message, so coalesced clients see
-    the same completion id (and with ``x-thread-id`` it names the stored row).
-    """
-
-    __slots__ = ("created", "id", "model")
-
-    def __init__(self, *, flight: Flight, model: str) -> None:
-        self.id = "chatcmpl-" + flight.stream_id.removeprefix("msg_")
-        self.created = int(datetime.fromisoformat(flight.created_at).timestamp())
-        self.model = model
-
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, **extras: Any) -> bytes:
-        return _frame({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-            **extras,
-        })
-
-    def usage_chunk(self, usage: dict[str, Any]) -> bytes:
-        return _frame({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model, "system_fingerprint": None, "choices": [], "usage": usage,
-        })
-
-    def completion(self, text: str, flight: Flight) -> dict[str, Any]:
-        return {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": _message(text, flight),
-                         "logprobs": None, "finish_reason": _finish_reason(flight)}],
-            "usage": _usage(flight),
-            **_extras(flight),
-        }
-
-
-DONE = b"data: [DONE]\n\n"
 
 
 async def _stream(request: web.Request, lease: Lease, call: _Call) -> web.StreamResponse:
     """Write the flight as chunk objects, one per upstream chunk (a replay keeps the
     original chunking); whatever arrived since the last write goes in one write."""
     flight = lease.flight
-    answer = _Completion(flight=flight, model=call.model)
+    answer = Completion(flight=flight, model=call.model)
     resp = await open_sse(request, headers={COALESCE_HEADER: lease.role})
     async with resp:  # stops the keep-alive pings however the stream ends
         frames = [answer.chunk({"role": "assistant", "content": "", "refusal": None})]
         async for deltas, finished in lease.deltas():
-            frames.extend(answer.chunk(delta) for d in deltas if (delta := _delta(d)))
+            frames.extend(answer.chunk(delta) for d in deltas if (delta := delta_object(d)))
             if finished:
                 frames.extend(_ending(answer, flight, call))
             if frames:
@@ -418,13 +304,13 @@ async def _stream(request: web.Request, lease: Lease, call: _Call) -> web.Stream
     return resp
 
 
-def _ending(answer: _Completion, flight: Flight, call: _Call) -> list[bytes]:
+def _ending(answer: Completion, flight: Flight, call: _Call) -> list[bytes]:
     """The frames after the last text: an error event, or the finish (and usage) and [DONE]."""
     if flight.error is not None:
-        return [_frame(_error_body(flight.error))]
-    frames = [answer.chunk({}, _finish_reason(flight), **_extras(flight))]
+        return [frame(error_body(flight.error))]
+    frames = [answer.chunk({}, answer_finish_reason(flight), **answer_extras(flight))]
     if call.include_usage:
-        frames.append(answer.usage_chunk(_usage(flight)))
+        frames.append(answer.usage_chunk(answer_usage(flight)))
     frames.append(DONE)
     return frames
 
@@ -444,7 +330,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await lease.hold(Until.FIRST_TEXT)
             return await _stream(request, lease, call)
         message = await lease.result()
-        answer = _Completion(flight=lease.flight, model=call.model)
+        answer = Completion(flight=lease.flight, model=call.model)
         return json_response(answer.completion(message["content"], lease.flight),
                              headers={COALESCE_HEADER: lease.role})
 
