@@ -426,9 +426,7 @@ class EventLog:
                 fallen.append(sink)
                 continue
             sub.cursor = max(sub.cursor, last + 1)  # a cursor ahead of the log stays where it is
-        for sink in fallen:
-            sub = self._pushed.pop(sink)
-            _end(sub.ended, sub.cursor)
+        self._fall_back(fallen)
         if final is not None:
             for sub in self._pushed.values():
                 _end(sub.ended, None)
@@ -438,6 +436,12 @@ class EventLog:
             self._ping_handle = None
         self._pushed_at = asyncio.get_running_loop().time()
 
+    def _fall_back(self, fallen: list[Sink]) -> None:
+        """End the pushed subscriptions of sinks that took nothing: each replays from its cursor."""
+        for sink in fallen:
+            sub = self._pushed.pop(sink)
+            _end(sub.ended, sub.cursor)
+
     def _ping(self) -> None:
         """Push a keep-alive comment to every sink if nothing was written for a while."""
         self._ping_handle = None
@@ -446,10 +450,7 @@ class EventLog:
         loop = asyncio.get_running_loop()
         idle = loop.time() - self._pushed_at
         if idle >= self.ping_interval_s:
-            fallen = [sink for sink in self._pushed if not sink.push(PING)]
-            for sink in fallen:
-                sub = self._pushed.pop(sink)
-                _end(sub.ended, sub.cursor)
+            self._fall_back([sink for sink in self._pushed if not sink.push(PING)])
             self._pushed_at = loop.time()
             idle = 0.0
         if self._pushed:

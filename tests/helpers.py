@@ -7,6 +7,7 @@ failure says what arrived.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,13 @@ async def within(awaitable: Any, timeout: float = DEFAULT_TIMEOUT, what: str = "
             return await awaitable
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what or awaitable!r}") from None
+
+
+def closed_port() -> int:
+    """A local port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class ManualClock:

@@ -19,6 +19,7 @@ from server import pg_store
 from server.pg_store import MIGRATIONS, PostgresStore
 from server.store import StoreOpenError
 
+from . import helpers
 from .engines import PostgresServer
 from .helpers import within
 
@@ -34,9 +35,7 @@ async def admin(postgres: PostgresServer) -> AsyncIterator[asyncpg.Connection[An
 @pytest.fixture
 def closed_port() -> int:
     """A local port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return helpers.closed_port()
 
 
 @pytest.fixture
