@@ -369,7 +369,7 @@ class TurnService:
             left = left or lease.stopped
             chat = route != "streams"
             self.metrics.record(RequestRecord(
-                route=route, mode=mode, coalesce=lease.role if chat else None,
+                route=route, org=flight.turn.org_id, mode=mode, coalesce=lease.role if chat else None,
                 latency_s=time.perf_counter() - lease.started, ttft_s=lease.ttft_s, error=error,
                 client_left=left, answer=lease.answer,
                 queue_wait_s=flight.queue_wait_s if chat and lease.role is Role.LEADER else None,
@@ -403,7 +403,7 @@ class TurnService:
         flight, role, token = await self.registry.accept(turn)
         known = None if flight.running else flight.error
         # its answer is counted when its stream is first attached; a failure known now is that answer
-        self.metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=role,
+        self.metrics.record(RequestRecord(route="messages", org=turn.org_id, mode="accepted", coalesce=role,
                                           latency_s=time.perf_counter() - started,
                                           error=known.type if known else None, answer=known is not None))
         if known is not None:
