@@ -86,6 +86,7 @@ from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Slots
 from .providers import Provider
+from .redis_sweep import Sweeper
 from .registry import RegistryOpenError
 from .states import DropReason, FlightState, MessageStatus, Role
 from .store import Message, Store
@@ -345,6 +346,9 @@ class RedisHub(Hub):
         self._background: list[asyncio.Task[None]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # appends in flight (the last ones at shutdown)
         self.ctl_ready = asyncio.Event()  # the ctl channel is subscribed (tests wait for it)
+        #: marks the answers of instances that are gone interrupted (see :mod:`server.redis_sweep`)
+        self.sweeper = Sweeper(redis=redis, store=store, metrics=metrics, prefix=self.prefix, instance=self.instance,
+                               interval_s=lease)
 
     @property
     def engine(self) -> str:
@@ -365,7 +369,8 @@ class RedisHub(Hub):
                                     f"({exc.__class__.__name__}: {exc})") from None
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._beat(), name="redis-heartbeat"),
-                            loop.create_task(self._listen(), name="redis-ctl")]
+                            loop.create_task(self._listen(), name="redis-ctl"),
+                            loop.create_task(self.sweeper.run(), name="redis-sweep")]
 
     async def close(self) -> None:
         """After :meth:`shutdown`: let the flights' last entries reach Redis, then disconnect."""
@@ -481,6 +486,7 @@ class RedisHub(Hub):
     def _lead(self, flight: Flight, *, lead: str, base: str, fence: str) -> None:
         led = _Led(flight=flight, lead=lead, base=base, fence=fence)
         self._led[flight.stream_id] = led
+        flight.owner = self.instance  # its row names this instance: the sweep and the fenced writes read it
         flight.log = _SharedLog(capacity=self.settings.ring_size, ping_interval_s=self.settings.ping_interval_s,
                                 publish=lambda kind, data: self._publish(led, kind, data))
         self._register(flight, flight.start())
