@@ -22,7 +22,9 @@ import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
+from server.redis_sweep import log_text
 from tools.cluster import NGINX, Cluster, free_port, wait_port
 from tools.sse import SseEvent, sse_events
 
@@ -339,6 +341,64 @@ async def test_a_killed_leader_is_lost_elsewhere_and_its_row_interrupted(
         assert resp.status == 200, await resp.text()
         assert (await resp.json())["coalesce"] == "leader"
     assert len(fake.calls) - before == 2
+    cluster.instances[0] = await within(cluster.start_instance(a.port), 30, "the instance to come back")
+
+
+async def test_an_instance_that_starts_leaves_the_answers_streaming_elsewhere_alone(
+        cluster: Cluster, fake: FakeUpstream, http: aiohttp.ClientSession, schema: tuple[str, str]) -> None:
+    a = cluster.instances[0]
+    tid = await new_thread(http, cluster.url)
+    fake.script(Script(n=6, hold_after=2), model="gpt-live")
+    async with http.post(f"{a.url}/api/threads/{tid}/messages", json={"content": "still going", "model": "gpt-live"},
+                         headers={**H, "Accept": "text/event-stream"}) as on_a:
+        call = await next_call(fake, "gpt-live")
+        await within(on_a.content.readuntil(b"id: 2\n"), what="two deltas on A")
+        extra = await within(cluster.start_instance(), 30, "one more instance to start")
+        try:
+            # its start took nothing from A: the row A streams is still streaming
+            assert [status for _, status, _ in await rows(schema, tid)] == ["complete", "streaming"]
+            call.release()
+            events = await within(read_all(on_a), 10, "the rest of the answer on A")
+        finally:
+            extra.proc.terminate()
+            await within(extra.proc.wait(), 15, "the extra instance to stop")
+    assert events[-1].event == "done", events[-2:]
+    assert (await rows(schema, tid))[1][1:] == ("complete", events[-1].json()["message"]["content"])
+
+
+async def test_a_killed_leader_with_no_listener_elsewhere_has_its_row_swept(
+        cluster: Cluster, fake: FakeUpstream, http: aiohttp.ClientSession, schema: tuple[str, str],
+        own_redis: OwnRedis) -> None:
+    a = cluster.instances[0]
+    tid = await new_thread(http, cluster.url)
+    fake.script(Script(n=400, interval_s=0.02), model="gpt-alone")
+    on_a = await http.post(f"{a.url}/api/threads/{tid}/messages", json={"content": "alone", "model": "gpt-alone"},
+                           headers={**H, "Accept": "text/event-stream"})
+    events = sse_events(on_a)
+    stream_id = (await within(anext(events), what="the meta event")).json()["stream_id"]
+    seen = await within(_rest(_until_id(events, 5)), what="five deltas on A")
+    await next_call(fake, "gpt-alone")
+    cluster.kill(0)  # nobody else listens: no mirror sees its lease lapse
+    killed = time.monotonic()
+    on_a.close()
+    try:
+        async with asyncio.timeout(LEASE_S * 3 + 3):
+            while (found := await rows(schema, tid))[1][1] == "streaming":
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"the row is still streaming {time.monotonic() - killed:.1f} s after the kill") from None
+    swept_after = time.monotonic() - killed
+    client = aioredis.Redis.from_url(own_redis.url, protocol=2)
+    try:
+        logged = await within(log_text(client, "dac:", stream_id), what="the flight's log")
+    finally:
+        await client.aclose()
+    assert logged is not None
+    assert found[1][1] == "interrupted" and found[1][2] == logged[0]
+    # the log may lag what A's client was sent by the append in flight when A died
+    kept, sent = found[1][2], text_of(seen)
+    assert kept and (kept.startswith(sent) or sent.startswith(kept)), (kept, sent)
+    assert swept_after < LEASE_S * 3 + 1, swept_after  # its heartbeat lapses, then two sweeps see it gone
     cluster.instances[0] = await within(cluster.start_instance(a.port), 30, "the instance to come back")
 
 
