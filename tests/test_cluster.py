@@ -287,6 +287,50 @@ async def _until_id(events: AsyncIterator[SseEvent], last: int) -> AsyncIterator
             return
 
 
+async def cancels(http: aiohttp.ClientSession, url: str, reason: str) -> float:
+    """The instance's ``dac_cancels_total`` for ``reason``, over its providers."""
+    async with http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    return sum(float(v) for v in re.findall(rf'^dac_cancels_total{{[^}}]*reason="{reason}"[^}}]*}} (\S+)$', text, re.M))
+
+
+async def test_stop_on_another_instance_detaches_there_and_the_last_one_aborts_the_leader_at_once(
+        cluster: Cluster, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    a, b, c = cluster.instances
+    tid = await new_thread(http, cluster.url)
+    fake.script(Script(n=400, interval_s=0.02), model="gpt-stop")
+    body = {"content": "stop me across", "model": "gpt-stop"}
+    sse = {**H, "Accept": "text/event-stream"}
+    stopped_before = await cancels(http, a.url, "client_stop")
+    idle_before = await cancels(http, a.url, "no_listeners")
+    on_a = await http.post(f"{a.url}/api/threads/{tid}/messages", json=body, headers=sse)
+    call = await next_call(fake, "gpt-stop")
+    on_b = await http.post(f"{b.url}/api/threads/{tid}/messages", json=body, headers=sse)
+    on_c = await http.post(f"{c.url}/api/threads/{tid}/messages", json=body, headers=sse)
+    events_b, events_c = sse_events(on_b), sse_events(on_c)
+    stop_b = (await within(anext(events_b), what="B's meta")).json()["stop_url"]
+    stop_c = (await within(anext(events_c), what="C's meta")).json()["stop_url"]
+    await within(anext(events_c), what="a delta on C")
+    on_a.close()  # the leader's own client leaves: B and C still hold the flight
+    async with http.delete(f"{b.url}{stop_b}") as resp:
+        assert resp.status == 204, await resp.text()
+    await within(_rest(events_b), 5, "B's stopped stream to end")
+    sent = call.tokens_sent
+    await call.sent(sent + 20)  # C still listens: the upstream goes on, well past the grace
+    assert call.connection.closed_at is None
+    stopped = time.perf_counter()
+    async with http.delete(f"{c.url}{stop_c}") as resp:
+        assert resp.status == 204, await resp.text()
+    await within(call.connection.closed.wait(), 3, "the upstream connection to close")
+    assert call.connection.closed_at is not None and call.connection.closed_at - stopped < 0.3
+    await within(_rest(events_c), 5, "C's stopped stream to end")
+    # the leader aborted on the Stop (no grace), not because its listeners went away
+    async with asyncio.timeout(3):  # counted once its row is saved
+        while await cancels(http, a.url, "client_stop") < stopped_before + 1:
+            await asyncio.sleep(0.02)
+    assert await cancels(http, a.url, "no_listeners") == idle_before
+
+
 async def test_the_provider_limit_holds_across_instances(
         cluster: Cluster, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
     tid = await new_thread(http, cluster.url)
