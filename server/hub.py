@@ -132,6 +132,10 @@ class Hub:
             if not flight.running:
                 self._remove(flight)
 
+    async def thread_deleted(self, org_id: str, thread_id: str) -> None:
+        """One process: nobody else to tell."""
+        self.forget_thread(thread_id)
+
     # -- bookkeeping of finished flights -----------------------------------
 
     def _finished(self, flight: Flight) -> None:

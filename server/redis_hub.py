@@ -52,6 +52,7 @@ Redis Cluster slot; the scripts touch only keys of that slot)::
     Pstream:S          string  k (find a flight by its stream id)
     Pinst:I            string  instance heartbeat (PX lease)
     Pctl:I             channel "S I2 1|0[ stop]" to the leader instance I
+    Pthreads           channel "I thread org": instance I deleted that thread (every instance listens)
 
 Every key expires: the flight's after the lease plus the longer TTL, renewed
 while it runs.
@@ -356,6 +357,10 @@ class RedisHub(Hub):
 
     def _ctl(self, instance: str) -> str:
         return f"{self.prefix}ctl:{instance}"
+
+    @property
+    def _threads_channel(self) -> str:
+        return f"{self.prefix}threads"
 
     async def open(self) -> None:
         """Check that Redis answers (else :class:`RegistryOpenError`), then beat and listen."""
@@ -720,17 +725,23 @@ class RedisHub(Hub):
                 log.warning("instance heartbeat failed: %s", exc)
 
     async def _listen(self) -> None:
-        """Follow this instance's ctl channel: other instances holding or leaving its flights."""
+        """Follow this instance's ctl channel (other instances holding or leaving its flights)
+        and the threads channel (threads deleted through other instances)."""
         channel = self._ctl(self.instance)
+        threads = self._threads_channel.encode()
         while True:
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 try:
-                    await pubsub.subscribe(channel)
+                    await pubsub.subscribe(channel, threads)
                     self.ctl_ready.set()
                     while True:
                         message = await pubsub.get_message(timeout=self.tick_s)
-                        if message is not None:
+                        if message is None:
+                            continue
+                        if message["channel"] == threads:
+                            self._on_thread_deleted(_decode(message["data"]))
+                        else:
                             self._on_ctl(_decode(message["data"]))
                 finally:
                     self.ctl_ready.clear()
@@ -738,6 +749,22 @@ class RedisHub(Hub):
             except RedisError as exc:
                 log.warning("the ctl channel dropped (%s); subscribing again", exc)
                 await asyncio.sleep(self.tick_s)
+
+    async def thread_deleted(self, org_id: str, thread_id: str) -> None:
+        self.forget_thread(thread_id)
+        try:
+            await self.redis.publish(self._threads_channel, f"{self.instance} {thread_id} {org_id}")
+        except RedisError as exc:
+            log.warning("could not tell the other instances that thread %s was deleted: %s", thread_id, exc)
+
+    def _on_thread_deleted(self, message: str) -> None:
+        """Another instance deleted a thread: keep nothing of it here either."""
+        parts = message.split(" ", 2)
+        if len(parts) < 3 or parts[0] == self.instance:
+            return
+        _, thread_id, org_id = parts
+        self.forget_thread(thread_id)
+        self.store.forget_thread(org_id, thread_id)
 
     def _on_ctl(self, message: str) -> None:
         parts = message.split(" ")

@@ -63,5 +63,11 @@ class FlightRegistry(Protocol):
     def forget_thread(self, thread_id: str) -> None:
         """Keep nothing of a deleted thread's flights once they end."""
 
+    async def thread_deleted(self, org_id: str, thread_id: str) -> None:
+        """The org deleted the thread through this instance: :meth:`forget_thread`, and on a
+        shared registry tell the other instances, which forget its flights too and have
+        their stores drop what they keep of it in memory (:meth:`Store.forget_thread`).
+        Returns once the others were told (or telling them failed, which is logged)."""
+
     async def shutdown(self, *, timeout: float = 10.0) -> None:
         """Refuse new flights, abort running ones, and wait for their turns to be saved."""

@@ -444,5 +444,5 @@ class TurnService:
         """Delete a thread; its flights keep nothing once they end."""
         if not await self.store.delete_thread(org_id, thread_id):
             return False
-        self.registry.forget_thread(thread_id)
+        await self.registry.thread_deleted(org_id, thread_id)
         return True

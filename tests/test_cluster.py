@@ -552,3 +552,32 @@ async def test_the_cluster_benchmark_runs_in_short(redis_server: RedisServer, po
     assert 0 < report["redis_round_trips_per_delta_leader"] <= 1.5, report
     assert report["cancel_across_instances_max_ms"] < 300, report
     assert b"| cancel across instances (worst) | < 300 ms |" in printed
+
+
+async def test_a_thread_deleted_on_one_instance_is_gone_from_the_others_caches(
+        fake: FakeUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    """Two instances on one SQLite file (as ``--workers 2`` without PostgreSQL): each keeps the
+    threads it saw and their answers in memory; a deletion through one reaches the other."""
+    env = {**fake.env("openai"), "DAC_REDIS_URL": redis_server.url, "DAC_REDIS_PREFIX": redis_server.new_prefix(),
+           "DAC_DB": str(tmp_path / "shared.db"), "DAC_DEFAULT_PROVIDER": "openai", "DAC_DEFAULT_MODEL": "gpt-test",
+           "DAC_AUTH": "header"}
+    pair = Cluster(instances=2, env=env, workdir=tmp_path)
+    try:
+        a, b = await within(asyncio.gather(pair.start_instance(), pair.start_instance()), 30, "two instances")
+        pair.instances = [a, b]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+            tid = await new_thread(s, b.url)
+            fake.script(Script(n=3), model="gpt-deleted")
+            body = {"content": "soon deleted", "model": "gpt-deleted"}
+            async with s.post(f"{b.url}/api/threads/{tid}/messages", json=body, headers=H) as resp:
+                assert resp.status == 200, await resp.text()
+            async with s.delete(f"{a.url}/api/threads/{tid}", headers=H) as resp:
+                assert resp.status == 204
+            async with s.post(f"{b.url}/api/threads/{tid}/messages", json=body, headers=H) as resp:
+                assert resp.status == 404, await resp.text()  # not the answer B kept for the thread
+                assert (await resp.json())["error"]["type"] == "not_found"
+            async with s.get(f"{b.url}/api/threads/{tid}", headers=H) as resp:
+                assert resp.status == 404
+        await next_call(fake, "gpt-deleted")
+    finally:
+        await within(pair.stop(), 30, "the instances to stop")
