@@ -53,6 +53,7 @@ Redis Cluster slot; the scripts touch only keys of that slot)::
     Pinst:I            string  instance heartbeat (PX lease)
     Pctl:I             channel "S I2 1|0[ stop]" to the leader instance I
     Pthreads           channel "I thread org": instance I deleted that thread (every instance listens)
+    Pstops             channel "I S token org": a Stop call instance I got for a listener it does not hold
 
 Every key expires: the flight's after the lease plus the longer TTL, renewed
 while it runs.
@@ -68,7 +69,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -347,6 +348,9 @@ class RedisHub(Hub):
         self._background: list[asyncio.Task[None]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # appends in flight (the last ones at shutdown)
         self.ctl_ready = asyncio.Event()  # the ctl channel is subscribed (tests wait for it)
+        #: takes the Stop calls other instances hand over (the turn service's, see serve_stops)
+        self._stop_handler: Callable[[str, str, str], Awaitable[bool]] | None = None
+        self._stops: set[asyncio.Future[bool]] = set()
         #: marks the answers of instances that are gone interrupted (see :mod:`server.redis_sweep`)
         self.sweeper = Sweeper(redis=redis, store=store, metrics=metrics, prefix=self.prefix, instance=self.instance,
                                interval_s=lease)
@@ -361,6 +365,10 @@ class RedisHub(Hub):
     @property
     def _threads_channel(self) -> str:
         return f"{self.prefix}threads"
+
+    @property
+    def _stops_channel(self) -> str:
+        return f"{self.prefix}stops"
 
     async def open(self) -> None:
         """Check that Redis answers (else :class:`RegistryOpenError`), then beat and listen."""
@@ -728,12 +736,12 @@ class RedisHub(Hub):
         """Follow this instance's ctl channel (other instances holding or leaving its flights)
         and the threads channel (threads deleted through other instances)."""
         channel = self._ctl(self.instance)
-        threads = self._threads_channel.encode()
+        threads, stops = self._threads_channel.encode(), self._stops_channel.encode()
         while True:
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 try:
-                    await pubsub.subscribe(channel, threads)
+                    await pubsub.subscribe(channel, threads, stops)
                     self.ctl_ready.set()
                     while True:
                         message = await pubsub.get_message(timeout=self.tick_s)
@@ -741,6 +749,8 @@ class RedisHub(Hub):
                             continue
                         if message["channel"] == threads:
                             self._on_thread_deleted(_decode(message["data"]))
+                        elif message["channel"] == stops:
+                            self._on_stop(_decode(message["data"]))
                         else:
                             self._on_ctl(_decode(message["data"]))
                 finally:
@@ -756,6 +766,34 @@ class RedisHub(Hub):
             await self.redis.publish(self._threads_channel, f"{self.instance} {thread_id} {org_id}")
         except RedisError as exc:
             log.warning("could not tell the other instances that thread %s was deleted: %s", thread_id, exc)
+
+    def serve_stops(self, stop: Callable[[str, str, str], Awaitable[bool]]) -> None:
+        self._stop_handler = stop
+
+    async def stop_elsewhere(self, org_id: str, stream_id: str, token: str) -> bool:
+        try:
+            await self.redis.publish(self._stops_channel, f"{self.instance} {stream_id} {token} {org_id}")
+        except RedisError as exc:
+            raise RegistryUnavailable(f"the flight registry (Redis) does not answer ({exc.__class__.__name__})") \
+                from None
+        return True
+
+    def _on_stop(self, message: str) -> None:
+        """A Stop call another instance got: ours to take if the flight is held here."""
+        parts = message.split(" ", 3)
+        if len(parts) < 4 or parts[0] == self.instance or parts[1] not in self._streams:
+            return
+        if self._stop_handler is None:
+            return
+        _, stream_id, token, org_id = parts
+        task = asyncio.ensure_future(self._stop_handler(org_id, stream_id, token))
+        self._stops.add(task)
+        task.add_done_callback(self._stop_done)
+
+    def _stop_done(self, task: asyncio.Future[bool]) -> None:
+        self._stops.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a Stop call handed over failed: %s", task.exception())
 
     def _on_thread_deleted(self, message: str) -> None:
         """Another instance deleted a thread: keep nothing of it here either."""

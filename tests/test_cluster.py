@@ -294,7 +294,7 @@ async def cancels(http: aiohttp.ClientSession, url: str, reason: str) -> float:
     return sum(float(v) for v in re.findall(rf'^dac_cancels_total{{[^}}]*reason="{reason}"[^}}]*}} (\S+)$', text, re.M))
 
 
-async def test_stop_on_another_instance_detaches_there_and_the_last_one_aborts_the_leader_at_once(
+async def test_stop_detaches_where_the_listener_is_and_the_last_one_aborts_the_leader_at_once(
         cluster: Cluster, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
     a, b, c = cluster.instances
     tid = await new_thread(http, cluster.url)
@@ -312,9 +312,9 @@ async def test_stop_on_another_instance_detaches_there_and_the_last_one_aborts_t
     stop_c = (await within(anext(events_c), what="C's meta")).json()["stop_url"]
     await within(anext(events_c), what="a delta on C")
     on_a.close()  # the leader's own client leaves: B and C still hold the flight
-    async with http.delete(f"{b.url}{stop_b}") as resp:
+    async with http.delete(f"{c.url}{stop_b}") as resp:  # B's Stop reaches C (a load balancer's pick)
         assert resp.status == 204, await resp.text()
-    await within(_rest(events_b), 5, "B's stopped stream to end")
+    await within(_rest(events_b), 5, "B's stopped stream to end")  # C handed it to B, which detached it
     sent = call.tokens_sent
     await call.sent(sent + 20)  # C still listens: the upstream goes on, well past the grace
     assert call.connection.closed_at is None

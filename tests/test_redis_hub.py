@@ -226,3 +226,28 @@ async def test_the_sweep_takes_only_rows_whose_owner_stayed_gone(redis_server: R
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_a_stop_for_a_client_promised_on_the_other_instance_is_handed_over(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider, cancel_grace_s=30.0, attach_timeout_s=30.0)  # only the Stop can explain an abort
+    tid = await a.new_thread()
+    async with a.session.post(f"{a.url}/api/threads/{tid}/messages", headers=a.h(Accept="application/json"),
+                              json={"content": "stop me elsewhere", "provider": "scripted", "stream": True}) as resp:
+        assert resp.status == 202, await resp.text()
+        stream_url = (await resp.json())["stream_url"]
+    call = await provider.next_call()
+    call.send("started ")
+    async with b.session.delete(f"{b.url}{stream_url}", headers=b.h()) as resp:  # it reaches B, not A
+        assert resp.status == 204, await resp.text()
+    await within(call.closed.wait(), 5, "the upstream to close")
+    messages = await within(_saved(b, tid), 5, "the answer to be saved")
+    assert messages[1]["status"] == "cancelled"
+
+
+async def _saved(gw: Gateway, tid: str) -> list[dict[str, Any]]:
+    while True:
+        messages = (await gw.thread(tid))["messages"]
+        if len(messages) == 2 and messages[1]["status"] != "streaming":
+            return list(messages)
+        await asyncio.sleep(0.01)
