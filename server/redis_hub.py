@@ -34,7 +34,12 @@ and this registry adds what makes the instances act as one:
   no end, the leader is gone: the mirror's clients get a retryable
   ``leader_lost`` and the row is marked ``interrupted`` with the text that reached
   the log, by a conditional update (:meth:`Store.interrupt_turn`) that only one
-  instance wins.
+  instance wins. A flight nobody else mirrors is found by the sweep instead: its
+  row names this instance as owner, and rows whose owner's heartbeat stays gone
+  are marked the same way (:mod:`server.redis_sweep`). The leader's own writes to
+  its row are fenced by that owner (:attr:`Flight.owner`).
+- **Across instances.** A Stop call for a listener held elsewhere is handed over
+  on ``Pstops``; a deleted thread is announced on ``Pthreads``.
 - **Redis down.** A leader whose append or renewal fails cuts its upstream and
   ends with a retryable ``registry_unavailable`` (its row is saved as ``error``);
   a mirror whose read fails ends its clients the same way; a request that cannot
