@@ -442,7 +442,8 @@ async def test_a_killed_leader_with_no_listener_elsewhere_has_its_row_swept(
     # the log may lag what A's client was sent by the append in flight when A died
     kept, sent = found[1][2], text_of(seen)
     assert kept and (kept.startswith(sent) or sent.startswith(kept)), (kept, sent)
-    assert swept_after < LEASE_S * 3 + 1, swept_after  # its heartbeat lapses, then two sweeps see it gone
+    # its heartbeat lapses (a lease), then two sweeps a lease apart see it gone (slack for a busy machine)
+    assert swept_after < LEASE_S * 3 + 2, swept_after
     cluster.instances[0] = await within(cluster.start_instance(a.port), 30, "the instance to come back")
 
 
