@@ -234,6 +234,15 @@ class Metrics:
         self.errors = Counter(
             "dac_errors_total", "Requests answered with an error, by error type.",
             ["type"], registry=r)
+        self.refused_writes = Counter(
+            "dac_store_writes_refused_total",
+            "Writes of an answer's row refused because the row is no longer this instance's "
+            "streaming row (another instance ended it; this one had lost the lead), by write "
+            "(checkpoint, finish).", ["write"], registry=r)
+        self.swept = Counter(
+            "dac_answers_swept_total",
+            "Answers this instance marked interrupted because the instance streaming them is gone.",
+            registry=r)
 
         # -- gauges --------------------------------------------------------
         self.active_flights = Gauge(
