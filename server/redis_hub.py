@@ -73,8 +73,9 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from .config import Settings
@@ -86,6 +87,7 @@ from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Slots
 from .providers import Provider
+from .redis_pacer import RedisPacer
 from .registry import RegistryOpenError
 from .states import DropReason, FlightState, MessageStatus, Role
 from .store import Message, Store
@@ -359,6 +361,7 @@ class RedisHub(Hub):
             async with asyncio.timeout(self.settings.redis_lease_s + 1):
                 await self.redis.ping()
                 await self._beat_once()
+                await self._load_scripts()
         except (RedisError, OSError, TimeoutError) as exc:
             await self.redis.aclose()
             raise RegistryOpenError(f"DAC_REDIS_URL: cannot use Redis at {self.settings.redis} "
@@ -366,6 +369,33 @@ class RedisHub(Hub):
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._beat(), name="redis-heartbeat"),
                             loop.create_task(self._listen(), name="redis-ctl")]
+
+    async def _load_scripts(self) -> None:
+        """Load the scripts the pipelines run by EVALSHA (at start, and again after Redis lost them)."""
+        scripts = [self._lead_script, self._append_script, self._renew_script, self._find_script]
+        if isinstance(self.pacer, RedisPacer):
+            scripts += self.pacer.scripts
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script in scripts:
+                pipe.script_load(script.script)
+            await pipe.execute()
+
+    async def _piped(self, build: Callable[[Pipeline], object]) -> list[Any]:
+        """The commands ``build`` puts in a pipeline, in one round trip. Scripts go by EVALSHA
+        (redis-py's own script calls in a pipeline first ask ``SCRIPT EXISTS``: one more round
+        trip); when Redis lost them (a restart) they are loaded and the whole pipeline sent again."""
+        for attempt in (0, 1):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                await self._load_scripts()
+                continue
+            break
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def close(self) -> None:
         """After :meth:`shutdown`: let the flights' last entries reach Redis, then disconnect."""
@@ -426,20 +456,30 @@ class RedisHub(Hub):
             "provider": turn.provider.name, "model": turn.model, "key": turn.key,
             "user": candidate.user_message, "assistant": candidate.draft,
         })
+        # a provider slot asked for in the same round trip: a new leader needs no other before its call
+        ahead = self.pacer.ahead(turn.provider.name, turn.provider.max_concurrency) \
+            if isinstance(self.pacer, RedisPacer) else None
+
+        def build(pipe: Pipeline) -> None:
+            # the decision, the pointer from the stream id (harmless if it loses), the slot
+            pipe.evalsha(self._lead_script.sha, 1, lead, base, fence, self.lease_ms,
+                         "1" if turn.no_cache else "0", described, self.instance, f"{self.prefix}ctl:", self.keep_ms)
+            pipe.set(f"{self.prefix}stream:{s_id}", k, px=self.keep_ms)
+            if ahead is not None:
+                pipe.execute_command(*ahead.command)
+
         try:
-            # one round trip: the decision, and the pointer from the stream id (harmless if it loses)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                await self._lead_script(
-                    keys=[lead], args=[base, fence, self.lease_ms, "1" if turn.no_cache else "0", described,
-                                       self.instance, f"{self.prefix}ctl:", self.keep_ms], client=pipe)
-                pipe.set(f"{self.prefix}stream:{s_id}", k, px=self.keep_ms)
-                answer, _ = await pipe.execute()
+            replies = await self._piped(build)
         except RedisError as exc:
             raise RegistryUnavailable(f"the flight registry (Redis) does not answer ({exc.__class__.__name__})") \
                 from None
+        answer = replies[0]
+        current = _decode(answer[0])
+        if ahead is not None:
+            assert isinstance(self.pacer, RedisPacer)
+            self.pacer.taken(ahead, replies[2], use=current == fence and not self._closing)
         if self._closing:
             raise ShuttingDown("the server is shutting down; try again shortly")
-        current = _decode(answer[0])
         if current == fence:
             self._lead(candidate, lead=lead, base=base + s_id, fence=fence)
             return candidate, Role.LEADER
@@ -544,11 +584,10 @@ class RedisHub(Hub):
             except TimeoutError:
                 pass
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    await self._renew_script(keys=[led.lead, led.base + ":meta", led.base + ":log", led.base + ":holders"],
-                                       args=[led.fence, lease_ms, keep_ms], client=pipe)
-                    pipe.pexpire(stream_key, keep_ms)
-                    held, _ = await pipe.execute()
+                held, _ = await self._piped(lambda pipe: (
+                    pipe.evalsha(self._renew_script.sha, 4, led.lead, led.base + ":meta", led.base + ":log",
+                                 led.base + ":holders", led.fence, lease_ms, keep_ms),
+                    pipe.pexpire(stream_key, keep_ms)))
                 if not held:
                     flight.fail(LeaderLost("this instance lost the lead of the answer (its lease lapsed)"))
                     return

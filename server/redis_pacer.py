@@ -13,6 +13,13 @@ behind an ``asyncio.Lock`` (FIFO); the first of them asks Redis again every
 ``POLL_S`` until a slot is free or the queue timeout passes (``QueueFull``,
 503 with ``Retry-After``). Instances are served in no particular order among
 themselves. The queue wait is measured as in :class:`~server.pacer.Pacer`.
+
+Taking ahead: the flight registry asks for a slot in the same round trip as the
+leadership of a new flight (:meth:`RedisPacer.ahead`, then :meth:`RedisPacer.taken`),
+so a leader that finds a slot free reaches the upstream with no round trip of
+its own here. Such a grant waits on its instance for the next ``slot`` of that
+provider (through the same FIFO gate, so it never overtakes a waiter); one not
+used within half a lease is given back, and Redis frees it after one lease anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -30,7 +39,7 @@ from redis.exceptions import RedisError
 from .errors import QueueFull, RegistryUnavailable
 from .pacer import HOLD_SMOOTHING, MIN_RETRY_AFTER_S
 
-__all__ = ["POLL_S", "RedisPacer"]
+__all__ = ["POLL_S", "Ahead", "RedisPacer"]
 
 #: how often the first waiter of an instance asks again for a slot
 POLL_S = 0.02
@@ -56,8 +65,17 @@ return n
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """A slot asked for ahead of :meth:`RedisPacer.slot`: the command to put in the caller's pipeline."""
+
+    provider: str
+    member: str
+    command: tuple[Any, ...]  # EVALSHA sha 1 key member limit lease
+
+
 class _Lane:
-    __slots__ = ("limit", "gate", "running", "waiting", "mean_hold_s")
+    __slots__ = ("limit", "gate", "running", "waiting", "mean_hold_s", "granted")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -65,6 +83,8 @@ class _Lane:
         self.running = 0
         self.waiting = 0
         self.mean_hold_s: float | None = None
+        #: slots taken ahead (member, when) for the next ``slot`` calls
+        self.granted: list[tuple[str, float]] = []
 
 
 class RedisPacer:
@@ -76,6 +96,7 @@ class RedisPacer:
         self._take = redis.register_script(_TAKE)
         self._keep = redis.register_script(_KEEP)
         self._lanes: dict[str, _Lane] = {}
+        self._returning: set[asyncio.Task[None]] = set()
 
     def key(self, provider: str) -> str:
         return f"{self.prefix}{{slots:{provider}}}"
@@ -85,6 +106,51 @@ class RedisPacer:
         if lane is None:
             lane = self._lanes[provider] = _Lane(max(1, limit))
         return lane
+
+    @property
+    def scripts(self) -> tuple[Any, ...]:
+        """The scripts a caller's pipeline runs by EVALSHA (to load them again after a Redis restart)."""
+        return (self._take,)
+
+    def ahead(self, provider: str, limit: int) -> Ahead | None:
+        """Ask for a slot of ``provider`` in the caller's round trip, or None when calls wait
+        here for one already (a grant would not be theirs to take, and none is likely free)."""
+        lane = self._lane(provider, limit)
+        if lane.waiting or lane.gate.locked():
+            return None
+        member = secrets.token_hex(8)
+        return Ahead(provider, member,
+                     ("EVALSHA", self._take.sha, 1, self.key(provider), member, lane.limit, self.lease_ms))
+
+    def taken(self, ahead: Ahead, reply: Any, *, use: bool) -> None:
+        """The reply to ``ahead``'s command: a slot taken is kept for the next ``slot`` of its
+        provider when ``use`` (a flight is about to start), else given back."""
+        if not reply:
+            return
+        if use:
+            self._lanes[ahead.provider].granted.append((ahead.member, time.monotonic()))
+        else:
+            self._give_back(self.key(ahead.provider), ahead.member)
+
+    def _give_back(self, key: str, member: str) -> None:
+        async def zrem() -> None:
+            try:
+                await self.redis.zrem(key, member)
+            except RedisError:
+                pass  # it lapses after one lease
+        task = asyncio.get_running_loop().create_task(zrem())
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+
+    def _grant(self, lane: _Lane, key: str) -> str | None:
+        """A slot taken ahead for this provider and still fresh (the stale ones are given back)."""
+        now = time.monotonic()
+        while lane.granted:
+            member, when = lane.granted.pop(0)
+            if now - when < self.lease_ms / 2000:
+                return member
+            self._give_back(key, member)
+        return None
 
     async def _try(self, key: str, member: str, limit: int) -> bool:
         try:
@@ -104,8 +170,12 @@ class RedisPacer:
         try:
             async with asyncio.timeout(self.queue_timeout_s):
                 async with lane.gate:
-                    while not await self._try(key, member, lane.limit):
-                        await asyncio.sleep(POLL_S)
+                    granted = self._grant(lane, key)
+                    if granted is not None:
+                        member = granted
+                    else:
+                        while not await self._try(key, member, lane.limit):
+                            await asyncio.sleep(POLL_S)
         except TimeoutError:
             rounds = math.ceil(lane.waiting / lane.limit)
             hold = lane.mean_hold_s if lane.mean_hold_s is not None else self.queue_timeout_s

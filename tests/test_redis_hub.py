@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
+from server.appkeys import PACER
 from server.config import Settings
 from server.errors import UpstreamError
 from server.redis_hub import RedisHub
+from server.redis_pacer import RedisPacer
 
 from .engines import PostgresServer
 from .fake_upstream import wait_until
@@ -161,3 +164,64 @@ async def test_a_leader_shutting_down_tells_the_listeners_on_other_instances(pai
     assert time.perf_counter() - started < a.settings.redis_lease_s  # told at once, not after the lease
     messages = (await b.thread(tid))["messages"]
     assert [(m["status"], m["content"]) for m in messages][1] == ("interrupted", "some ")
+
+
+async def test_a_leader_takes_its_slot_with_the_lead_and_a_follower_gives_its_back(
+        pair: Pair, redis_server: RedisServer) -> None:
+    provider = ScriptedProvider(max_concurrency=1)
+    a, b = await pair(provider)
+    hub = a.hub
+    assert isinstance(hub, RedisHub)
+    slots = hub.prefix + "{slots:scripted}"
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    try:
+        tid = await a.new_thread()
+        body = {"content": "one slot", "provider": "scripted"}
+        first = asyncio.ensure_future(a.post(tid, body))
+        call = await provider.next_call()
+        assert await client.zcard(slots) == 1
+        follower = asyncio.ensure_future(b.post(tid, body))  # asks for a slot too, and gives it back
+        await wait_until(lambda: sum(f.listeners for f in b.hub._streams.values()) == 1, "the follower on B")
+        b_pacer = b.app[PACER]
+        assert isinstance(b_pacer, RedisPacer)
+        await within(asyncio.gather(*b_pacer._returning), what="the follower's slot given back")
+        assert await client.zcard(slots) == 1
+        call.send("done")
+        call.finish()
+        answers = await within(asyncio.gather(first, follower), what="both answers")
+        assert [body["message"]["content"] for _, body in answers] == ["done", "done"]
+        await wait_until(lambda: hub.pacer.snapshot()["scripted"]["running"] == 0, "the slot given back")
+        assert await client.zcard(slots) == 0
+        # the limit of 1 still holds for a slot taken with the lead: a second distinct
+        # request waits for the first one's slot
+        first = asyncio.ensure_future(a.post(tid, {"content": "first", "provider": "scripted"}))
+        call = await provider.next_call()
+        second = asyncio.ensure_future(b.post(tid, {"content": "second", "provider": "scripted"}))
+        await wait_until(lambda: b_pacer.snapshot()["scripted"]["waiting"] == 1, "the second to wait for a slot")
+        assert provider.open_calls == 1
+        call.send("1")
+        call.finish()
+        call = await provider.next_call()
+        call.send("2")
+        call.finish()
+        answers = await within(asyncio.gather(first, second), what="both answers")
+        assert [body["message"]["content"] for _, body in answers] == ["1", "2"]
+    finally:
+        await client.aclose()
+
+
+async def test_scripts_lost_by_redis_are_loaded_again(pair: Pair, redis_server: RedisServer) -> None:
+    provider = ScriptedProvider()
+    a, _ = await pair(provider)
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    try:
+        await client.script_flush()  # as after a restart of Redis
+    finally:
+        await client.aclose()
+    tid = await a.new_thread()
+    answer = asyncio.ensure_future(a.post(tid, {"content": "after a flush", "provider": "scripted"}))
+    call = await provider.next_call()
+    call.send("still here")
+    call.finish()
+    status, body = await within(answer, what="the answer")
+    assert (status, body["coalesce"], body["message"]["content"]) == (200, "leader", "still here")
