@@ -10,9 +10,9 @@ after one lease. Giving it back removes the member.
 
 Waiting: on each instance the flights waiting for one provider queue in order
 behind an ``asyncio.Lock`` (FIFO); the first of them asks Redis again every
-``POLL_S`` until a slot is free or the queue timeout passes (``QueueFull``,
-503 with ``Retry-After``). Instances are served in no particular order among
-themselves. The queue wait is measured as in :class:`~server.pacer.Pacer`.
+``POLL_S``, and at once when a call of this instance gives its slot back, until
+a slot is free or the queue timeout passes (``QueueFull``, 503 with
+``Retry-After``). Instances are served in no particular order among themselves. The queue wait is measured as in :class:`~server.pacer.Pacer`.
 
 Taking ahead: the flight registry asks for a slot in the same round trip as the
 leadership of a new flight (:meth:`RedisPacer.ahead`, then :meth:`RedisPacer.taken`),
@@ -75,7 +75,7 @@ class Ahead:
 
 
 class _Lane:
-    __slots__ = ("limit", "gate", "running", "waiting", "mean_hold_s", "granted")
+    __slots__ = ("limit", "gate", "running", "waiting", "mean_hold_s", "granted", "freed")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -85,6 +85,8 @@ class _Lane:
         self.mean_hold_s: float | None = None
         #: slots taken ahead (member, when) for the next ``slot`` calls
         self.granted: list[tuple[str, float]] = []
+        #: set when a call of this instance gave its slot back (the first waiter asks again at once)
+        self.freed = asyncio.Event()
 
 
 class RedisPacer:
@@ -128,7 +130,9 @@ class RedisPacer:
         if not reply:
             return
         if use:
-            self._lanes[ahead.provider].granted.append((ahead.member, time.monotonic()))
+            lane = self._lanes[ahead.provider]
+            lane.granted.append((ahead.member, time.monotonic()))
+            lane.freed.set()  # a call waiting here meanwhile takes it
         else:
             self._give_back(self.key(ahead.provider), ahead.member)
 
@@ -170,12 +174,20 @@ class RedisPacer:
         try:
             async with asyncio.timeout(self.queue_timeout_s):
                 async with lane.gate:
-                    granted = self._grant(lane, key)
-                    if granted is not None:
-                        member = granted
-                    else:
-                        while not await self._try(key, member, lane.limit):
-                            await asyncio.sleep(POLL_S)
+                    lane.freed.clear()
+                    while True:
+                        granted = self._grant(lane, key)
+                        if granted is not None:
+                            member = granted
+                            break
+                        if await self._try(key, member, lane.limit):
+                            break
+                        try:
+                            async with asyncio.timeout(POLL_S):
+                                await lane.freed.wait()
+                        except TimeoutError:
+                            pass
+                        lane.freed.clear()
         except TimeoutError:
             rounds = math.ceil(lane.waiting / lane.limit)
             hold = lane.mean_hold_s if lane.mean_hold_s is not None else self.queue_timeout_s
@@ -202,6 +214,8 @@ class RedisPacer:
                 await asyncio.shield(self.redis.zrem(key, member))
             except RedisError:
                 pass  # it lapses after one lease
+            if lane.waiting:
+                lane.freed.set()
 
     async def _keep_alive(self, key: str, member: str) -> None:
         while True:

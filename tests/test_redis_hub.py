@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from server import redis_pacer
 from server.appkeys import PACER
 from server.config import Settings
 from server.errors import UpstreamError
@@ -225,3 +226,41 @@ async def test_scripts_lost_by_redis_are_loaded_again(pair: Pair, redis_server: 
     call.finish()
     status, body = await within(answer, what="the answer")
     assert (status, body["coalesce"], body["message"]["content"]) == (200, "leader", "still here")
+
+
+async def test_a_slot_given_back_here_goes_to_the_waiter_here_at_once(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_pacer, "POLL_S", 3600.0)  # no second ask but on a wake-up
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    pacer = RedisPacer(client, prefix=redis_server.new_prefix(), lease_s=2.0, queue_timeout_s=30)
+    try:
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            async with pacer.slot("p", 1):
+                held.set()
+                await release.wait()
+
+        holder = asyncio.ensure_future(first())
+        await within(held.wait(), what="the first slot")
+
+        async def second() -> float:
+            async with pacer.slot("p", 1) as waited:
+                return waited
+
+        waiter = asyncio.ensure_future(second())
+        await wait_until(lambda: pacer.snapshot()["p"]["waiting"] == 1, "the second to wait")
+        release.set()
+        await within(holder, what="the first to give its slot back")
+        await within(waiter, what="the waiter to take the freed slot without polling")
+        # a slot taken ahead for a flight about to start wakes a waiter too
+        ahead = pacer.ahead("p", 1)
+        assert ahead is not None
+        took = await client.execute_command(*ahead.command)
+        waiter = asyncio.ensure_future(second())
+        await wait_until(lambda: pacer.snapshot()["p"]["waiting"] == 1, "a waiter behind the slot taken ahead")
+        pacer.taken(ahead, took, use=True)
+        await within(waiter, what="the waiter to take the slot taken ahead")
+        assert await client.zcard(pacer.key("p")) == 0
+    finally:
+        await client.aclose()
