@@ -12,7 +12,10 @@ and this registry adds what makes the instances act as one:
   can neither renew nor write.
 - **The log.** The leader's deltas go to its local log as always and to a Redis
   Stream: what was appended in one loop turn leaves in one script call (one round
-  trip); while a call is out, what arrives waits for the next one.
+  trip); while a call is out, what arrives waits for the next one. While no other
+  instance holds the flight, the entries wait up to ``QUIET_FLUSH_S`` and leave
+  together (the end at once); an instance that starts holding it says so on
+  ``ctl``, and what waits leaves at once.
 - **Mirrors.** Every other instance that has a client for the flight runs one
   reader (``XREAD BLOCK``) that appends the stream to a local
   :class:`MirrorFlight`, whose log serves its clients. Redis work grows with the
@@ -100,6 +103,9 @@ log = logging.getLogger(__name__)
 READ_COUNT = 1000
 #: entries one append script carries at most (the rest go in the next call)
 APPEND_BATCH = 512
+#: while no other instance holds a flight, its entries reach the stream at most this late, many
+#: in one call (an instance that starts holding it says so on ctl and gets them at once)
+QUIET_FLUSH_S = 0.05
 
 # KEYS[1] lead. ARGV: base "P{k}:", value "running|S|I", lease ms, no_cache, turn JSON, instance,
 # ctl prefix, keep ms. Returns {value} when this call leads, else {current value, its turn, its log
@@ -198,6 +204,7 @@ class _Led:
     ended: bool = False
     flushing: asyncio.Task[None] | None = None
     scheduled: asyncio.Handle | None = None
+    quiet: bool = False  # ``scheduled`` is the quiet flush's timer
     renewing: asyncio.Task[None] | None = None
 
 
@@ -537,8 +544,22 @@ class RedisHub(Hub):
         if led.ended:
             return
         led.queue += (kind, data)
-        if led.flushing is None and led.scheduled is None:
-            led.scheduled = asyncio.get_running_loop().call_soon(self._flush_soon, led)
+        self._schedule(led)
+
+    def _schedule(self, led: _Led, *, now: bool = False) -> None:
+        """Have what is queued sent: in the next loop turn while another instance holds the
+        flight (or ``now``), else within :data:`QUIET_FLUSH_S`, several deltas in one call."""
+        if led.flushing is not None:
+            return  # it sends what is queued before it ends
+        urgent = now or any(led.holders.values())
+        if led.scheduled is not None:
+            if not urgent or not led.quiet:
+                return
+            led.scheduled.cancel()
+        loop = asyncio.get_running_loop()
+        led.quiet = not urgent
+        led.scheduled = loop.call_soon(self._flush_soon, led) if urgent else \
+            loop.call_later(QUIET_FLUSH_S, self._flush_soon, led)
 
     def _flush_soon(self, led: _Led) -> None:
         led.scheduled = None
@@ -609,6 +630,8 @@ class RedisHub(Hub):
             if not flight.finished.is_set():
                 led.holders = holders
                 flight.set_remote(sum(holders.values()))
+                if led.queue and any(holders.values()):
+                    self._schedule(led)
 
     def _led_ended(self, flight: Flight) -> None:
         """A flight this instance led ended: its outcome goes to the stream with the lead's new value."""
@@ -638,8 +661,7 @@ class RedisHub(Hub):
                 value = "-"
         led.end = (value, max(ms, 1), kind, data)
         led.ended = True
-        if led.flushing is None and led.scheduled is None:
-            led.scheduled = asyncio.get_running_loop().call_soon(self._flush_soon, led)
+        self._schedule(led, now=True)
 
     # -- mirroring ---------------------------------------------------------------
 
@@ -782,6 +804,8 @@ class RedisHub(Hub):
         flight = led.flight
         led.holders[parts[1]] = parts[2] == "1"
         flight.set_remote(sum(led.holders.values()))
+        if led.queue and parts[2] == "1":
+            self._schedule(led)  # what waited for a quiet flush, to the new holder at once
         if len(parts) > 3 and parts[3] == "stop" and flight.listeners - flight.stopping + flight.remote == 0:
             flight.abort(DropReason.CLIENT_STOP)
 
