@@ -70,6 +70,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +107,8 @@ APPEND_BATCH = 512
 #: while no other instance holds a flight, its entries reach the stream at most this late, many
 #: in one call (an instance that starts holding it says so on ctl and gets them at once)
 QUIET_FLUSH_S = 0.05
+#: flights whose ctl messages are kept until this instance learns it leads them (the oldest go)
+EARLY_CTL = 64
 
 # KEYS[1] lead. ARGV: base "P{k}:", value "running|S|I", lease ms, no_cache, turn JSON, instance,
 # ctl prefix, keep ms. Returns {value} when this call leads, else {current value, its turn, its log
@@ -351,6 +354,9 @@ class RedisHub(Hub):
         self._find_script = redis.register_script(_FIND)
         self._deciding: dict[str, asyncio.Future[None]] = {}
         self._led: dict[str, _Led] = {}  # stream id -> a flight this instance leads
+        #: ctl messages about a flight not led here (yet): another instance may join the flight,
+        #: and say so, before the answer that made this instance its leader is read here
+        self._early: OrderedDict[str, list[str]] = OrderedDict()
         self._background: list[asyncio.Task[None]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # appends in flight (the last ones at shutdown)
         self.ctl_ready = asyncio.Event()  # the ctl channel is subscribed (tests wait for it)
@@ -531,6 +537,8 @@ class RedisHub(Hub):
         flight.log = _SharedLog(capacity=self.settings.ring_size, ping_interval_s=self.settings.ping_interval_s,
                                 publish=lambda kind, data: self._publish(led, kind, data))
         self._register(flight, flight.start())
+        for message in self._early.pop(flight.stream_id, ()):
+            self._on_ctl(message)
         loop = asyncio.get_running_loop()
         led.renewing = loop.create_task(self._renew(led), name=f"renew:{flight.stream_id}")
         loop.create_task(self._announce_rows(led))
@@ -800,6 +808,9 @@ class RedisHub(Hub):
             return
         led = self._led.get(parts[0])
         if led is None:
+            self._early.setdefault(parts[0], []).append(message)
+            while len(self._early) > EARLY_CTL:
+                self._early.popitem(last=False)
             return
         flight = led.flight
         led.holders[parts[1]] = parts[2] == "1"
