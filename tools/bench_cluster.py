@@ -464,8 +464,9 @@ def render(report: dict[str, Any]) -> str:
             f"server CPU with 1 worker and {r['server_cpu_ms_per_turn_2_workers_redis_pg']:.2f} ms with 2, and "
             f"{r['stack_cpu_ms_per_turn_1_worker_redis_pg']:.2f} ms more in PostgreSQL, Redis, the fake upstream and "
             f"the load generator, all on this machine's {r['cores']} cores (processes outside the benchmark took "
-            f"{r['outside_processes_cores_1_worker_redis_pg']:.2f} cores meanwhile). With these cores busy, 2 workers can "
-            f"give at most {r['rps_2_over_1_workers_bound_here']:.2f}x the turns of 1, whatever the server does: "
+            f"{r['outside_processes_cores_1_worker_redis_pg']:.2f} cores meanwhile). Even with the machine to themselves, 2 workers could "
+            f"give at most {r['rps_2_over_1_workers_bound_here']:.2f}x the turns of 1 on these cores, whatever the "
+            "server does: "
             "the wall-clock ratio measures the machine. The CPU-time ratio is the server's own: 2 workers with a "
             "core each, the rest of the stack on other cores.")]
     return "\n".join(lines)
