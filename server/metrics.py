@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
-from importlib import metadata
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -90,10 +89,11 @@ class Outcome(StrEnum):
 
 
 def _version() -> str:
-    try:
-        return metadata.version("dac-gateway")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    # the package's own attribute (pyproject.toml reads its version from it): importlib.metadata
+    # would load the email, csv and zipfile modules into every server for one string
+    from . import __version__
+
+    return __version__
 
 
 @dataclass(slots=True, kw_only=True)

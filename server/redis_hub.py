@@ -12,7 +12,10 @@ and this registry adds what makes the instances act as one:
   can neither renew nor write.
 - **The log.** The leader's deltas go to its local log as always and to a Redis
   Stream: what was appended in one loop turn leaves in one script call (one round
-  trip); while a call is out, what arrives waits for the next one.
+  trip); while a call is out, what arrives waits for the next one. While no other
+  instance holds the flight, the entries wait up to ``QUIET_FLUSH_S`` and leave
+  together (the end at once); an instance that starts holding it says so on
+  ``ctl``, and what waits leaves at once.
 - **Mirrors.** Every other instance that has a client for the flight runs one
   reader (``XREAD BLOCK``) that appends the stream to a local
   :class:`MirrorFlight`, whose log serves its clients. Redis work grows with the
@@ -74,14 +77,16 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from .config import Settings
@@ -93,6 +98,7 @@ from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Slots
 from .providers import Provider
+from .redis_pacer import RedisPacer
 from .redis_sweep import Sweeper
 from .registry import RegistryOpenError
 from .states import DropReason, FlightState, MessageStatus, Role
@@ -106,6 +112,11 @@ log = logging.getLogger(__name__)
 READ_COUNT = 1000
 #: entries one append script carries at most (the rest go in the next call)
 APPEND_BATCH = 512
+#: while no other instance holds a flight, its entries reach the stream at most this late, many
+#: in one call (an instance that starts holding it says so on ctl and gets them at once)
+QUIET_FLUSH_S = 0.05
+#: flights whose ctl messages are kept until this instance learns it leads them (the oldest go)
+EARLY_CTL = 64
 
 # KEYS[1] lead. ARGV: base "P{k}:", value "running|S|I", lease ms, no_cache, turn JSON, instance,
 # ctl prefix, keep ms. Returns {value} when this call leads, else {current value, its turn, its log
@@ -204,6 +215,7 @@ class _Led:
     ended: bool = False
     flushing: asyncio.Task[None] | None = None
     scheduled: asyncio.Handle | None = None
+    quiet: bool = False  # ``scheduled`` is the quiet flush's timer
     renewing: asyncio.Task[None] | None = None
 
 
@@ -350,6 +362,9 @@ class RedisHub(Hub):
         self._find_script = redis.register_script(_FIND)
         self._deciding: dict[str, asyncio.Future[None]] = {}
         self._led: dict[str, _Led] = {}  # stream id -> a flight this instance leads
+        #: ctl messages about a flight not led here (yet): another instance may join the flight,
+        #: and say so, before the answer that made this instance its leader is read here
+        self._early: OrderedDict[str, list[str]] = OrderedDict()
         self._background: list[asyncio.Task[None]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # appends in flight (the last ones at shutdown)
         self.ctl_ready = asyncio.Event()  # the ctl channel is subscribed (tests wait for it)
@@ -381,6 +396,7 @@ class RedisHub(Hub):
             async with asyncio.timeout(self.settings.redis_lease_s + 1):
                 await self.redis.ping()
                 await self._beat_once()
+                await self._load_scripts()
         except (RedisError, OSError, TimeoutError) as exc:
             await self.redis.aclose()
             raise RegistryOpenError(f"DAC_REDIS_URL: cannot use Redis at {self.settings.redis} "
@@ -389,6 +405,33 @@ class RedisHub(Hub):
         self._background = [loop.create_task(self._beat(), name="redis-heartbeat"),
                             loop.create_task(self._listen(), name="redis-ctl"),
                             loop.create_task(self.sweeper.run(), name="redis-sweep")]
+
+    async def _load_scripts(self) -> None:
+        """Load the scripts the pipelines run by EVALSHA (at start, and again after Redis lost them)."""
+        scripts = [self._lead_script, self._append_script, self._renew_script, self._find_script]
+        if isinstance(self.pacer, RedisPacer):
+            scripts += self.pacer.scripts
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script in scripts:
+                pipe.script_load(script.script)
+            await pipe.execute()
+
+    async def _piped(self, build: Callable[[Pipeline], object]) -> list[Any]:
+        """The commands ``build`` puts in a pipeline, in one round trip. Scripts go by EVALSHA
+        (redis-py's own script calls in a pipeline first ask ``SCRIPT EXISTS``: one more round
+        trip); when Redis lost them (a restart) they are loaded and the whole pipeline sent again."""
+        for attempt in (0, 1):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                await self._load_scripts()
+                continue
+            break
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def close(self) -> None:
         """After :meth:`shutdown`: let the flights' last entries reach Redis, then disconnect."""
@@ -449,20 +492,30 @@ class RedisHub(Hub):
             "provider": turn.provider.name, "model": turn.model, "key": turn.key,
             "user": candidate.user_message, "assistant": candidate.draft,
         })
+        # a provider slot asked for in the same round trip: a new leader needs no other before its call
+        ahead = self.pacer.ahead(turn.provider.name, turn.provider.max_concurrency) \
+            if isinstance(self.pacer, RedisPacer) else None
+
+        def build(pipe: Pipeline) -> None:
+            # the decision, the pointer from the stream id (harmless if it loses), the slot
+            pipe.evalsha(self._lead_script.sha, 1, lead, base, fence, self.lease_ms,
+                         "1" if turn.no_cache else "0", described, self.instance, f"{self.prefix}ctl:", self.keep_ms)
+            pipe.set(f"{self.prefix}stream:{s_id}", k, px=self.keep_ms)
+            if ahead is not None:
+                pipe.execute_command(*ahead.command)
+
         try:
-            # one round trip: the decision, and the pointer from the stream id (harmless if it loses)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                await self._lead_script(
-                    keys=[lead], args=[base, fence, self.lease_ms, "1" if turn.no_cache else "0", described,
-                                       self.instance, f"{self.prefix}ctl:", self.keep_ms], client=pipe)
-                pipe.set(f"{self.prefix}stream:{s_id}", k, px=self.keep_ms)
-                answer, _ = await pipe.execute()
+            replies = await self._piped(build)
         except RedisError as exc:
             raise RegistryUnavailable(f"the flight registry (Redis) does not answer ({exc.__class__.__name__})") \
                 from None
+        answer = replies[0]
+        current = _decode(answer[0])
+        if ahead is not None:
+            assert isinstance(self.pacer, RedisPacer)
+            self.pacer.taken(ahead, replies[2], use=current == fence and not self._closing)
         if self._closing:
             raise ShuttingDown("the server is shutting down; try again shortly")
-        current = _decode(answer[0])
         if current == fence:
             self._lead(candidate, lead=lead, base=base + s_id, fence=fence)
             return candidate, Role.LEADER
@@ -508,6 +561,8 @@ class RedisHub(Hub):
         flight.log = _SharedLog(capacity=self.settings.ring_size, ping_interval_s=self.settings.ping_interval_s,
                                 publish=lambda kind, data: self._publish(led, kind, data))
         self._register(flight, flight.start())
+        for message in self._early.pop(flight.stream_id, ()):
+            self._on_ctl(message)
         loop = asyncio.get_running_loop()
         led.renewing = loop.create_task(self._renew(led), name=f"renew:{flight.stream_id}")
         loop.create_task(self._announce_rows(led))
@@ -521,8 +576,22 @@ class RedisHub(Hub):
         if led.ended:
             return
         led.queue += (kind, data)
-        if led.flushing is None and led.scheduled is None:
-            led.scheduled = asyncio.get_running_loop().call_soon(self._flush_soon, led)
+        self._schedule(led)
+
+    def _schedule(self, led: _Led, *, now: bool = False) -> None:
+        """Have what is queued sent: in the next loop turn while another instance holds the
+        flight (or ``now``), else within :data:`QUIET_FLUSH_S`, several deltas in one call."""
+        if led.flushing is not None:
+            return  # it sends what is queued before it ends
+        urgent = now or any(led.holders.values())
+        if led.scheduled is not None:
+            if not urgent or not led.quiet:
+                return
+            led.scheduled.cancel()
+        loop = asyncio.get_running_loop()
+        led.quiet = not urgent
+        led.scheduled = loop.call_soon(self._flush_soon, led) if urgent else \
+            loop.call_later(QUIET_FLUSH_S, self._flush_soon, led)
 
     def _flush_soon(self, led: _Led) -> None:
         led.scheduled = None
@@ -568,11 +637,10 @@ class RedisHub(Hub):
             except TimeoutError:
                 pass
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    await self._renew_script(keys=[led.lead, led.base + ":meta", led.base + ":log", led.base + ":holders"],
-                                       args=[led.fence, lease_ms, keep_ms], client=pipe)
-                    pipe.pexpire(stream_key, keep_ms)
-                    held, _ = await pipe.execute()
+                held, _ = await self._piped(lambda pipe: (
+                    pipe.evalsha(self._renew_script.sha, 4, led.lead, led.base + ":meta", led.base + ":log",
+                                 led.base + ":holders", led.fence, lease_ms, keep_ms),
+                    pipe.pexpire(stream_key, keep_ms)))
                 if not held:
                     flight.fail(LeaderLost("this instance lost the lead of the answer (its lease lapsed)"))
                     return
@@ -594,6 +662,8 @@ class RedisHub(Hub):
             if not flight.finished.is_set():
                 led.holders = holders
                 flight.set_remote(sum(holders.values()))
+                if led.queue and any(holders.values()):
+                    self._schedule(led)
 
     def _led_ended(self, flight: Flight) -> None:
         """A flight this instance led ended: its outcome goes to the stream with the lead's new value."""
@@ -623,8 +693,7 @@ class RedisHub(Hub):
                 value = "-"
         led.end = (value, max(ms, 1), kind, data)
         led.ended = True
-        if led.flushing is None and led.scheduled is None:
-            led.scheduled = asyncio.get_running_loop().call_soon(self._flush_soon, led)
+        self._schedule(led, now=True)
 
     # -- mirroring ---------------------------------------------------------------
 
@@ -815,10 +884,15 @@ class RedisHub(Hub):
             return
         led = self._led.get(parts[0])
         if led is None:
+            self._early.setdefault(parts[0], []).append(message)
+            while len(self._early) > EARLY_CTL:
+                self._early.popitem(last=False)
             return
         flight = led.flight
         led.holders[parts[1]] = parts[2] == "1"
         flight.set_remote(sum(led.holders.values()))
+        if led.queue and parts[2] == "1":
+            self._schedule(led)  # what waited for a quiet flush, to the new holder at once
         if len(parts) > 3 and parts[3] == "stop" and flight.listeners - flight.stopping + flight.remote == 0:
             flight.abort(DropReason.CLIENT_STOP)
 

@@ -27,6 +27,14 @@ now hold one. It calls again every ``POLL_S`` while any waits, at once when a
 newcomer arrives. A waiter handed a slot holds it from that moment (its lapse
 runs), and learns of it at its instance's next call.
 
+Taking ahead: the flight registry asks for a slot in the same round trip as the
+leadership of a new flight (:meth:`RedisPacer.ahead`, then :meth:`RedisPacer.taken`),
+so a leader that finds a slot free reaches the upstream with no round trip of its
+own here. Such a slot is granted only while no call waits in the queue (of any
+instance), so it never overtakes a waiter. It waits on its instance for the next
+``slot`` of that provider; one not used within half a lease is given back, and
+Redis frees it after one lease anyway.
+
 A wait past the queue timeout raises :class:`~server.errors.QueueFull` (503 with
 ``Retry-After``). The queue wait is measured as in :class:`~server.pacer.Pacer`.
 """
@@ -39,6 +47,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -47,7 +56,7 @@ from redis.exceptions import RedisError
 from .errors import QueueFull, RegistryUnavailable
 from .pacer import HOLD_SMOOTHING, MIN_RETRY_AFTER_S
 
-__all__ = ["POLL_S", "RedisPacer"]
+__all__ = ["POLL_S", "Ahead", "RedisPacer"]
 
 #: how often an instance with waiters asks again for slots
 POLL_S = 0.02
@@ -111,6 +120,20 @@ if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
 return 0
 """
 
+# KEYS: holders, waiting. ARGV: member, limit, lease ms. 1 when the member now holds a slot: one was free
+# and no call waits for one (a slot taken ahead never overtakes a waiter).
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 4 * tonumber(ARGV[3]))
+return 1
+"""
+
 # KEYS[1] the provider's slots. ARGV: member, lease ms. Pushes the member's lapse forward.
 _KEEP = """
 local t = redis.call('TIME')
@@ -125,11 +148,20 @@ def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """A slot asked for ahead of :meth:`RedisPacer.slot`: the command to put in the caller's pipeline."""
+
+    provider: str
+    member: str
+    command: tuple[Any, ...]  # EVALSHA sha 2 holders waiting member limit lease
+
+
 class _Lane:
     """One provider as this instance sees it: its waiters here and the poller that speaks for them."""
 
     __slots__ = ("limit", "keys", "queues", "running", "waiting", "mean_hold_s", "waiters", "fresh", "poller",
-                 "wake")
+                 "wake", "granted")
 
     def __init__(self, limit: int, keys: list[str], queues: str) -> None:
         self.limit = limit
@@ -143,6 +175,8 @@ class _Lane:
         self.fresh: list[str] = []  # waiters not enqueued in Redis yet, in arrival order
         self.poller: asyncio.Task[None] | None = None
         self.wake = asyncio.Event()
+        #: slots taken ahead (member, when) for the next ``slot`` calls
+        self.granted: list[tuple[str, float]] = []
 
 
 class RedisPacer:
@@ -154,7 +188,9 @@ class RedisPacer:
         self._queue = redis.register_script(_QUEUE)
         self._leave = redis.register_script(_LEAVE)
         self._keep = redis.register_script(_KEEP)
+        self._take = redis.register_script(_TAKE)
         self._lanes: dict[str, _Lane] = {}
+        self._returning: set[asyncio.Task[None]] = set()
 
     def key(self, provider: str) -> str:
         return f"{self.prefix}{{slots:{provider}}}"
@@ -170,8 +206,72 @@ class RedisPacer:
     async def slot(self, provider: str, limit: int, *, org: str = "") -> AsyncIterator[float]:
         """As :meth:`server.pacer.Pacer.slot`, with one queue for every instance (see the module)."""
         lane = self._lane(provider, limit)
-        member = secrets.token_hex(8)
         started = time.perf_counter()
+        member = self._grant(lane) or await self._wait(lane, provider, org)
+        lane.running += 1
+        acquired = time.perf_counter()
+        keeper = asyncio.get_running_loop().create_task(self._keep_alive(lane.keys[0], member))
+        try:
+            yield acquired - started
+        finally:
+            keeper.cancel()
+            held_s = time.perf_counter() - acquired
+            lane.mean_hold_s = held_s if lane.mean_hold_s is None else (
+                (1 - HOLD_SMOOTHING) * lane.mean_hold_s + HOLD_SMOOTHING * held_s)
+            lane.running -= 1
+            await self._release(lane, member)
+
+    def ahead(self, provider: str, limit: int) -> Ahead | None:
+        """Ask for a slot of ``provider`` in the caller's round trip, or None when calls wait
+        here for one already (a grant would not be theirs to take, and none is likely free)."""
+        lane = self._lane(provider, limit)
+        if lane.waiters:
+            return None
+        member = secrets.token_hex(8)
+        return Ahead(provider, member, ("EVALSHA", self._take.sha, 2, lane.keys[0], lane.keys[2], member,
+                                        lane.limit, self.lease_ms))
+
+    @property
+    def scripts(self) -> tuple[Any, ...]:
+        """The scripts a caller's pipeline runs by EVALSHA (to load them again after a Redis restart)."""
+        return (self._take,)
+
+    def taken(self, ahead: Ahead, reply: Any, *, use: bool) -> None:
+        """The reply to ``ahead``'s command: a slot taken is kept for the next ``slot`` of its
+        provider when ``use`` (a flight is about to start), else given back."""
+        if not reply:
+            return
+        lane = self._lanes[ahead.provider]
+        if use and not lane.waiters:
+            lane.granted.append((ahead.member, time.monotonic()))
+        else:  # not needed, or calls came to wait meanwhile: the queue decides whose it is
+            self._give_back(lane.keys[0], ahead.member, lane if lane.waiters else None)
+
+    def _give_back(self, key: str, member: str, wake: _Lane | None = None) -> None:
+        async def zrem() -> None:
+            try:
+                await self.redis.zrem(key, member)
+            except RedisError:
+                pass  # it lapses after one lease
+            if wake is not None and wake.waiters:
+                self._poll_soon(wake)
+        task = asyncio.get_running_loop().create_task(zrem())
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+
+    def _grant(self, lane: _Lane) -> str | None:
+        """A slot taken ahead for this provider and still fresh (the stale ones are given back)."""
+        now = time.monotonic()
+        while lane.granted:
+            member, when = lane.granted.pop(0)
+            if now - when < self.lease_ms / 2000:
+                return member
+            self._give_back(lane.keys[0], member)
+        return None
+
+    async def _wait(self, lane: _Lane, provider: str, org: str) -> str:
+        """Queue for a slot (see the module); the member that holds it."""
+        member = secrets.token_hex(8)
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane.waiters[member] = (org, granted)
         lane.fresh.append(member)
@@ -206,18 +306,7 @@ class RedisPacer:
             lane.waiters.pop(member, None)
             if member in lane.fresh:
                 lane.fresh.remove(member)
-        lane.running += 1
-        acquired = time.perf_counter()
-        keeper = asyncio.get_running_loop().create_task(self._keep_alive(lane.keys[0], member))
-        try:
-            yield acquired - started
-        finally:
-            keeper.cancel()
-            held_s = time.perf_counter() - acquired
-            lane.mean_hold_s = held_s if lane.mean_hold_s is None else (
-                (1 - HOLD_SMOOTHING) * lane.mean_hold_s + HOLD_SMOOTHING * held_s)
-            lane.running -= 1
-            await self._release(lane, member)
+        return member
 
     async def _give_up(self, lane: _Lane, member: str, org: str) -> bool:
         """Leave the queue; True when the waiter was handed a slot meanwhile (it holds it)."""

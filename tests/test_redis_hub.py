@@ -14,11 +14,14 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from server import redis_pacer
+from server.appkeys import PACER
 from server.config import Settings
 from server.errors import UpstreamError
 from server.metrics import Metrics
 from server.pg_store import PostgresStore
 from server.redis_hub import RedisHub
+from server.redis_pacer import RedisPacer
 from server.redis_sweep import Sweeper
 from server.store import draft_turn
 
@@ -251,3 +254,103 @@ async def _saved(gw: Gateway, tid: str) -> list[dict[str, Any]]:
         if len(messages) == 2 and messages[1]["status"] != "streaming":
             return list(messages)
         await asyncio.sleep(0.01)
+
+
+async def test_a_leader_takes_its_slot_with_the_lead_and_a_follower_gives_its_back(
+        pair: Pair, redis_server: RedisServer) -> None:
+    provider = ScriptedProvider(max_concurrency=1)
+    a, b = await pair(provider)
+    hub = a.hub
+    assert isinstance(hub, RedisHub)
+    slots = hub.prefix + "{slots:scripted}"
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    try:
+        tid = await a.new_thread()
+        body = {"content": "one slot", "provider": "scripted"}
+        first = asyncio.ensure_future(a.post(tid, body))
+        call = await provider.next_call()
+        assert await client.zcard(slots) == 1
+        follower = asyncio.ensure_future(b.post(tid, body))  # asks for a slot too, and gives it back
+        await wait_until(lambda: sum(f.listeners for f in b.hub._streams.values()) == 1, "the follower on B")
+        b_pacer = b.app[PACER]
+        assert isinstance(b_pacer, RedisPacer)
+        await within(asyncio.gather(*b_pacer._returning), what="the follower's slot given back")
+        assert await client.zcard(slots) == 1
+        call.send("done")
+        call.finish()
+        answers = await within(asyncio.gather(first, follower), what="both answers")
+        assert [body["message"]["content"] for _, body in answers] == ["done", "done"]
+        await wait_until(lambda: hub.pacer.snapshot()["scripted"]["running"] == 0, "the slot given back")
+        assert await client.zcard(slots) == 0
+        # the limit of 1 still holds for a slot taken with the lead: a second distinct
+        # request waits for the first one's slot
+        first = asyncio.ensure_future(a.post(tid, {"content": "first", "provider": "scripted"}))
+        call = await provider.next_call()
+        second = asyncio.ensure_future(b.post(tid, {"content": "second", "provider": "scripted"}))
+        await wait_until(lambda: b_pacer.snapshot()["scripted"]["waiting"] == 1, "the second to wait for a slot")
+        assert provider.open_calls == 1
+        call.send("1")
+        call.finish()
+        call = await provider.next_call()
+        call.send("2")
+        call.finish()
+        answers = await within(asyncio.gather(first, second), what="both answers")
+        assert [body["message"]["content"] for _, body in answers] == ["1", "2"]
+    finally:
+        await client.aclose()
+
+
+async def test_scripts_lost_by_redis_are_loaded_again(pair: Pair, redis_server: RedisServer) -> None:
+    provider = ScriptedProvider()
+    a, _ = await pair(provider)
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    try:
+        await client.script_flush()  # as after a restart of Redis
+    finally:
+        await client.aclose()
+    tid = await a.new_thread()
+    answer = asyncio.ensure_future(a.post(tid, {"content": "after a flush", "provider": "scripted"}))
+    call = await provider.next_call()
+    call.send("still here")
+    call.finish()
+    status, body = await within(answer, what="the answer")
+    assert (status, body["coalesce"], body["message"]["content"]) == (200, "leader", "still here")
+
+
+async def test_a_slot_given_back_here_goes_to_the_waiter_here_at_once(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_pacer, "POLL_S", 3600.0)  # no second ask but on a wake-up
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    pacer = RedisPacer(client, prefix=redis_server.new_prefix(), lease_s=2.0, queue_timeout_s=30)
+    try:
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            async with pacer.slot("p", 1):
+                held.set()
+                await release.wait()
+
+        holder = asyncio.ensure_future(first())
+        await within(held.wait(), what="the first slot")
+
+        async def second() -> float:
+            async with pacer.slot("p", 1) as waited:
+                return waited
+
+        waiter = asyncio.ensure_future(second())
+        await wait_until(lambda: pacer.snapshot()["p"]["waiting"] == 1, "the second to wait")
+        release.set()
+        await within(holder, what="the first to give its slot back")
+        await within(waiter, what="the waiter to take the freed slot without polling")
+        # a slot taken ahead while a call came to wait here goes back to the queue, which hands it
+        # to the waiter (a slot taken ahead never overtakes a waiter)
+        ahead = pacer.ahead("p", 1)
+        assert ahead is not None
+        took = await client.execute_command(*ahead.command)
+        waiter = asyncio.ensure_future(second())
+        await wait_until(lambda: pacer.snapshot()["p"]["waiting"] == 1, "a waiter behind the slot taken ahead")
+        pacer.taken(ahead, took, use=True)
+        await within(waiter, what="the waiter to take the slot taken ahead")
+        assert await client.zcard(pacer.key("p")) == 0
+    finally:
+        await client.aclose()

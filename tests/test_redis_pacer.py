@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
+from server import redis_pacer
 from server.errors import QueueFull
 from server.redis_pacer import RedisPacer
 
@@ -139,3 +140,35 @@ async def test_a_cancelled_waiter_gives_its_turn_to_the_next(pacers: Pacers, red
     calls.finish("stays")
     await within(asyncio.gather(*calls.tasks, return_exceptions=True), 5, "every call to end")
     assert await redis[0].zcard(f"{redis[1]}{{slots:prov}}") == 0
+
+
+async def test_a_slot_asked_for_ahead_never_overtakes_a_waiter_of_another_instance(
+        pacers: Pacers, redis: tuple[aioredis.Redis, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_pacer, "POLL_S", 3600.0)  # the waiter asks again only when woken
+    one, two = pacers()
+    client, prefix = redis
+    calls = Calls()
+    calls.start(one, "held", "x")
+    await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
+    calls.start(one, "waits", "y")
+    await queued(redis, 1)
+    await client.zrem(f"{prefix}{{slots:prov}}", *await client.zrange(f"{prefix}{{slots:prov}}", 0, -1))
+    # the slot is free now, but a call waits for it on the first instance: a new leader on the
+    # second is refused its slot ahead, and will queue behind
+    ahead = two.ahead("prov", 1)
+    assert ahead is not None
+    assert await client.execute_command(*ahead.command) == 0
+    assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
+    calls.finish("held")
+    await wait_until(lambda: calls.order == ["held", "waits"], "the waiter to take the freed slot")
+    calls.finish("waits")
+    await within(asyncio.gather(*calls.tasks), 5, "every call to end")
+    # with nobody waiting, a slot asked for ahead is granted and serves the next call at once
+    ahead = two.ahead("prov", 1)
+    assert ahead is not None
+    reply = await client.execute_command(*ahead.command)
+    assert reply == 1
+    two.taken(ahead, reply, use=True)
+    async with two.slot("prov", 1, org="y"):
+        assert await client.zrange(f"{prefix}{{slots:prov}}", 0, -1) == [ahead.member.encode()]
+    assert await client.zcard(f"{prefix}{{slots:prov}}") == 0

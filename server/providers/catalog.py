@@ -45,7 +45,6 @@ the file, the entry and the field.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -125,6 +124,8 @@ BUILTINS: tuple[ProviderSpec, ...] = (
 
 def load_file(path: str, *, base: Mapping[str, ProviderSpec] | None = None) -> list[ProviderSpec]:
     """The providers a TOML file declares; entries named like ``base`` ones start from them."""
+    import tomllib  # only a server with a providers file needs the parser
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
