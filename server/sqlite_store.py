@@ -12,8 +12,8 @@ once its transaction has committed.
 With ``cache`` (for a process that is the only writer of its file, as the
 single-instance default is), two caches kept coherent by the store's own
 writes: the threads seen (``get_thread``) and the conversation of recent
-threads (``history``), so a turn reads nothing from disk before its upstream
-call. Without it every read goes to the file, so several processes may share it. Every query is scoped by ``org_id``: another org's thread is
+threads (``history``; a thread made here starts with an empty one), so a
+turn reads nothing from disk before its upstream call. Without it every read goes to the file, so several processes may share it. Every query is scoped by ``org_id``: another org's thread is
 indistinguishable from a missing one.
 
 A turn is written in one transaction: the user message and the assistant
@@ -54,14 +54,15 @@ from .store import (
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
-#: threads whose conversation is kept in memory, least recently used dropped first
-HISTORY_CACHE_THREADS = 1024
-#: what a readiness probe writes (and deletes) while the store is marked unwritable
-PROBE_BYTES = 1024 * 1024
-#: ... and at most this many characters of them in all
-HISTORY_CACHE_CHARS = 1_000_000
 #: threads remembered as existing (thread_id -> its org and row)
 THREAD_CACHE_SIZE = 8192
+#: threads whose conversation is kept in memory, least recently used dropped first (as many as
+#: the threads remembered: a thread made here starts with an empty one, which costs little)
+HISTORY_CACHE_THREADS = THREAD_CACHE_SIZE
+#: ... and at most this many characters of them in all
+HISTORY_CACHE_CHARS = 1_000_000
+#: what a readiness probe writes (and deletes) while the store is marked unwritable
+PROBE_BYTES = 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS threads (
@@ -293,6 +294,9 @@ class SQLiteStore:
 
         await self._write(insert)
         self._remember(org_id, thread)
+        if self.cache:  # a new thread has no conversation: its first turn reads nothing from disk
+            self._histories[(org_id, thread["thread_id"])] = _History([])
+            self._trim_histories()
         return thread
 
     def _remember(self, org_id: str, thread: Thread) -> None:

@@ -242,29 +242,30 @@ async def test_two_stores_on_one_database_see_each_others_writes(
 async def test_the_single_instance_sqlite_store_answers_history_from_memory(tmp_path: Path) -> None:
     """The store a single instance builds keeps each thread's conversation in memory,
     coherent with its own writes: completed turns in the order they were written,
-    whatever order they finished in; failed turns left out; a deleted thread forgotten."""
+    whatever order they finished in; failed turns left out; a deleted thread forgotten.
+    A thread made here is known to be empty: its first turn reads nothing from disk."""
     settings = Settings.from_env({}).with_(db_path=str(tmp_path / "one.db"))
     store = build_store(settings)
     assert isinstance(store, SQLiteStore) and store.cache
     await within(store.open())
+    reads = 0
+    read = store._completed_pairs
+
+    async def counted(org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
+        nonlocal reads
+        reads += 1
+        return await read(org_id, thread_id)
+
+    store._completed_pairs = counted  # type: ignore[method-assign]
     try:
         t = (await store.create_thread("org_a", "t"))["thread_id"]
-        assert await store.history("org_a", t) == []  # loaded once, then kept
+        assert await store.history("org_a", t) == [] and reads == 0
         _, first = await begin(store, org_id="org_a", thread_id=t, content="q1")
         _, second = await begin(store, org_id="org_a", thread_id=t, content="q2")
         _, third = await begin(store, org_id="org_a", thread_id=t, content="q3")
         await finish(store, second, MessageStatus.COMPLETE, "a2")
         await finish(store, third, MessageStatus.ERROR, "half")
         await finish(store, first, MessageStatus.COMPLETE, "a1")
-        reads = 0
-        read = store._completed_pairs
-
-        async def counted(org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
-            nonlocal reads
-            reads += 1
-            return await read(org_id, thread_id)
-
-        store._completed_pairs = counted  # type: ignore[method-assign]
         expected = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                     {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
         assert await store.history("org_a", t) == expected
