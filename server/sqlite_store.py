@@ -1,13 +1,16 @@
 """The embedded :class:`~server.store.Store`: SQLite, one writer thread, group commit.
 
-WAL mode. Reads go through one aiosqlite connection. Writes go through one
-``sqlite3`` connection on its own thread, with **group commit**: every write
-asked for while the previous transaction was committing joins the next one,
-so many turns' rows share one transaction and one thread hop. Each write runs
-inside its own savepoint, so a write that fails (a foreign thread) undoes only
-its own rows and fails only its own caller; a commit that fails fails every
-caller of that transaction, and nothing of it is kept. A caller is answered
-once its transaction has committed.
+WAL mode, ``synchronous=NORMAL``. Reads go through one aiosqlite connection.
+Writes go through one ``sqlite3`` connection on its own thread, with **group
+commit**: every write asked for while the previous transaction was committing
+joins the next one, so many turns' rows share one transaction and one thread
+hop. A write that fails (a foreign thread) undoes only its own rows and fails
+only its own caller: a write of one statement is undone by SQLite itself (a
+statement is atomic), a write of several runs inside its own savepoint. A
+commit that fails fails every caller of that transaction, and nothing of it is
+kept. A caller is answered once its transaction has committed: durable against
+a crash of the process; with ``synchronous=NORMAL`` in WAL mode a power loss
+may lose the last transactions, never corrupt the file.
 
 With ``cache`` (for a process that is the only writer of its file, as the
 single-instance default is), two caches kept coherent by the store's own
@@ -79,8 +82,10 @@ CREATE TABLE IF NOT EXISTS messages (
     org_id     TEXT NOT NULL,
     role       TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
     content    TEXT NOT NULL,
-    status     TEXT NOT NULL CHECK (status IN
-                   ('complete', 'streaming', 'cancelled', 'error', 'interrupted')),
+    -- (written out rather than as IN (...), which SQLite evaluates by building a temporary
+    -- table for every row written; a file made before keeps its IN: the same rule)
+    status     TEXT NOT NULL CHECK (status = 'complete' OR status = 'streaming' OR status = 'cancelled'
+                                    OR status = 'error' OR status = 'interrupted'),
     provider   TEXT,
     model      TEXT,
     created_at TEXT NOT NULL,
@@ -125,7 +130,9 @@ class _History:
         return convo
 
 
-_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+#: a write: what it does on the writer's connection, whether that is one statement (atomic by
+#: itself: no savepoint needed), and the future its caller awaits
+_Write = tuple[Callable[[sqlite3.Connection], Any], bool, "asyncio.Future[Any]"]
 
 
 class SQLiteStore:
@@ -205,16 +212,23 @@ class SQLiteStore:
 
     # -- group commit ---------------------------------------------------------
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``op`` on the writer thread inside the next transaction; its result once committed."""
+    async def _write(self, op: Callable[[sqlite3.Connection], T], *, one_statement: bool = False) -> T:
+        """Run ``op`` on the writer thread inside the next transaction; its result once committed.
+
+        ``one_statement``: ``op`` changes the database with one statement at most, and
+        raises only before it or when it changed nothing; SQLite undoes a failed statement
+        by itself, so it needs no savepoint of its own.
+        A caller that leaves does not undo its write: the write is in the batch already,
+        and only its answer is dropped.
+        """
         if self._conn is None:
             raise RuntimeError("store is not open")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
-        self._queue.append((op, done))
+        self._queue.append((op, one_statement, done))
         if self._committing is None:
             self._committing = loop.create_task(self._commit_all())
-        return await asyncio.shield(done)  # a caller that leaves does not undo a committed write
+        return await done
 
     async def _commit_all(self) -> None:
         loop = asyncio.get_running_loop()
@@ -222,7 +236,8 @@ class SQLiteStore:
             while self._queue:
                 batch, self._queue = self._queue, []
                 try:
-                    results = await loop.run_in_executor(self._thread, self._transaction, [op for op, _ in batch])
+                    results = await loop.run_in_executor(self._thread, self._transaction,
+                                                         [(op, single) for op, single, _ in batch])
                 except Exception as exc:  # the commit itself failed: nothing of the batch is kept
                     results = [(False, exc)] * len(batch)
                 failures = [value for ok, value in results if not ok]
@@ -230,7 +245,7 @@ class SQLiteStore:
                     self._writable = False
                 elif not failures:
                     self._writable = True
-                for (_, done), (ok, value) in zip(batch, results, strict=True):
+                for (_, _, done), (ok, value) in zip(batch, results, strict=True):
                     if done.cancelled():
                         continue
                     if ok:
@@ -240,14 +255,23 @@ class SQLiteStore:
         finally:
             self._committing = None
 
-    def _transaction(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
-        """On the writer thread: every op in one transaction, each in its own savepoint."""
+    def _transaction(self, ops: list[tuple[Callable[[sqlite3.Connection], Any], bool]]) -> list[tuple[bool, Any]]:
+        """On the writer thread: every op in one transaction; an op of several statements in
+        its own savepoint (one of one statement is undone by SQLite when it fails)."""
         conn = self._conn
         assert conn is not None
         results: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for op in ops:
+            for op, one_statement in ops:
+                if one_statement:
+                    try:
+                        results.append((True, op(conn)))
+                    except Exception as exc:
+                        if not conn.in_transaction:
+                            raise  # SQLite undid the whole transaction (a full disk, say): every op failed
+                        results.append((False, exc))
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     results.append((True, op(conn)))
@@ -292,7 +316,7 @@ class SQLiteStore:
             db.execute("INSERT INTO threads (thread_id, org_id, title, created_at) VALUES (?, ?, ?, ?)",
                        (thread["thread_id"], org_id, title, thread["created_at"]))
 
-        await self._write(insert)
+        await self._write(insert, one_statement=True)
         self._remember(org_id, thread)
         if self.cache:  # a new thread has no conversation: its first turn reads nothing from disk
             self._histories[(org_id, thread["thread_id"])] = _History([])
@@ -445,25 +469,23 @@ class SQLiteStore:
         return StoredAnswer(message_from_row(row), row[11], int(row[10]))
 
     async def begin_turn(self, *, org_id: str, user: Message, assistant: Message) -> None:
-        """Insert the user message and the ``streaming`` assistant message together."""
+        """Insert the user message and the ``streaming`` assistant message together: one
+        statement, so both rows or neither."""
         thread_id = user["thread_id"]
         assert thread_id is not None
-        rows = [
-            (m["message_id"], thread_id, org_id, m["role"], m["content"], str(m["status"]), m["provider"],
-             m["model"], m["created_at"], orjson.dumps(m["meta"]).decode(), thread_id, org_id)
-            for m in (user, assistant)
-        ]
+        args = (thread_id, org_id,
+                user["message_id"], user["content"], str(user["status"]), user["provider"], user["model"],
+                user["created_at"], orjson.dumps(user["meta"]).decode(),
+                assistant["message_id"], assistant["content"], str(assistant["status"]), assistant["provider"],
+                assistant["model"], assistant["created_at"], orjson.dumps(assistant["meta"]).decode())
 
         def insert(db: sqlite3.Connection) -> int:
-            seq = 0
-            for args in rows:
-                cur = db.execute(_INSERT_MESSAGE, args)
-                if cur.rowcount != 1:  # the thread is not this org's (or is gone): write nothing
-                    raise LookupError(thread_id)
-                seq = seq or int(cur.lastrowid or 0)
-            return seq
+            cur = db.execute(_INSERT_TURN, args)
+            if cur.rowcount != 2:  # the thread is not this org's (or is gone): nothing was written
+                raise LookupError(thread_id)
+            return int(cur.lastrowid or 0) - 1  # the user row's seq: the rows go in in their order
 
-        seq = await self._write(insert)
+        seq = await self._write(insert, one_statement=True)
         if self.cache:
             self._pending[assistant["message_id"]] = (org_id, thread_id, seq, user["content"])
 
@@ -485,7 +507,7 @@ class SQLiteStore:
                        " WHERE message_id = ?", args)
 
         pending = self._pending.pop(message_id, None)
-        await self._write(update)
+        await self._write(update, one_statement=True)
         if pending is not None and status is MessageStatus.COMPLETE:
             org_id, thread_id, seq, question = pending
             key = (org_id, thread_id)
@@ -501,7 +523,7 @@ class SQLiteStore:
             db.execute("UPDATE messages SET content = ?, deltas = ? WHERE message_id = ? AND status = 'streaming'",
                        (content, deltas, message_id))
 
-        await self._write(update)
+        await self._write(update, one_statement=True)
 
     async def interrupt_turn(self, *, message_id: str, content: str, deltas: int = 0) -> bool:
         def update(db: sqlite3.Connection) -> bool:
@@ -510,7 +532,7 @@ class SQLiteStore:
             return cur.rowcount == 1
 
         self._pending.pop(message_id, None)
-        return await self._write(update)
+        return await self._write(update, one_statement=True)
 
     async def count_messages(self, org_id: str, thread_id: str) -> int:
         async with self._r.execute(
@@ -529,7 +551,7 @@ class SQLiteStore:
             db.execute("INSERT INTO api_keys (key_id, key_hash, org_id, name, created_at) VALUES (?, ?, ?, ?, ?)",
                        (key["key_id"], key_hash, org_id, name, key["created_at"]))
 
-        await self._write(insert)
+        await self._write(insert, one_statement=True)
         return key
 
     async def list_api_keys(self, org_id: str | None = None) -> list[ApiKey]:
@@ -554,7 +576,7 @@ class SQLiteStore:
                              (revoked_at, key_id, key_hash)).fetchone()
             return None if row is None else _api_key(row)
 
-        return await self._write(revoke)
+        return await self._write(revoke, one_statement=True)
 
 
 _KEY_COLUMNS = "key_id, org_id, name, created_at, revoked_at"
@@ -580,8 +602,13 @@ def _unwritable(exc: BaseException) -> bool:
 _UNWRITABLE_CODES = frozenset({8, 10, 13, 14, 3})
 
 
-_INSERT_MESSAGE = (
+#: a turn's two rows in one statement, both only if the thread is the org's: ?1 thread, ?2 org,
+#: then the user row's id, content, status, provider, model, created_at and meta (?3-?9),
+#: then the assistant row's (?10-?16); the rows go in in this order (the user's seq first)
+_INSERT_TURN = (
     "INSERT INTO messages (message_id, thread_id, org_id, role, content, status, provider,"
-    " model, created_at, usage, meta) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?"
-    " WHERE EXISTS (SELECT 1 FROM threads WHERE thread_id = ? AND org_id = ?)"
+    " model, created_at, usage, meta)"
+    " SELECT column1, ?1, ?2, column2, column3, column4, column5, column6, column7, NULL, column8"
+    " FROM (VALUES (?3, 'user', ?4, ?5, ?6, ?7, ?8, ?9), (?10, 'assistant', ?11, ?12, ?13, ?14, ?15, ?16))"
+    " WHERE EXISTS (SELECT 1 FROM threads WHERE thread_id = ?1 AND org_id = ?2)"
 )
