@@ -1,10 +1,11 @@
 """The embedded :class:`~server.store.Store`: SQLite, one writer thread, group commit.
 
 WAL mode, ``synchronous=NORMAL``. Reads go through one aiosqlite connection.
-Writes go through one ``sqlite3`` connection on its own thread, with **group
-commit**: every write asked for while the previous transaction was committing
-joins the next one, so many turns' rows share one transaction and one thread
-hop. A write that fails (a foreign thread) undoes only its own rows and fails
+Writes go through one ``sqlite3`` connection on a thread of its own, with
+**group commit**: every write asked for while the previous transaction was
+committing joins the next one, so many turns' rows share one transaction and
+one thread hop (the batch goes to the thread on a queue, and its outcome comes
+back to the loop in one call). A write that fails (a foreign thread) undoes only its own rows and fails
 only its own caller: a write of one statement is undone by SQLite itself (a
 statement is atomic), a write of several runs inside its own savepoint. A
 commit that fails fails every caller of that transaction, and nothing of it is
@@ -30,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
+import queue
 import sqlite3
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -133,6 +135,8 @@ class _History:
 #: a write: what it does on the writer's connection, whether that is one statement (atomic by
 #: itself: no savepoint needed), and the future its caller awaits
 _Write = tuple[Callable[[sqlite3.Connection], Any], bool, "asyncio.Future[Any]"]
+#: what the writer thread hands back: (True, the result) or (False, the exception)
+_Outcome = tuple[bool, Any]
 
 
 class SQLiteStore:
@@ -143,9 +147,15 @@ class SQLiteStore:
         self.recover = recover
         self._reader: aiosqlite.Connection | None = None
         self._conn: sqlite3.Connection | None = None  # the writer: used on its thread only
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="dac-sqlite-writer")
-        self._queue: list[_Write] = []
-        self._committing: asyncio.Task[None] | None = None
+        #: the writer thread and what it is handed: (what to run there, what to call on the
+        #: loop with its outcome), or None to stop
+        self._writer: threading.Thread | None = None
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[_Outcome], None]] | None] = (
+            queue.SimpleQueue())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: list[_Write] = []  # the writes asked for since the batch with the thread
+        self._busy = False  # a batch is with the writer thread
+        self._drained: asyncio.Future[None] | None = None  # for close(): resolved once no batch is left
         self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
         self._history_chars = 0  # characters held by ``_histories``
@@ -169,8 +179,10 @@ class SQLiteStore:
     async def _open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._thread, self._connect)
+        self._loop = asyncio.get_running_loop()
+        self._writer = threading.Thread(target=self._run_writer, name="dac-sqlite-writer", daemon=True)
+        self._writer.start()
+        self._conn = await self._call(self._connect)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
 
@@ -191,14 +203,51 @@ class SQLiteStore:
 
     async def close(self) -> None:
         """Wait for the writes under way, then close; a closed store cannot be opened again."""
-        if self._committing is not None:
-            await self._committing
+        if self._busy:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
         if self._reader is not None:
             await self._reader.close()
         conn, self._reader, self._conn = self._conn, None, None
         if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
-        self._thread.shutdown(wait=False)
+            await self._call(conn.close)
+        if self._writer is not None:
+            self._inbox.put(None)
+            self._writer = None
+
+    def _run_writer(self) -> None:
+        """The writer thread: run what it is handed, one at a time, and hand each outcome back
+        to the loop (one wake-up of the loop per batch)."""
+        loop = self._loop
+        assert loop is not None
+        while (job := self._inbox.get()) is not None:
+            run, then = job
+            try:
+                outcome: _Outcome = (True, run())
+            except BaseException as exc:
+                outcome = (False, exc)
+            try:
+                loop.call_soon_threadsafe(then, outcome)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                return
+
+    async def _call(self, run: Callable[[], T]) -> T:
+        """``run()`` on the writer thread, outside any batch's transaction."""
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def then(outcome: _Outcome) -> None:
+            if done.cancelled():
+                return
+            ok, value = outcome
+            if ok:
+                done.set_result(value)
+            else:
+                done.set_exception(value)
+
+        self._inbox.put((run, then))
+        return await done
 
     @property
     def is_open(self) -> bool:
@@ -221,39 +270,44 @@ class SQLiteStore:
         A caller that leaves does not undo its write: the write is in the batch already,
         and only its answer is dropped.
         """
-        if self._conn is None:
+        if self._conn is None or self._loop is None:
             raise RuntimeError("store is not open")
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
+        done: asyncio.Future[T] = self._loop.create_future()
         self._queue.append((op, one_statement, done))
-        if self._committing is None:
-            self._committing = loop.create_task(self._commit_all())
+        if not self._busy:
+            self._busy = True
+            self._loop.call_soon(self._hand_over)  # after this pass of the loop: what it adds joins
         return await done
 
-    async def _commit_all(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    results = await loop.run_in_executor(self._thread, self._transaction,
-                                                         [(op, single) for op, single, _ in batch])
-                except Exception as exc:  # the commit itself failed: nothing of the batch is kept
-                    results = [(False, exc)] * len(batch)
-                failures = [value for ok, value in results if not ok]
-                if any(_unwritable(exc) for exc in failures):
-                    self._writable = False
-                elif not failures:
-                    self._writable = True
-                for (_, _, done), (ok, value) in zip(batch, results, strict=True):
-                    if done.cancelled():
-                        continue
-                    if ok:
-                        done.set_result(value)
-                    else:
-                        done.set_exception(value)
-        finally:
-            self._committing = None
+    def _hand_over(self) -> None:
+        """Give the writes asked for so far to the writer thread, as one transaction."""
+        batch, self._queue = self._queue, []
+        ops = [(op, single) for op, single, _ in batch]
+        self._inbox.put((lambda: self._transaction(ops), lambda outcome: self._committed(batch, outcome)))
+
+    def _committed(self, batch: list[_Write], outcome: _Outcome) -> None:
+        """On the loop: answer each caller of a batch, then hand over the next one."""
+        ok, value = outcome
+        # the commit itself failed: nothing of the batch is kept, every caller fails
+        results: list[_Outcome] = value if ok else [(False, value)] * len(batch)
+        failures = [exc for done, exc in results if not done]
+        if any(_unwritable(exc) for exc in failures):
+            self._writable = False
+        elif not failures:
+            self._writable = True
+        for (_, _, done), (written, result) in zip(batch, results, strict=True):
+            if done.cancelled():
+                continue
+            if written:
+                done.set_result(result)
+            else:
+                done.set_exception(result)
+        if self._queue:
+            self._hand_over()
+            return
+        self._busy = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     def _transaction(self, ops: list[tuple[Callable[[sqlite3.Connection], Any], bool]]) -> list[tuple[bool, Any]]:
         """On the writer thread: every op in one transaction; an op of several statements in
