@@ -51,13 +51,16 @@ def build_store(settings: Settings, *, server: bool = True) -> Store:
     A single instance is the only writer of its SQLite file, so that store keeps
     its caches (no read from disk before an upstream call). ``server`` False: a
     command beside a running server (``keys``), which keeps no cache and leaves
-    the rows it streams alone.
+    the rows it streams alone. With ``DAC_REDIS_URL`` several instances may share
+    the database: the store leaves the rows left ``streaming`` to the sweep by
+    owner (:mod:`server.redis_sweep`) instead of marking them all at open.
     """
+    recover = server and not settings.redis_url
     if settings.database_url:
         from .pg_store import PostgresStore  # asyncpg is loaded only where it is used
 
-        return PostgresStore(settings.database_url, pool_size=settings.database_pool_size, recover=server)
-    return SQLiteStore(settings.db_path, cache=server, recover=server)
+        return PostgresStore(settings.database_url, pool_size=settings.database_pool_size, recover=recover)
+    return SQLiteStore(settings.db_path, cache=server, recover=recover)
 
 
 async def open_registry(settings: Settings, *, store: Store, metrics: Metrics, providers: ProviderRegistry,

@@ -51,7 +51,7 @@ from typing import Any
 import orjson
 
 from .config import Settings
-from .errors import BadRequest, GatewayError, NoListeners, NotFound, ShuttingDown, StoreError, UpstreamError
+from .errors import BadRequest, GatewayError, LeaderLost, NoListeners, NotFound, ShuttingDown, StoreError, UpstreamError
 from .eventlog import DeltaExtra, EventLog, FinishedLog, FlightLog, encode_event
 from .metrics import Metrics, Outcome
 from .pacer import Slots
@@ -195,6 +195,9 @@ class Flight:
         #: every token handed out for this flight; a Stop call must name one
         self._issued: set[str] = set()
         self.forgotten = False  # its thread was deleted: keep nothing once it ends
+        #: the instance streaming the answer, named on its row (set by a registry shared by
+        #: instances, before :meth:`start`); the row's later writes are fenced with it
+        self.owner: str | None = None
         self.error: GatewayError | None = None
         self.usage: dict[str, Any] | None = None
         self.extra_meta: dict[str, Any] = {}
@@ -218,7 +221,7 @@ class Flight:
         self.task: asyncio.Task[None] | None = None
         self._chars = 0  # characters of answer text appended
         self.held_bytes = 0  # what it holds once kept (see :meth:`keep`)
-        self._checkpointing: asyncio.Future[None] | None = None  # the checkpoint being written
+        self._checkpointing: asyncio.Future[bool] | None = None  # the checkpoint being written
         self._checkpointed = 0  # the delta the last checkpoint covers
         self._checkpoint_at = time.monotonic()
 
@@ -497,7 +500,8 @@ class Flight:
             self._accept()
             return
         self._opening = asyncio.ensure_future(
-            self._store.begin_turn(org_id=turn.org_id, user=self.user_message, assistant=self._draft))
+            self._store.begin_turn(org_id=turn.org_id, user=self.user_message, assistant=self._draft,
+                                   owner=self.owner))
         self._opening.add_done_callback(self._rows_written)
 
     def _rows_written(self, opening: asyncio.Future[None]) -> None:
@@ -599,13 +603,20 @@ class Flight:
             return
         self._checkpointed, self._checkpoint_at = seq, now
         self._checkpointing = asyncio.ensure_future(
-            self._store.checkpoint(message_id=self.stream_id, content=self.log.text(), deltas=seq))
+            self._store.checkpoint(message_id=self.stream_id, content=self.log.text(), deltas=seq,
+                                   owner=self.owner))
         self._checkpointing.add_done_callback(self._checkpoint_done)
 
-    def _checkpoint_done(self, writing: asyncio.Future[None]) -> None:
+    def _checkpoint_done(self, writing: asyncio.Future[bool]) -> None:
         self._checkpointing = None
         if not writing.cancelled() and writing.exception() is not None:
             log.warning("could not checkpoint message %s: %s", self.stream_id, writing.exception())
+        elif not writing.cancelled() and writing.result() is False and self._pulling:
+            # the row ended while the answer still streams (not the final write overtaking
+            # this one): another instance ended it, so this one is a stale leader
+            self._refused("checkpoint")
+            self.fail(LeaderLost("this instance lost the answer: another instance ended it (its row is "
+                                 "no longer this instance's)"))
         elif self.running and self._pulling:
             self._checkpoint()  # deltas that came while it was written may be due already
 
@@ -623,9 +634,16 @@ class Flight:
                             "usage": self.usage, "meta": meta}
             if turn.thread_id is not None:
                 try:
-                    await self._store.finish_turn(message_id=self.stream_id, status=status,
-                                                  content=self.message["content"], usage=self.usage,
-                                                  meta=meta, deltas=self.log.last_seq)
+                    saved = await self._store.finish_turn(message_id=self.stream_id, status=status,
+                                                          content=self.message["content"], usage=self.usage,
+                                                          meta=meta, deltas=self.log.last_seq, owner=self.owner)
+                    if not saved:  # a stale leader: the row is another instance's word now
+                        self._refused("finish")
+                        if not isinstance(error, LeaderLost):
+                            error = LeaderLost("this instance lost the answer: another instance ended it "
+                                               "before it was saved; ask again")
+                        status = MessageStatus.INTERRUPTED
+                        self.message = {**self.message, "status": status}
                 except Exception as exc:
                     log.error("could not save message %s: %s", self.stream_id, exc)
                     if error is None:  # the answer was whole but is not saved: say so, keep nothing
@@ -646,6 +664,12 @@ class Flight:
         if self.cancel_reason is not None:
             self._metrics.cancels.labels(provider, self.cancel_reason).inc()
         self._settle(status, error)
+
+    def _refused(self, write: str) -> None:
+        """A fenced write of this flight's row was refused: count it and say so."""
+        self._metrics.refused_writes.labels(write).inc()
+        log.warning("refused the %s write of message %s: its row is no longer streaming as %s's "
+                    "(this instance lost the lead)", write, self.stream_id, self.owner)
 
     def _settle(self, status: MessageStatus, error: GatewayError | None) -> None:
         """Record the outcome and end the log with ``done`` or ``error``; every listener wakes,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 from .config import Settings
 from .errors import ShuttingDown, StoreError
@@ -131,6 +132,17 @@ class Hub:
             flight.forgotten = True
             if not flight.running:
                 self._remove(flight)
+
+    async def thread_deleted(self, org_id: str, thread_id: str) -> None:
+        """One process: nobody else to tell."""
+        self.forget_thread(thread_id)
+
+    async def stop_elsewhere(self, org_id: str, stream_id: str, token: str) -> bool:
+        """One process: every listener is here."""
+        return False
+
+    def serve_stops(self, stop: Callable[[str, str, str], Awaitable[bool]]) -> None:
+        """One process: no Stop call is ever handed over."""
 
     # -- bookkeeping of finished flights -----------------------------------
 

@@ -101,6 +101,8 @@ class RequestRecord:
     """One client request, as the performance endpoint sees it."""
 
     route: str  # "messages", "streams", "v1"
+    #: the org whose request this was: the performance endpoint shows each org its own
+    org: str
     mode: str  # "json", "sse" or "accepted" (mode 3's 202)
     coalesce: str | None  # "leader", "follower", "cache" or None (not coalesced: error before)
     latency_s: float
@@ -232,6 +234,15 @@ class Metrics:
         self.errors = Counter(
             "dac_errors_total", "Requests answered with an error, by error type.",
             ["type"], registry=r)
+        self.refused_writes = Counter(
+            "dac_store_writes_refused_total",
+            "Writes of an answer's row refused because the row is no longer this instance's "
+            "streaming row (another instance ended it; this one had lost the lead), by write "
+            "(checkpoint, finish).", ["write"], registry=r)
+        self.swept = Counter(
+            "dac_answers_swept_total",
+            "Answers this instance marked interrupted because the instance streaming them is gone.",
+            registry=r)
 
         # -- gauges --------------------------------------------------------
         self.active_flights = Gauge(
@@ -337,9 +348,11 @@ class Metrics:
         elif record.client_left and (scope := _SCOPE.get()) is not None:
             scope.settled = True
 
-    def performance(self, last_n: int) -> dict[str, Any]:
-        """Figures over the last ``last_n`` requests (each HTTP request is one record)."""
-        recent = list(self.records)[-last_n:] if last_n > 0 else []
+    def performance(self, last_n: int, org: str | None = None) -> dict[str, Any]:
+        """Figures over the last ``last_n`` requests (each HTTP request is one record) of
+        ``org``, or of every org when ``org`` is None."""
+        records = self.records if org is None else [rec for rec in self.records if rec.org == org]
+        recent = list(records)[-last_n:] if last_n > 0 else []
 
         def summary(values: list[float]) -> dict[str, float | int | None]:
             ms = [v * 1000 for v in values]

@@ -10,8 +10,12 @@ semantics are SQLiteStore's, query for query:
   deleted) gets ``LookupError`` and nothing is written, and turns on one thread
   are written one after the other, so a turn's rows stay side by side in the
   insertion order (``seq``) that every read sorts by.
-- :meth:`PostgresStore.finish_turn` is one ``UPDATE``.
-- :meth:`PostgresStore.open` marks rows left ``streaming`` as ``interrupted``.
+- :meth:`PostgresStore.finish_turn` is one ``UPDATE`` (fenced by the row's owner
+  when the caller names it: one statement that also tells a refused write from a
+  deleted row).
+- :meth:`PostgresStore.open` marks rows left ``streaming`` as ``interrupted``
+  when it is the database's only writer (``recover``); instances that share it
+  through Redis sweep by owner instead (:mod:`server.redis_sweep`).
 
 The URL is ``DAC_DATABASE_URL``: ``postgresql://user:password@host:port/db``
 (``postgres://`` too) with libpq's parameters as asyncpg reads them, plus two of
@@ -119,6 +123,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX api_keys_by_org ON api_keys (org_id, seq);
     """,
+    # 3: the instance streaming an answer (its owner), so instances sharing the database
+    # sweep only the rows of instances that are gone; NULL: a single writer's row.
+    """
+    ALTER TABLE messages ADD COLUMN owner text;
+    CREATE INDEX messages_streaming_owner ON messages (owner) WHERE status = 'streaming';
+    """,
 )
 
 #: the failures that say the database cannot take writes now (rather than that the data is wrong)
@@ -221,7 +231,8 @@ class PostgresStore:
     def __init__(self, url: str, *, pool_size: int = DEFAULT_POOL_SIZE, recover: bool = True) -> None:
         self.url = url
         self.pool_size = pool_size
-        #: mark rows left streaming as interrupted at open (False: a tool beside running servers)
+        #: mark rows left streaming as interrupted at open: the database's only writer (False: a
+        #: tool beside running servers, or instances that sweep by owner through Redis)
         self.recover = recover
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._writable = True
@@ -235,10 +246,10 @@ class PostgresStore:
         return self._pool is not None
 
     async def open(self) -> None:
-        """Connect, migrate, then mark rows left ``streaming`` as ``interrupted``.
+        """Connect, migrate, then (with ``recover``) mark rows left ``streaming`` as ``interrupted``.
 
-        With several instances on one database that includes the answers other
-        live instances are streaming; their ``finish_turn`` still lands.
+        Only the database's single writer recovers so: instances sharing it through
+        Redis leave the rows other live instances stream alone, and sweep by owner.
 
         Fails with :class:`StoreOpenError` naming ``DAC_DATABASE_URL`` when the URL
         is wrong or the server does not answer within the connect timeout.
@@ -352,12 +363,14 @@ class PostgresStore:
             return None
         return StoredAnswer(message_from_row(row), row[11], int(row[10]))
 
-    async def begin_turn(self, *, org_id: str, user: Message, assistant: Message) -> None:
+    async def begin_turn(self, *, org_id: str, user: Message, assistant: Message,
+                         owner: str | None = None) -> None:
         thread_id = user["thread_id"]
         rows = [
             (m["message_id"], thread_id, org_id, m["role"], _text(m["content"]), str(m["status"]),
-             m["provider"] and _text(m["provider"]), m["model"] and _text(m["model"]), _time(m["created_at"]), _json(m["meta"]))
-            for m in (user, assistant)
+             m["provider"] and _text(m["provider"]), m["model"] and _text(m["model"]), _time(m["created_at"]), _json(m["meta"]),
+             by)
+            for m, by in ((user, None), (assistant, owner))
         ]
         async with self._p.acquire() as conn, conn.transaction():
             # The lock keeps a concurrent delete out and the thread's turns in order.
@@ -367,7 +380,7 @@ class PostgresStore:
                 raise LookupError(thread_id)
             await conn.executemany(
                 "INSERT INTO messages (message_id, thread_id, org_id, role, content, status, provider,"
-                " model, created_at, usage, meta) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10)",
+                " model, created_at, usage, meta, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $11)",
                 rows,
             )
 
@@ -380,19 +393,30 @@ class PostgresStore:
         usage: dict[str, Any] | None,
         meta: dict[str, Any],
         deltas: int = 0,
-    ) -> None:
+        owner: str | None = None,
+    ) -> bool:
+        args = (str(status), _text(content), None if usage is None else _json(usage), _json(meta), deltas, message_id)
         async with self._writing():
-            await self._p.execute(
+            if owner is None:
+                await self._p.execute(
+                    "UPDATE messages SET status = $1, content = $2, usage = $3, meta = $4, deltas = $5"
+                    " WHERE message_id = $6", *args)
+                return True
+            return bool(await self._p.fetchval(_fenced(
                 "UPDATE messages SET status = $1, content = $2, usage = $3, meta = $4, deltas = $5"
-                " WHERE message_id = $6",
-                str(status), _text(content), None if usage is None else _json(usage), _json(meta), deltas, message_id,
-            )
+                " WHERE message_id = $6 AND status = 'streaming' AND owner = $7", "$6"), *args, owner))
 
-    async def checkpoint(self, *, message_id: str, content: str, deltas: int) -> None:
+    async def checkpoint(self, *, message_id: str, content: str, deltas: int, owner: str | None = None) -> bool:
         async with self._writing():
-            await self._p.execute(
-                "UPDATE messages SET content = $1, deltas = $2 WHERE message_id = $3 AND status = 'streaming'",
-                _text(content), deltas, message_id)
+            if owner is None:
+                await self._p.execute(
+                    "UPDATE messages SET content = $1, deltas = $2 WHERE message_id = $3 AND status = 'streaming'",
+                    _text(content), deltas, message_id)
+                return True
+            return bool(await self._p.fetchval(_fenced(
+                "UPDATE messages SET content = $1, deltas = $2"
+                " WHERE message_id = $3 AND status = 'streaming' AND owner = $4", "$3"),
+                _text(content), deltas, message_id, owner))
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:
@@ -438,11 +462,31 @@ class PostgresStore:
     async def count_threads(self, org_id: str) -> int:
         return int(await self._p.fetchval("SELECT COUNT(*) FROM threads WHERE org_id = $1", org_id))
 
-    async def interrupt_turn(self, *, message_id: str, content: str, deltas: int = 0) -> bool:
-        done = await self._p.execute(
-            "UPDATE messages SET status = 'interrupted', content = $1, deltas = $2"
-            " WHERE message_id = $3 AND status = 'streaming'", _text(content), deltas, message_id)
+    async def interrupt_turn(self, *, message_id: str, content: str | None, deltas: int = 0) -> bool:
+        if content is None:  # keep the text of the last checkpoint
+            done = await self._p.execute(
+                "UPDATE messages SET status = 'interrupted' WHERE message_id = $1 AND status = 'streaming'",
+                message_id)
+        else:
+            done = await self._p.execute(
+                "UPDATE messages SET status = 'interrupted', content = $1, deltas = $2"
+                " WHERE message_id = $3 AND status = 'streaming'", _text(content), deltas, message_id)
         return done.endswith(" 1")
+
+    async def streaming_owners(self) -> list[str | None]:
+        rows = await self._p.fetch("SELECT DISTINCT owner FROM messages WHERE status = 'streaming'")
+        return [r[0] for r in rows]
+
+    async def streaming_answers(self, owners: list[str | None]) -> list[str]:
+        named = [o for o in owners if o is not None]
+        rows = await self._p.fetch(
+            "SELECT message_id FROM messages WHERE status = 'streaming'"
+            " AND (owner = ANY($1::text[]) OR ($2 AND owner IS NULL)) ORDER BY seq",
+            named, None in owners)
+        return [r[0] for r in rows]
+
+    def forget_thread(self, org_id: str, thread_id: str) -> None:
+        """Nothing of a thread is kept in memory here."""
 
     async def count_messages(self, org_id: str, thread_id: str) -> int:
         count = await self._p.fetchval(
@@ -480,6 +524,14 @@ class PostgresStore:
 
 
 _KEY_COLUMNS = "key_id, org_id, name, created_at, revoked_at"
+
+
+def _fenced(update: str, message_id: str) -> str:
+    """One statement around a fenced ``update`` whose row is ``message_id`` (a parameter):
+    true when it applied or the row is gone (a deleted thread), false when the row is
+    there but no longer the writer's."""
+    return (f"WITH u AS ({update} RETURNING 1) SELECT EXISTS (SELECT 1 FROM u)"
+            f" OR NOT EXISTS (SELECT 1 FROM messages WHERE message_id = {message_id})")
 
 
 def _api_key(row: asyncpg.Record) -> ApiKey:

@@ -34,7 +34,12 @@ and this registry adds what makes the instances act as one:
   no end, the leader is gone: the mirror's clients get a retryable
   ``leader_lost`` and the row is marked ``interrupted`` with the text that reached
   the log, by a conditional update (:meth:`Store.interrupt_turn`) that only one
-  instance wins.
+  instance wins. A flight nobody else mirrors is found by the sweep instead: its
+  row names this instance as owner, and rows whose owner's heartbeat stays gone
+  are marked the same way (:mod:`server.redis_sweep`). The leader's own writes to
+  its row are fenced by that owner (:attr:`Flight.owner`).
+- **Across instances.** A Stop call for a listener held elsewhere is handed over
+  on ``Pstops``; a deleted thread is announced on ``Pthreads``.
 - **Redis down.** A leader whose append or renewal fails cuts its upstream and
   ends with a retryable ``registry_unavailable`` (its row is saved as ``error``);
   a mirror whose read fails ends its clients the same way; a request that cannot
@@ -52,6 +57,8 @@ Redis Cluster slot; the scripts touch only keys of that slot)::
     Pstream:S          string  k (find a flight by its stream id)
     Pinst:I            string  instance heartbeat (PX lease)
     Pctl:I             channel "S I2 1|0[ stop]" to the leader instance I
+    Pthreads           channel "I thread org": instance I deleted that thread (every instance listens)
+    Pstops             channel "I S token org": a Stop call instance I got for a listener it does not hold
 
 Every key expires: the flight's after the lease plus the longer TTL, renewed
 while it runs.
@@ -67,7 +74,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +93,7 @@ from .limits import OrgLimits
 from .metrics import Metrics
 from .pacer import Slots
 from .providers import Provider
+from .redis_sweep import Sweeper
 from .registry import RegistryOpenError
 from .states import DropReason, FlightState, MessageStatus, Role
 from .store import Message, Store
@@ -345,6 +353,12 @@ class RedisHub(Hub):
         self._background: list[asyncio.Task[None]] = []
         self._flushes: set[asyncio.Task[None]] = set()  # appends in flight (the last ones at shutdown)
         self.ctl_ready = asyncio.Event()  # the ctl channel is subscribed (tests wait for it)
+        #: takes the Stop calls other instances hand over (the turn service's, see serve_stops)
+        self._stop_handler: Callable[[str, str, str], Awaitable[bool]] | None = None
+        self._stops: set[asyncio.Future[bool]] = set()
+        #: marks the answers of instances that are gone interrupted (see :mod:`server.redis_sweep`)
+        self.sweeper = Sweeper(redis=redis, store=store, metrics=metrics, prefix=self.prefix, instance=self.instance,
+                               interval_s=lease)
 
     @property
     def engine(self) -> str:
@@ -352,6 +366,14 @@ class RedisHub(Hub):
 
     def _ctl(self, instance: str) -> str:
         return f"{self.prefix}ctl:{instance}"
+
+    @property
+    def _threads_channel(self) -> str:
+        return f"{self.prefix}threads"
+
+    @property
+    def _stops_channel(self) -> str:
+        return f"{self.prefix}stops"
 
     async def open(self) -> None:
         """Check that Redis answers (else :class:`RegistryOpenError`), then beat and listen."""
@@ -365,7 +387,8 @@ class RedisHub(Hub):
                                     f"({exc.__class__.__name__}: {exc})") from None
         loop = asyncio.get_running_loop()
         self._background = [loop.create_task(self._beat(), name="redis-heartbeat"),
-                            loop.create_task(self._listen(), name="redis-ctl")]
+                            loop.create_task(self._listen(), name="redis-ctl"),
+                            loop.create_task(self.sweeper.run(), name="redis-sweep")]
 
     async def close(self) -> None:
         """After :meth:`shutdown`: let the flights' last entries reach Redis, then disconnect."""
@@ -481,6 +504,7 @@ class RedisHub(Hub):
     def _lead(self, flight: Flight, *, lead: str, base: str, fence: str) -> None:
         led = _Led(flight=flight, lead=lead, base=base, fence=fence)
         self._led[flight.stream_id] = led
+        flight.owner = self.instance  # its row names this instance: the sweep and the fenced writes read it
         flight.log = _SharedLog(capacity=self.settings.ring_size, ping_interval_s=self.settings.ping_interval_s,
                                 publish=lambda kind, data: self._publish(led, kind, data))
         self._register(flight, flight.start())
@@ -714,17 +738,25 @@ class RedisHub(Hub):
                 log.warning("instance heartbeat failed: %s", exc)
 
     async def _listen(self) -> None:
-        """Follow this instance's ctl channel: other instances holding or leaving its flights."""
+        """Follow this instance's ctl channel (other instances holding or leaving its flights)
+        and the threads channel (threads deleted through other instances)."""
         channel = self._ctl(self.instance)
+        threads, stops = self._threads_channel.encode(), self._stops_channel.encode()
         while True:
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 try:
-                    await pubsub.subscribe(channel)
+                    await pubsub.subscribe(channel, threads, stops)
                     self.ctl_ready.set()
                     while True:
                         message = await pubsub.get_message(timeout=self.tick_s)
-                        if message is not None:
+                        if message is None:
+                            continue
+                        if message["channel"] == threads:
+                            self._on_thread_deleted(_decode(message["data"]))
+                        elif message["channel"] == stops:
+                            self._on_stop(_decode(message["data"]))
+                        else:
                             self._on_ctl(_decode(message["data"]))
                 finally:
                     self.ctl_ready.clear()
@@ -732,6 +764,50 @@ class RedisHub(Hub):
             except RedisError as exc:
                 log.warning("the ctl channel dropped (%s); subscribing again", exc)
                 await asyncio.sleep(self.tick_s)
+
+    async def thread_deleted(self, org_id: str, thread_id: str) -> None:
+        self.forget_thread(thread_id)
+        try:
+            await self.redis.publish(self._threads_channel, f"{self.instance} {thread_id} {org_id}")
+        except RedisError as exc:
+            log.warning("could not tell the other instances that thread %s was deleted: %s", thread_id, exc)
+
+    def serve_stops(self, stop: Callable[[str, str, str], Awaitable[bool]]) -> None:
+        self._stop_handler = stop
+
+    async def stop_elsewhere(self, org_id: str, stream_id: str, token: str) -> bool:
+        try:
+            await self.redis.publish(self._stops_channel, f"{self.instance} {stream_id} {token} {org_id}")
+        except RedisError as exc:
+            raise RegistryUnavailable(f"the flight registry (Redis) does not answer ({exc.__class__.__name__})") \
+                from None
+        return True
+
+    def _on_stop(self, message: str) -> None:
+        """A Stop call another instance got: ours to take if the flight is held here."""
+        parts = message.split(" ", 3)
+        if len(parts) < 4 or parts[0] == self.instance or parts[1] not in self._streams:
+            return
+        if self._stop_handler is None:
+            return
+        _, stream_id, token, org_id = parts
+        task = asyncio.ensure_future(self._stop_handler(org_id, stream_id, token))
+        self._stops.add(task)
+        task.add_done_callback(self._stop_done)
+
+    def _stop_done(self, task: asyncio.Future[bool]) -> None:
+        self._stops.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a Stop call handed over failed: %s", task.exception())
+
+    def _on_thread_deleted(self, message: str) -> None:
+        """Another instance deleted a thread: keep nothing of it here either."""
+        parts = message.split(" ", 2)
+        if len(parts) < 3 or parts[0] == self.instance:
+            return
+        _, thread_id, org_id = parts
+        self.forget_thread(thread_id)
+        self.store.forget_thread(org_id, thread_id)
 
     def _on_ctl(self, message: str) -> None:
         parts = message.split(" ")

@@ -1,18 +1,34 @@
 """Provider slots shared by every instance on one Redis: the :class:`~server.pacer.Slots` of a cluster.
 
 Providers limit calls per account, so with ``DAC_REDIS_URL`` the per-provider
-limit holds across all instances. A provider's slots are one sorted set,
-``P{slots:NAME}``: a member per call holding a slot, scored with the server time
-(ms) at which it lapses. Taking a slot is one script: drop the lapsed members,
-then add this call's if fewer than the limit remain. The holder pushes its
-lapse forward every quarter lease, so a slot whose instance died frees itself
-after one lease. Giving it back removes the member.
+limit holds across all instances, and the waiters of every instance share one
+queue, served as :class:`~server.pacer.Pacer` serves them in one process: a
+freed slot goes to the orgs in turn (round-robin), first come first served
+within an org, and a newcomer never overtakes a waiter.
 
-Waiting: on each instance the flights waiting for one provider queue in order
-behind an ``asyncio.Lock`` (FIFO); the first of them asks Redis again every
-``POLL_S`` until a slot is free or the queue timeout passes (``QueueFull``,
-503 with ``Retry-After``). Instances are served in no particular order among
-themselves. The queue wait is measured as in :class:`~server.pacer.Pacer`.
+Keys of provider ``NAME`` (``P`` the prefix; ``{slots:NAME}`` is a hash tag, so
+they share one Redis Cluster slot and the scripts touch only that slot)::
+
+    P{slots:NAME}          sorted set  a member per call holding a slot, scored with when it lapses (ms)
+    P{slots:NAME}:orgs     list        the orgs with waiters, in the order of their turns
+    P{slots:NAME}:q:ORG    list        the org's waiters, in arrival order
+    P{slots:NAME}:waiting  sorted set  every waiter, scored with when it lapses (ms)
+
+The holder of a slot pushes its lapse forward every quarter lease, so a slot
+whose instance died frees itself after one lease; giving it back removes the
+member. A waiter lapses the same way (its instance renews it while it waits),
+so the waiters of an instance that died are passed over.
+
+On each instance one poller per provider speaks for all of that instance's
+waiters: one script call (one round trip) enqueues the newcomers in arrival
+order, renews the others, hands every free slot to the next waiter in turn
+(whichever instance it is on), and answers which of this instance's waiters
+now hold one. It calls again every ``POLL_S`` while any waits, at once when a
+newcomer arrives. A waiter handed a slot holds it from that moment (its lapse
+runs), and learns of it at its instance's next call.
+
+A wait past the queue timeout raises :class:`~server.errors.QueueFull` (503 with
+``Retry-After``). The queue wait is measured as in :class:`~server.pacer.Pacer`.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -32,18 +49,66 @@ from .pacer import HOLD_SMOOTHING, MIN_RETRY_AFTER_S
 
 __all__ = ["POLL_S", "RedisPacer"]
 
-#: how often the first waiter of an instance asks again for a slot
+#: how often an instance with waiters asks again for slots
 POLL_S = 0.02
 
-# KEYS[1] the provider's slots. ARGV: member, limit, lease ms. 1 when the member now holds a slot.
-_TAKE = """
+# KEYS: holders, orgs, waiting. ARGV: the org queues' key prefix, limit, lease ms, then per waiter of
+# the caller: member, org, 1 (new: enqueue it) | 0 (renew it). Returns the caller's members that hold a
+# slot now.
+_QUEUE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
-return 1
+for i = 4, #ARGV, 3 do
+  local m, org = ARGV[i], ARGV[i + 1]
+  if ARGV[i + 2] == '1' then
+    local q = ARGV[1] .. org
+    if redis.call('LLEN', q) == 0 then
+      redis.call('LREM', KEYS[2], 0, org)
+      redis.call('RPUSH', KEYS[2], org)
+    end
+    redis.call('RPUSH', q, m)
+    redis.call('PEXPIRE', q, 4 * lease)
+    redis.call('ZADD', KEYS[3], now + lease, m)
+  else
+    redis.call('ZADD', KEYS[3], 'XX', now + lease, m)
+  end
+end
+while redis.call('ZCARD', KEYS[1]) < limit do
+  local org = redis.call('LPOP', KEYS[2])
+  if not org then break end
+  local q = ARGV[1] .. org
+  local m = redis.call('LPOP', q)
+  while m do
+    local lapse = redis.call('ZSCORE', KEYS[3], m)
+    redis.call('ZREM', KEYS[3], m)
+    if lapse and tonumber(lapse) > now then break end
+    m = redis.call('LPOP', q)
+  end
+  if redis.call('LLEN', q) > 0 then
+    redis.call('RPUSH', KEYS[2], org)
+    redis.call('PEXPIRE', q, 4 * lease)
+  end
+  if m then redis.call('ZADD', KEYS[1], now + lease, m) end
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], 4 * lease) end
+local got = {}
+for i = 4, #ARGV, 3 do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then table.insert(got, ARGV[i]) end
+end
+return got
+"""
+
+# KEYS: holders, orgs, waiting. ARGV: the org queues' key prefix, member, org. The waiter leaves the
+# queue; 1 when it had been handed a slot meanwhile (it holds it), else 0.
+_LEAVE = """
+local q = ARGV[1] .. ARGV[3]
+redis.call('LREM', q, 0, ARGV[2])
+if redis.call('LLEN', q) == 0 then redis.call('LREM', KEYS[2], 0, ARGV[3]) end
+redis.call('ZREM', KEYS[3], ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
+return 0
 """
 
 # KEYS[1] the provider's slots. ARGV: member, lease ms. Pushes the member's lapse forward.
@@ -51,20 +116,33 @@ _KEEP = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], 4 * tonumber(ARGV[2]))
 return n
 """
 
 
-class _Lane:
-    __slots__ = ("limit", "gate", "running", "waiting", "mean_hold_s")
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    def __init__(self, limit: int) -> None:
+
+class _Lane:
+    """One provider as this instance sees it: its waiters here and the poller that speaks for them."""
+
+    __slots__ = ("limit", "keys", "queues", "running", "waiting", "mean_hold_s", "waiters", "fresh", "poller",
+                 "wake")
+
+    def __init__(self, limit: int, keys: list[str], queues: str) -> None:
         self.limit = limit
-        self.gate = asyncio.Lock()
+        self.keys = keys  # holders, orgs, waiting
+        self.queues = queues  # the org queues' key prefix
         self.running = 0
         self.waiting = 0
         self.mean_hold_s: float | None = None
+        #: this instance's waiters, in arrival order: member -> (org, set once it holds a slot)
+        self.waiters: dict[str, tuple[str, asyncio.Future[None]]] = {}
+        self.fresh: list[str] = []  # waiters not enqueued in Redis yet, in arrival order
+        self.poller: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()
 
 
 class RedisPacer:
@@ -73,7 +151,8 @@ class RedisPacer:
         self.prefix = prefix
         self.lease_ms = int(lease_s * 1000)
         self.queue_timeout_s = queue_timeout_s
-        self._take = redis.register_script(_TAKE)
+        self._queue = redis.register_script(_QUEUE)
+        self._leave = redis.register_script(_LEAVE)
         self._keep = redis.register_script(_KEEP)
         self._lanes: dict[str, _Lane] = {}
 
@@ -83,55 +162,119 @@ class RedisPacer:
     def _lane(self, provider: str, limit: int) -> _Lane:
         lane = self._lanes.get(provider)
         if lane is None:
-            lane = self._lanes[provider] = _Lane(max(1, limit))
+            key = self.key(provider)
+            lane = self._lanes[provider] = _Lane(max(1, limit), [key, f"{key}:orgs", f"{key}:waiting"], f"{key}:q:")
         return lane
-
-    async def _try(self, key: str, member: str, limit: int) -> bool:
-        try:
-            return bool(await self._take(keys=[key], args=[member, limit, self.lease_ms]))
-        except RedisError as exc:
-            raise RegistryUnavailable(
-                f"the provider slots (Redis) do not answer ({exc.__class__.__name__})") from None
 
     @asynccontextmanager
     async def slot(self, provider: str, limit: int, *, org: str = "") -> AsyncIterator[float]:
-        """As :meth:`server.pacer.Pacer.slot`; across instances waiters are not ordered by org
-        (each instance polls for a free slot), so ``org`` is not used here."""
+        """As :meth:`server.pacer.Pacer.slot`, with one queue for every instance (see the module)."""
         lane = self._lane(provider, limit)
-        key, member = self.key(provider), secrets.token_hex(8)
+        member = secrets.token_hex(8)
         started = time.perf_counter()
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lane.waiters[member] = (org, granted)
+        lane.fresh.append(member)
         lane.waiting += 1
+        self._poll_soon(lane)
         try:
             async with asyncio.timeout(self.queue_timeout_s):
-                async with lane.gate:
-                    while not await self._try(key, member, lane.limit):
-                        await asyncio.sleep(POLL_S)
+                await asyncio.shield(granted)
         except TimeoutError:
-            rounds = math.ceil(lane.waiting / lane.limit)
-            hold = lane.mean_hold_s if lane.mean_hold_s is not None else self.queue_timeout_s
-            raise QueueFull(
-                f"provider {provider!r} is busy: its {lane.limit} slots are taken across the instances and "
-                f"{lane.waiting - 1} more calls wait here; no slot freed within {self.queue_timeout_s:g}s; "
-                "try again later",
-                retry_after=max(MIN_RETRY_AFTER_S, hold * rounds),
-            ) from None
+            if not granted.done() and not await self._give_up(lane, member, org):
+                rounds = math.ceil(lane.waiting / lane.limit)
+                hold = lane.mean_hold_s if lane.mean_hold_s is not None else self.queue_timeout_s
+                raise QueueFull(
+                    f"provider {provider!r} is busy: its {lane.limit} slots are taken across the instances and "
+                    f"{lane.waiting - 1} more calls wait here; no slot freed within {self.queue_timeout_s:g}s; "
+                    "try again later",
+                    retry_after=max(MIN_RETRY_AFTER_S, hold * rounds),
+                ) from None
+            # handed a slot in the same instant: keep it
+        except BaseException:
+            held = granted.done() and granted.exception() is None
+            if not held:
+                try:
+                    held = await asyncio.shield(self._give_up(lane, member, org))
+                except RegistryUnavailable:
+                    held = False
+            if held:  # the slot came as the waiter left: give it back
+                await self._release(lane, member)
+            raise
         finally:
             lane.waiting -= 1
+            lane.waiters.pop(member, None)
+            if member in lane.fresh:
+                lane.fresh.remove(member)
         lane.running += 1
         acquired = time.perf_counter()
-        keeper = asyncio.get_running_loop().create_task(self._keep_alive(key, member))
+        keeper = asyncio.get_running_loop().create_task(self._keep_alive(lane.keys[0], member))
         try:
             yield acquired - started
         finally:
             keeper.cancel()
-            held = time.perf_counter() - acquired
-            lane.mean_hold_s = held if lane.mean_hold_s is None else (
-                (1 - HOLD_SMOOTHING) * lane.mean_hold_s + HOLD_SMOOTHING * held)
+            held_s = time.perf_counter() - acquired
+            lane.mean_hold_s = held_s if lane.mean_hold_s is None else (
+                (1 - HOLD_SMOOTHING) * lane.mean_hold_s + HOLD_SMOOTHING * held_s)
             lane.running -= 1
-            try:
-                await asyncio.shield(self.redis.zrem(key, member))
-            except RedisError:
-                pass  # it lapses after one lease
+            await self._release(lane, member)
+
+    async def _give_up(self, lane: _Lane, member: str, org: str) -> bool:
+        """Leave the queue; True when the waiter was handed a slot meanwhile (it holds it)."""
+        if member in lane.fresh:  # never enqueued: nothing to take back
+            return False
+        try:
+            return bool(await self._leave(keys=lane.keys, args=[lane.queues, member, org]))
+        except RedisError as exc:
+            raise RegistryUnavailable(
+                f"the provider slots (Redis) do not answer ({exc.__class__.__name__})") from None
+
+    async def _release(self, lane: _Lane, member: str) -> None:
+        try:
+            await asyncio.shield(self.redis.zrem(lane.keys[0], member))
+        except RedisError:
+            pass  # it lapses after one lease
+        if lane.waiters:
+            self._poll_soon(lane)  # this instance's waiters may take it at once
+
+    def _poll_soon(self, lane: _Lane) -> None:
+        lane.wake.set()
+        if lane.poller is None:
+            lane.poller = asyncio.get_running_loop().create_task(self._poll(lane))
+
+    async def _poll(self, lane: _Lane) -> None:
+        """Speak for this instance's waiters until none is left (see the module)."""
+        try:
+            while any(not f.done() for _, f in lane.waiters.values()):
+                lane.wake.clear()
+                fresh, lane.fresh = lane.fresh, []
+                args: list[Any] = []
+                for member, (org, granted) in lane.waiters.items():
+                    if not granted.done():
+                        args += (member, org, "1" if member in fresh else "0")
+                try:
+                    got = await self._queue(keys=lane.keys, args=[lane.queues, lane.limit, self.lease_ms, *args])
+                except RedisError as exc:
+                    lane.fresh = fresh + lane.fresh  # not enqueued: they never were
+                    error = RegistryUnavailable(
+                        f"the provider slots (Redis) do not answer ({exc.__class__.__name__})")
+                    for _, granted in lane.waiters.values():
+                        if not granted.done():
+                            granted.set_exception(error)
+                    return
+                for member in map(_decode, got):
+                    found = lane.waiters.get(member)
+                    if found is not None and not found[1].done():
+                        found[1].set_result(None)
+                if lane.wake.is_set():
+                    continue
+                try:
+                    async with asyncio.timeout(POLL_S):
+                        await lane.wake.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            lane.poller = None
 
     async def _keep_alive(self, key: str, member: str) -> None:
         while True:

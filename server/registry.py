@@ -23,6 +23,7 @@ Guarantees every implementation keeps:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from .flight import Flight, TurnRequest
@@ -62,6 +63,21 @@ class FlightRegistry(Protocol):
 
     def forget_thread(self, thread_id: str) -> None:
         """Keep nothing of a deleted thread's flights once they end."""
+
+    async def thread_deleted(self, org_id: str, thread_id: str) -> None:
+        """The org deleted the thread through this instance: :meth:`forget_thread`, and on a
+        shared registry tell the other instances, which forget its flights too and have
+        their stores drop what they keep of it in memory (:meth:`Store.forget_thread`).
+        Returns once the others were told (or telling them failed, which is logged)."""
+
+    async def stop_elsewhere(self, org_id: str, stream_id: str, token: str) -> bool:
+        """Hand a Stop call whose listener (or promised client) is not here to the other
+        instances, whose :meth:`serve_stops` handler takes it; False when there are none
+        (in-process). The caller does not learn whether one held it."""
+
+    def serve_stops(self, stop: Callable[[str, str, str], Awaitable[bool]]) -> None:
+        """Where the Stop calls other instances hand over go: ``stop(org_id, stream_id, token)``,
+        called only for a flight this instance holds (leads or mirrors)."""
 
     async def shutdown(self, *, timeout: float = 10.0) -> None:
         """Refuse new flights, abort running ones, and wait for their turns to be saved."""

@@ -23,7 +23,12 @@ indistinguishable from a missing one.
 A turn is written in one transaction: the user message and the assistant
 message (status ``streaming``) together; the assistant row is then updated
 once, when the flight ends. At start any row still ``streaming`` (the process
-died mid-flight) becomes ``interrupted``.
+died mid-flight) becomes ``interrupted`` (``recover``: the file's only writer;
+processes that share one file through Redis sweep by owner instead, see
+:mod:`server.redis_sweep`).
+
+The schema has no version table: tables and indexes are created if missing, and
+a column added since (``messages.owner``) is added to an older file at open.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at TEXT NOT NULL,
     usage      TEXT,
     meta       TEXT NOT NULL DEFAULT '{}',
-    deltas     INTEGER NOT NULL DEFAULT 0  -- stream events the answer took (the done event's id - 1)
+    deltas     INTEGER NOT NULL DEFAULT 0,  -- stream events the answer took (the done event's id - 1)
+    owner      TEXT  -- the instance streaming the answer (NULL: a single writer's row)
 );
 CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (thread_id, seq);
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -105,6 +111,13 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at TEXT
 );
 """
+
+#: what an older file gains at open (a column added since, then what depends on it)
+UPGRADE = (
+    ("owner", "ALTER TABLE messages ADD COLUMN owner TEXT"),
+)
+AFTER_UPGRADE = "CREATE INDEX IF NOT EXISTS messages_streaming_owner ON messages (owner) WHERE status = 'streaming'"
+
 
 class _History:
     """The completed turns of one thread, ordered by the user message's ``seq``."""
@@ -143,7 +156,8 @@ class SQLiteStore:
     def __init__(self, path: str, *, cache: bool = False, recover: bool = True) -> None:
         self.path = path
         self.cache = cache
-        #: mark rows left streaming as interrupted at open (False: a tool beside a running server)
+        #: mark rows left streaming as interrupted at open: the file's only writer (False: a tool
+        #: beside a running server, or processes that sweep by owner through Redis)
         self.recover = recover
         self._reader: aiosqlite.Connection | None = None
         self._conn: sqlite3.Connection | None = None  # the writer: used on its thread only
@@ -194,6 +208,11 @@ class SQLiteStore:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            for column, add in UPGRADE:
+                if column not in columns:
+                    conn.execute(add)
+            conn.execute(AFTER_UPGRADE)
             if self.recover:
                 conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
         except BaseException:
@@ -522,7 +541,8 @@ class SQLiteStore:
             return None
         return StoredAnswer(message_from_row(row), row[11], int(row[10]))
 
-    async def begin_turn(self, *, org_id: str, user: Message, assistant: Message) -> None:
+    async def begin_turn(self, *, org_id: str, user: Message, assistant: Message,
+                         owner: str | None = None) -> None:
         """Insert the user message and the ``streaming`` assistant message together: one
         statement, so both rows or neither."""
         thread_id = user["thread_id"]
@@ -531,7 +551,7 @@ class SQLiteStore:
                 user["message_id"], user["content"], str(user["status"]), user["provider"], user["model"],
                 user["created_at"], orjson.dumps(user["meta"]).decode(),
                 assistant["message_id"], assistant["content"], str(assistant["status"]), assistant["provider"],
-                assistant["model"], assistant["created_at"], orjson.dumps(assistant["meta"]).decode())
+                assistant["model"], assistant["created_at"], orjson.dumps(assistant["meta"]).decode(), owner)
 
         def insert(db: sqlite3.Connection) -> int:
             cur = db.execute(_INSERT_TURN, args)
@@ -552,16 +572,23 @@ class SQLiteStore:
         usage: dict[str, Any] | None,
         meta: dict[str, Any],
         deltas: int = 0,
-    ) -> None:
+        owner: str | None = None,
+    ) -> bool:
         args = (str(status), content, None if usage is None else orjson.dumps(usage).decode(),
                 orjson.dumps(meta).decode(), deltas, message_id)
 
-        def update(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE messages SET status = ?, content = ?, usage = ?, meta = ?, deltas = ?"
-                       " WHERE message_id = ?", args)
+        def update(db: sqlite3.Connection) -> bool:
+            if owner is None:
+                db.execute("UPDATE messages SET status = ?, content = ?, usage = ?, meta = ?, deltas = ?"
+                           " WHERE message_id = ?", args)
+                return True
+            cur = db.execute("UPDATE messages SET status = ?, content = ?, usage = ?, meta = ?, deltas = ?"
+                             " WHERE message_id = ? AND status = 'streaming' AND owner = ?", (*args, owner))
+            return _applied_or_gone(db, cur, message_id)
 
         pending = self._pending.pop(message_id, None)
-        await self._write(update, one_statement=True)
+        if not await self._write(update, one_statement=True):  # one change at most: a SELECT may follow
+            return False
         if pending is not None and status is MessageStatus.COMPLETE:
             org_id, thread_id, seq, question = pending
             key = (org_id, thread_id)
@@ -571,22 +598,52 @@ class SQLiteStore:
                 history.add(seq, question, content)
                 self._history_chars += len(question) + len(content)
                 self._trim_histories()
+        return True
 
-    async def checkpoint(self, *, message_id: str, content: str, deltas: int) -> None:
-        def update(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE messages SET content = ?, deltas = ? WHERE message_id = ? AND status = 'streaming'",
-                       (content, deltas, message_id))
-
-        await self._write(update, one_statement=True)
-
-    async def interrupt_turn(self, *, message_id: str, content: str, deltas: int = 0) -> bool:
+    async def checkpoint(self, *, message_id: str, content: str, deltas: int, owner: str | None = None) -> bool:
         def update(db: sqlite3.Connection) -> bool:
-            cur = db.execute("UPDATE messages SET status = 'interrupted', content = ?, deltas = ?"
-                             " WHERE message_id = ? AND status = 'streaming'", (content, deltas, message_id))
+            if owner is None:
+                db.execute("UPDATE messages SET content = ?, deltas = ? WHERE message_id = ? AND status = 'streaming'",
+                           (content, deltas, message_id))
+                return True
+            cur = db.execute("UPDATE messages SET content = ?, deltas = ?"
+                             " WHERE message_id = ? AND status = 'streaming' AND owner = ?",
+                             (content, deltas, message_id, owner))
+            return _applied_or_gone(db, cur, message_id)
+
+        return await self._write(update, one_statement=True)
+
+    async def interrupt_turn(self, *, message_id: str, content: str | None, deltas: int = 0) -> bool:
+        def update(db: sqlite3.Connection) -> bool:
+            if content is None:  # keep the text of the last checkpoint
+                cur = db.execute("UPDATE messages SET status = 'interrupted' WHERE message_id = ?"
+                                 " AND status = 'streaming'", (message_id,))
+            else:
+                cur = db.execute("UPDATE messages SET status = 'interrupted', content = ?, deltas = ?"
+                                 " WHERE message_id = ? AND status = 'streaming'", (content, deltas, message_id))
             return cur.rowcount == 1
 
         self._pending.pop(message_id, None)
         return await self._write(update, one_statement=True)
+
+    async def streaming_owners(self) -> list[str | None]:
+        async with self._r.execute("SELECT DISTINCT owner FROM messages WHERE status = 'streaming'") as cur:
+            return [row[0] for row in await cur.fetchall()]
+
+    async def streaming_answers(self, owners: list[str | None]) -> list[str]:
+        named = [o for o in owners if o is not None]
+        marks = ", ".join("?" * len(named))
+        async with self._r.execute(
+            f"SELECT message_id FROM messages WHERE status = 'streaming' AND (owner IN ({marks})"
+            f" OR (? AND owner IS NULL)) ORDER BY seq", (*named, None in owners),
+        ) as cur:
+            return [row[0] for row in await cur.fetchall()]
+
+    def forget_thread(self, org_id: str, thread_id: str) -> None:
+        """Another process deleted the thread (one file shared through Redis): drop its caches."""
+        self._threads.pop(thread_id, None)
+        self._forget_history((org_id, thread_id))
+        self._bump((org_id, thread_id))
 
     async def count_messages(self, org_id: str, thread_id: str) -> int:
         async with self._r.execute(
@@ -656,13 +713,23 @@ def _unwritable(exc: BaseException) -> bool:
 _UNWRITABLE_CODES = frozenset({8, 10, 13, 14, 3})
 
 
+def _applied_or_gone(db: sqlite3.Connection, cur: sqlite3.Cursor, message_id: str) -> bool:
+    """A fenced update's answer: it applied, or its row is gone (a deleted thread); False
+    when the row is there but no longer the writer's."""
+    if cur.rowcount == 1:
+        return True
+    return db.execute("SELECT 1 FROM messages WHERE message_id = ?", (message_id,)).fetchone() is None
+
+
 #: a turn's two rows in one statement, both only if the thread is the org's: ?1 thread, ?2 org,
 #: then the user row's id, content, status, provider, model, created_at and meta (?3-?9),
-#: then the assistant row's (?10-?16); the rows go in in this order (the user's seq first)
+#: then the assistant row's (?10-?16) and its owner (?17); the rows go in in this order (the
+#: user's seq first)
 _INSERT_TURN = (
     "INSERT INTO messages (message_id, thread_id, org_id, role, content, status, provider,"
-    " model, created_at, usage, meta)"
-    " SELECT column1, ?1, ?2, column2, column3, column4, column5, column6, column7, NULL, column8"
-    " FROM (VALUES (?3, 'user', ?4, ?5, ?6, ?7, ?8, ?9), (?10, 'assistant', ?11, ?12, ?13, ?14, ?15, ?16))"
+    " model, created_at, usage, meta, owner)"
+    " SELECT column1, ?1, ?2, column2, column3, column4, column5, column6, column7, NULL, column8, column9"
+    " FROM (VALUES (?3, 'user', ?4, ?5, ?6, ?7, ?8, ?9, NULL),"
+    " (?10, 'assistant', ?11, ?12, ?13, ?14, ?15, ?16, ?17))"
     " WHERE EXISTS (SELECT 1 FROM threads WHERE thread_id = ?1 AND org_id = ?2)"
 )

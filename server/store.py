@@ -13,8 +13,17 @@ The guarantees every implementation gives, and one behavioural suite checks:
   ``streaming`` assistant message together or not at all; :meth:`Store.finish_turn`
   then updates the assistant row once, with its final status and text.
 - **Read your writes.** A read that starts after a write returned sees it.
-- **Nothing stays streaming.** :meth:`Store.open` marks any row left
-  ``streaming`` by a process that died as ``interrupted``.
+- **Nothing stays streaming.** With one writer per database, :meth:`Store.open`
+  marks any row left ``streaming`` by a process that died as ``interrupted``.
+  With several instances on one database (a registry on Redis) the open leaves
+  them alone: each ``streaming`` row names its **owner** (the instance streaming
+  it), and the instances sweep the rows whose owner is gone
+  (:meth:`Store.streaming_owners`, :meth:`Store.streaming_answers`,
+  :meth:`Store.interrupt_turn`; see :mod:`server.redis_sweep`).
+- **Fenced writes.** A row's ``checkpoint`` and ``finish_turn`` that name its
+  owner apply only while the row is still ``streaming`` and that owner's: a
+  leader that lost its lease (a stale leader) cannot overwrite what another
+  instance wrote.
 - **One order.** Messages come back oldest first, in the order their turns were
   written (a turn's two rows side by side); threads newest first.
 """
@@ -157,23 +166,43 @@ class Store(Protocol):
     async def get_answer(self, org_id: str, message_id: str) -> StoredAnswer | None:
         """An assistant message with the id of the user message it answers."""
 
-    async def begin_turn(self, *, org_id: str, user: Message, assistant: Message) -> None:
-        """Insert both drafts (see :func:`draft_turn`) in one transaction.
+    async def begin_turn(self, *, org_id: str, user: Message, assistant: Message,
+                         owner: str | None = None) -> None:
+        """Insert both drafts (see :func:`draft_turn`) in one transaction; the assistant row
+        names ``owner``, the instance streaming it (None: a single writer).
 
         Raises ``LookupError`` and writes nothing when the thread is not the org's.
         """
 
     async def finish_turn(self, *, message_id: str, status: MessageStatus, content: str,
-                          usage: dict[str, Any] | None, meta: dict[str, Any], deltas: int = 0) -> None:
-        """Update the assistant row once, atomically, with its final state."""
+                          usage: dict[str, Any] | None, meta: dict[str, Any], deltas: int = 0,
+                          owner: str | None = None) -> bool:
+        """Update the assistant row once, atomically, with its final state.
 
-    async def interrupt_turn(self, *, message_id: str, content: str, deltas: int = 0) -> bool:
-        """Mark the assistant row ``interrupted`` with ``content``, only while it is still
-        ``streaming``: one conditional update, so of several callers (the instances that
-        saw its leader vanish) exactly one changes it. True for that one."""
-    async def checkpoint(self, *, message_id: str, content: str, deltas: int) -> None:
+        With ``owner`` the write is fenced: it applies only while the row is still
+        ``streaming`` and ``owner``'s. False when it was refused (the row exists but
+        another instance ended it); True otherwise (a deleted row takes nothing)."""
+
+    async def interrupt_turn(self, *, message_id: str, content: str | None, deltas: int = 0) -> bool:
+        """Mark the assistant row ``interrupted`` with ``content`` and ``deltas`` (``content``
+        None: keep the text and count it has), only while it is still ``streaming``: one
+        conditional update, so of several callers (the instances that saw its leader
+        vanish) exactly one changes it. True for that one."""
+
+    async def checkpoint(self, *, message_id: str, content: str, deltas: int, owner: str | None = None) -> bool:
         """Keep the text an answer has so far on its row while it is still ``streaming``
-        (after a crash the row keeps it); a row that has ended is left as it is."""
+        (after a crash the row keeps it); a row that has ended is left as it is. With
+        ``owner``, fenced as :meth:`finish_turn` is, with the same answer."""
+
+    async def streaming_owners(self) -> list[str | None]:
+        """The owners of the rows still ``streaming``, each once (None: rows that name none,
+        written by a single writer). Every org's: this is the sweep's one query."""
+
+    async def streaming_answers(self, owners: list[str | None]) -> list[str]:
+        """The ids of the rows still ``streaming`` whose owner is one of ``owners``."""
+
+    def forget_thread(self, org_id: str, thread_id: str) -> None:
+        """Drop what is kept in memory of a thread another instance deleted."""
 
     @property
     def writable(self) -> bool:

@@ -231,6 +231,7 @@ class TurnService:
         self._leases: dict[str, Lease] = {}
         #: coalesce key of an Idempotency-Key -> (what it was sent with, until when that is held)
         self._idempotency: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        registry.serve_stops(self._stop_handed_over)
 
     # -- the coalesce policy ------------------------------------------------
 
@@ -369,18 +370,21 @@ class TurnService:
             left = left or lease.stopped
             chat = route != "streams"
             self.metrics.record(RequestRecord(
-                route=route, mode=mode, coalesce=lease.role if chat else None,
+                route=route, org=flight.turn.org_id, mode=mode, coalesce=lease.role if chat else None,
                 latency_s=time.perf_counter() - lease.started, ttft_s=lease.ttft_s, error=error,
                 client_left=left, answer=lease.answer,
                 queue_wait_s=flight.queue_wait_s if chat and lease.role is Role.LEADER else None,
             ))
 
-    async def stop(self, org_id: str, stream_id: str, token: str) -> bool:
+    async def stop(self, org_id: str, stream_id: str, token: str, *, hand_over: bool = True) -> bool:
         """A client stops on purpose: end the stream of the listener ``token`` names (or
         drop the promise of a mode-3 client not attached yet). When it was the last one
         holding the flight, the upstream is aborted at once, with no grace.
 
-        False when the org has no such stream or listener here.
+        A listener this instance does not hold is another instance's (behind a load
+        balancer the Stop call may reach any): with ``hand_over`` the call goes to the
+        others (:meth:`FlightRegistry.stop_elsewhere`). False when the org has no such
+        stream, or no such listener here and no other instance to ask.
         """
         flight = await self.registry.stream(stream_id)
         if flight is None or flight.turn.org_id != org_id:
@@ -391,7 +395,13 @@ class TurnService:
                 flight.stop_listener(token, attached=True)
                 lease.stop()
             return True
-        return flight.stop_listener(token, attached=False)
+        if flight.stop_listener(token, attached=False):
+            return True
+        return hand_over and await self.registry.stop_elsewhere(org_id, stream_id, token)
+
+    async def _stop_handed_over(self, org_id: str, stream_id: str, token: str) -> bool:
+        """A Stop call another instance handed over: taken here or nowhere."""
+        return await self.stop(org_id, stream_id, token, hand_over=False)
 
     async def accept(self, turn: TurnRequest) -> tuple[Flight, Role, str | None]:
         """Mode 3: start or join without listening; returns ``(flight, role, attach token)``.
@@ -403,7 +413,7 @@ class TurnService:
         flight, role, token = await self.registry.accept(turn)
         known = None if flight.running else flight.error
         # its answer is counted when its stream is first attached; a failure known now is that answer
-        self.metrics.record(RequestRecord(route="messages", mode="accepted", coalesce=role,
+        self.metrics.record(RequestRecord(route="messages", org=turn.org_id, mode="accepted", coalesce=role,
                                           latency_s=time.perf_counter() - started,
                                           error=known.type if known else None, answer=known is not None))
         if known is not None:
@@ -444,5 +454,5 @@ class TurnService:
         """Delete a thread; its flights keep nothing once they end."""
         if not await self.store.delete_thread(org_id, thread_id):
             return False
-        self.registry.forget_thread(thread_id)
+        await self.registry.thread_deleted(org_id, thread_id)
         return True

@@ -225,6 +225,26 @@ async def test_environment_keys_are_orgs_of_their_own_on_both_surfaces(gateway_f
 # -- stream tokens --------------------------------------------------------------------
 
 
+async def test_each_org_sees_only_its_own_requests_in_the_performance_figures(
+        gateway_factory: GatewayFactory) -> None:
+    gw, keys = await keyed(gateway_factory)
+    for key, count in ((keys.a, 2), (keys.b, 1)):
+        status, thread, _ = await call(gw, "POST", "/api/threads/", headers=bearer(key), json={"title": "t"})
+        assert status == 201
+        for n in range(count):
+            status, body, _ = await call(gw, "POST", f"/api/threads/{thread['thread_id']}/messages",
+                                         headers=bearer(key), json={"content": f"q{n}", "model": FAST})
+            assert status == 200, body
+    for key, count in ((keys.a, 2), (keys.b, 1)):
+        status, perf, _ = await call(gw, "GET", "/api/metrics/performance", headers=bearer(key))
+        assert status == 200
+        assert perf["requests"] == count and perf["coalesce"]["leaders"] == count
+    # another org's key cannot ask for A's figures by naming A
+    status, body, _ = await call(gw, "GET", "/api/metrics/performance",
+                                 headers=bearer(keys.b, **{"x-org-id": "org_a"}))
+    assert status == 403 and body["error"]["param"] == "x-org-id"
+
+
 async def test_a_stream_url_opens_with_no_header_and_only_for_its_stream(gateway_factory: GatewayFactory) -> None:
     scripted = ScriptedProvider()
     gw, keys = await keyed(gateway_factory, providers=registry(scripted))

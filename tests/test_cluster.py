@@ -22,7 +22,9 @@ import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
+from server.redis_sweep import log_text
 from tools.cluster import NGINX, Cluster, free_port, wait_port
 from tools.sse import SseEvent, sse_events
 
@@ -285,6 +287,50 @@ async def _until_id(events: AsyncIterator[SseEvent], last: int) -> AsyncIterator
             return
 
 
+async def cancels(http: aiohttp.ClientSession, url: str, reason: str) -> float:
+    """The instance's ``dac_cancels_total`` for ``reason``, over its providers."""
+    async with http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    return sum(float(v) for v in re.findall(rf'^dac_cancels_total{{[^}}]*reason="{reason}"[^}}]*}} (\S+)$', text, re.M))
+
+
+async def test_stop_detaches_where_the_listener_is_and_the_last_one_aborts_the_leader_at_once(
+        cluster: Cluster, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    a, b, c = cluster.instances
+    tid = await new_thread(http, cluster.url)
+    fake.script(Script(n=400, interval_s=0.02), model="gpt-stop")
+    body = {"content": "stop me across", "model": "gpt-stop"}
+    sse = {**H, "Accept": "text/event-stream"}
+    stopped_before = await cancels(http, a.url, "client_stop")
+    idle_before = await cancels(http, a.url, "no_listeners")
+    on_a = await http.post(f"{a.url}/api/threads/{tid}/messages", json=body, headers=sse)
+    call = await next_call(fake, "gpt-stop")
+    on_b = await http.post(f"{b.url}/api/threads/{tid}/messages", json=body, headers=sse)
+    on_c = await http.post(f"{c.url}/api/threads/{tid}/messages", json=body, headers=sse)
+    events_b, events_c = sse_events(on_b), sse_events(on_c)
+    stop_b = (await within(anext(events_b), what="B's meta")).json()["stop_url"]
+    stop_c = (await within(anext(events_c), what="C's meta")).json()["stop_url"]
+    await within(anext(events_c), what="a delta on C")
+    on_a.close()  # the leader's own client leaves: B and C still hold the flight
+    async with http.delete(f"{c.url}{stop_b}") as resp:  # B's Stop reaches C (a load balancer's pick)
+        assert resp.status == 204, await resp.text()
+    await within(_rest(events_b), 5, "B's stopped stream to end")  # C handed it to B, which detached it
+    sent = call.tokens_sent
+    await call.sent(sent + 20)  # C still listens: the upstream goes on, well past the grace
+    assert call.connection.closed_at is None
+    stopped = time.perf_counter()
+    async with http.delete(f"{c.url}{stop_c}") as resp:
+        assert resp.status == 204, await resp.text()
+    await within(call.connection.closed.wait(), 3, "the upstream connection to close")
+    assert call.connection.closed_at is not None and call.connection.closed_at - stopped < 0.3
+    await within(_rest(events_c), 5, "C's stopped stream to end")
+    # the leader aborted on the Stop (no grace), not because its listeners went away
+    async with asyncio.timeout(3):  # counted once its row is saved
+        while await cancels(http, a.url, "client_stop") < stopped_before + 1:
+            await asyncio.sleep(0.02)
+    assert await cancels(http, a.url, "no_listeners") == idle_before
+
+
 async def test_the_provider_limit_holds_across_instances(
         cluster: Cluster, fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
     tid = await new_thread(http, cluster.url)
@@ -339,6 +385,65 @@ async def test_a_killed_leader_is_lost_elsewhere_and_its_row_interrupted(
         assert resp.status == 200, await resp.text()
         assert (await resp.json())["coalesce"] == "leader"
     assert len(fake.calls) - before == 2
+    cluster.instances[0] = await within(cluster.start_instance(a.port), 30, "the instance to come back")
+
+
+async def test_an_instance_that_starts_leaves_the_answers_streaming_elsewhere_alone(
+        cluster: Cluster, fake: FakeUpstream, http: aiohttp.ClientSession, schema: tuple[str, str]) -> None:
+    a = cluster.instances[0]
+    tid = await new_thread(http, cluster.url)
+    fake.script(Script(n=6, hold_after=2), model="gpt-live")
+    async with http.post(f"{a.url}/api/threads/{tid}/messages", json={"content": "still going", "model": "gpt-live"},
+                         headers={**H, "Accept": "text/event-stream"}) as on_a:
+        call = await next_call(fake, "gpt-live")
+        await within(on_a.content.readuntil(b"id: 2\n"), what="two deltas on A")
+        extra = await within(cluster.start_instance(), 30, "one more instance to start")
+        try:
+            # its start took nothing from A: the row A streams is still streaming
+            assert [status for _, status, _ in await rows(schema, tid)] == ["complete", "streaming"]
+            call.release()
+            events = await within(read_all(on_a), 10, "the rest of the answer on A")
+        finally:
+            extra.proc.terminate()
+            await within(extra.proc.wait(), 15, "the extra instance to stop")
+    assert events[-1].event == "done", events[-2:]
+    assert (await rows(schema, tid))[1][1:] == ("complete", events[-1].json()["message"]["content"])
+
+
+async def test_a_killed_leader_with_no_listener_elsewhere_has_its_row_swept(
+        cluster: Cluster, fake: FakeUpstream, http: aiohttp.ClientSession, schema: tuple[str, str],
+        own_redis: OwnRedis) -> None:
+    a = cluster.instances[0]
+    tid = await new_thread(http, cluster.url)
+    fake.script(Script(n=400, interval_s=0.02), model="gpt-alone")
+    on_a = await http.post(f"{a.url}/api/threads/{tid}/messages", json={"content": "alone", "model": "gpt-alone"},
+                           headers={**H, "Accept": "text/event-stream"})
+    events = sse_events(on_a)
+    stream_id = (await within(anext(events), what="the meta event")).json()["stream_id"]
+    seen = await within(_rest(_until_id(events, 5)), what="five deltas on A")
+    await next_call(fake, "gpt-alone")
+    cluster.kill(0)  # nobody else listens: no mirror sees its lease lapse
+    killed = time.monotonic()
+    on_a.close()
+    try:
+        async with asyncio.timeout(LEASE_S * 3 + 3):
+            while (found := await rows(schema, tid))[1][1] == "streaming":
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"the row is still streaming {time.monotonic() - killed:.1f} s after the kill") from None
+    swept_after = time.monotonic() - killed
+    client = aioredis.Redis.from_url(own_redis.url, protocol=2)
+    try:
+        logged = await within(log_text(client, "dac:", stream_id), what="the flight's log")
+    finally:
+        await client.aclose()
+    assert logged is not None
+    assert found[1][1] == "interrupted" and found[1][2] == logged[0]
+    # the log may lag what A's client was sent by the append in flight when A died
+    kept, sent = found[1][2], text_of(seen)
+    assert kept and (kept.startswith(sent) or sent.startswith(kept)), (kept, sent)
+    # its heartbeat lapses (a lease), then two sweeps a lease apart see it gone (slack for a busy machine)
+    assert swept_after < LEASE_S * 3 + 2, swept_after
     cluster.instances[0] = await within(cluster.start_instance(a.port), 30, "the instance to come back")
 
 
@@ -448,3 +553,32 @@ async def test_the_cluster_benchmark_runs_in_short(redis_server: RedisServer, po
     assert 0 < report["redis_round_trips_per_delta_leader"] <= 1.5, report
     assert report["cancel_across_instances_max_ms"] < 300, report
     assert b"| cancel across instances (worst) | < 300 ms |" in printed
+
+
+async def test_a_thread_deleted_on_one_instance_is_gone_from_the_others_caches(
+        fake: FakeUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    """Two instances on one SQLite file (as ``--workers 2`` without PostgreSQL): each keeps the
+    threads it saw and their answers in memory; a deletion through one reaches the other."""
+    env = {**fake.env("openai"), "DAC_REDIS_URL": redis_server.url, "DAC_REDIS_PREFIX": redis_server.new_prefix(),
+           "DAC_DB": str(tmp_path / "shared.db"), "DAC_DEFAULT_PROVIDER": "openai", "DAC_DEFAULT_MODEL": "gpt-test",
+           "DAC_AUTH": "header"}
+    pair = Cluster(instances=2, env=env, workdir=tmp_path)
+    try:
+        a, b = await within(asyncio.gather(pair.start_instance(), pair.start_instance()), 30, "two instances")
+        pair.instances = [a, b]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+            tid = await new_thread(s, b.url)
+            fake.script(Script(n=3), model="gpt-deleted")
+            body = {"content": "soon deleted", "model": "gpt-deleted"}
+            async with s.post(f"{b.url}/api/threads/{tid}/messages", json=body, headers=H) as resp:
+                assert resp.status == 200, await resp.text()
+            async with s.delete(f"{a.url}/api/threads/{tid}", headers=H) as resp:
+                assert resp.status == 204
+            async with s.post(f"{b.url}/api/threads/{tid}/messages", json=body, headers=H) as resp:
+                assert resp.status == 404, await resp.text()  # not the answer B kept for the thread
+                assert (await resp.json())["error"]["type"] == "not_found"
+            async with s.get(f"{b.url}/api/threads/{tid}", headers=H) as resp:
+                assert resp.status == 404
+        await next_call(fake, "gpt-deleted")
+    finally:
+        await within(pair.stop(), 30, "the instances to stop")

@@ -24,7 +24,7 @@ UNBOUNDED_LABELS = {"thread_id", "thread", "org_id", "org", "message_id", "strea
 
 
 def rec(coalesce: str | None = "leader", latency_ms: float = 100, **kw: object) -> RequestRecord:
-    return RequestRecord(route="messages", mode="json", coalesce=coalesce,
+    return RequestRecord(route="messages", org=str(kw.pop("org", "org_a")), mode="json", coalesce=coalesce,
                          latency_s=latency_ms / 1000, **kw)  # type: ignore[arg-type]
 
 
@@ -81,11 +81,25 @@ def test_last_n_keeps_the_newest_and_the_window_is_bounded() -> None:
     assert exposed(m).value("dac_request_duration_seconds_count") == 8
 
 
+def test_an_org_sees_only_its_own_records_and_last_n_counts_within_them() -> None:
+    m = Metrics()
+    for i in range(4):
+        m.record(rec("leader", latency_ms=10 + i, org="org_a"))
+        m.record(rec("cache", latency_ms=500, org="org_b"))
+    a = m.performance(3, "org_a")
+    assert a["requests"] == 3 and a["coalesce"]["cache_hits"] == 0
+    assert a["latency_ms"]["p99"] == 13.0  # the newest three of org A: 11, 12, 13 ms
+    assert m.performance(100, "org_b")["coalesce"] == {"leaders": 0, "followers": 0, "cache_hits": 4,
+                                                       "upstream_calls_saved": 4, "ratio": 1.0}
+    assert m.performance(100, "org_c")["requests"] == 0
+    assert m.performance(100)["requests"] == 8  # every org's, for an operator
+
+
 def test_requests_without_a_role_do_not_dilute_the_coalesce_ratio() -> None:
     m = Metrics()
     m.record(rec("leader"))
     m.record(rec("follower"))
-    m.record(RequestRecord(route="streams", mode="sse", coalesce=None, latency_s=0.1))
+    m.record(RequestRecord(route="streams", org="org_a", mode="sse", coalesce=None, latency_s=0.1))
     perf = m.performance(10)
     assert perf["requests"] == 3
     assert perf["coalesce"]["ratio"] == 0.5

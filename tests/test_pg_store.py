@@ -82,10 +82,33 @@ async def test_a_database_of_the_first_version_gains_the_api_keys_step(
     new = PostgresStore(postgres.url_for(schema))
     await within(new.open())
     try:
-        assert [v for v, _ in await migrations(admin, schema)] == [1, 2]
+        assert [v for v, _ in await migrations(admin, schema)] == list(range(1, len(MIGRATIONS) + 1))
         assert await new.get_thread("org_a", thread["thread_id"]) == thread
         key = await new.create_api_key(org_id="org_a", name="n", key_hash="f" * 64)
         assert await new.find_api_key("f" * 64) == key
+    finally:
+        await new.close()
+
+
+async def test_a_database_of_the_second_version_gains_owners_and_keeps_its_streaming_rows(
+        postgres: PostgresServer, admin: asyncpg.Connection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    schema = postgres.new_schema()
+    monkeypatch.setattr(pg_store, "MIGRATIONS", MIGRATIONS[:2])
+    old = PostgresStore(postgres.url_for(schema))
+    await within(old.open())
+    thread = await old.create_thread("org_a", "kept")
+    await old.close()
+    await admin.execute(  # an answer streaming when the database was at version 2
+        f'INSERT INTO "{schema}".messages (message_id, thread_id, org_id, role, content, status, created_at)'
+        " VALUES ('msg_old', $1, 'org_a', 'assistant', 'part', 'streaming', now())", thread["thread_id"])
+    monkeypatch.setattr(pg_store, "MIGRATIONS", MIGRATIONS)
+    new = PostgresStore(postgres.url_for(schema), recover=False)  # as an instance sharing it through Redis
+    await within(new.open())
+    try:
+        assert [v for v, _ in await migrations(admin, schema)] == [1, 2, 3]
+        assert await new.streaming_owners() == [None]  # a row from before owners: it names none
+        assert await new.streaming_answers([None]) == ["msg_old"]
+        assert await new.streaming_answers(["inst_gone"]) == []
     finally:
         await new.close()
 

@@ -12,10 +12,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from server.config import Settings
 from server.errors import UpstreamError
+from server.metrics import Metrics
+from server.pg_store import PostgresStore
 from server.redis_hub import RedisHub
+from server.redis_sweep import Sweeper
+from server.store import draft_turn
 
 from .engines import PostgresServer
 from .fake_upstream import wait_until
@@ -161,3 +166,88 @@ async def test_a_leader_shutting_down_tells_the_listeners_on_other_instances(pai
     assert time.perf_counter() - started < a.settings.redis_lease_s  # told at once, not after the lease
     messages = (await b.thread(tid))["messages"]
     assert [(m["status"], m["content"]) for m in messages][1] == ("interrupted", "some ")
+
+
+async def test_a_stale_leaders_last_write_is_refused_and_counted(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider, redis_lease_s=0.4)
+    tid = await a.new_thread()
+    body = {"content": "a leader that pauses", "provider": "scripted"}
+    async with a.open_stream(tid, body) as on_a:
+        call = await provider.next_call()
+        call.send("kept ")
+        async with b.open_stream(tid, body) as on_b:
+            await within(on_b.content.readuntil(b"kept"), what="B to see the first delta")
+            led = a.hub._led[call_stream(a)]
+            led.renewing.cancel()  # A pauses: it renews nothing and learns nothing ...
+            await a.hub.redis.delete(led.lead)  # ... while its lease lapses
+            on_b_events = await within(collect(on_b), 5, "B to give up on the leader")
+        assert on_b_events[-1].json()["error"]["type"] == "leader_lost"
+        row = await b.store.get_message("org_a", led.flight.stream_id)
+        assert (row["status"], row["content"]) == ("interrupted", "kept ")  # B's word, with the log's text
+        # A wakes up, goes on and ends: its append finds the lease gone, its final write is refused
+        call.send("late ")
+        call.finish()
+        on_a_events = await within(collect(on_a), 5, "A's stream to end")
+    assert on_a_events[-1].event == "error" and on_a_events[-1].json()["error"]["type"] == "leader_lost"
+    messages = (await b.thread(tid))["messages"]
+    assert [(m["status"], m["content"]) for m in messages][1] == ("interrupted", "kept ")
+    assert a.metrics.refused_writes.labels("finish")._value.get() == 1
+    assert b.metrics.refused_writes.labels("finish")._value.get() == 0
+
+
+async def test_the_sweep_takes_only_rows_whose_owner_stayed_gone(redis_server: RedisServer,
+                                                                 postgres: PostgresServer) -> None:
+    store = PostgresStore(postgres.new_url(), recover=False)
+    await within(store.open())
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    prefix = redis_server.new_prefix()
+    sweeper = Sweeper(redis=client, store=store, metrics=Metrics(), prefix=prefix, instance="me", interval_s=1)
+    try:
+        t = await store.create_thread("org_a", "t")
+        rows = {}
+        for owner in ("me", "live", "gone", None):
+            user, rows[owner] = draft_turn(thread_id=t["thread_id"], content="q", provider="mock", model="mock",
+                                           meta={})
+            await store.begin_turn(org_id="org_a", user=user, assistant=rows[owner], owner=owner)
+        await store.checkpoint(message_id=rows["gone"]["message_id"], content="checkpointed", deltas=1, owner="gone")
+        await client.set(f"{prefix}inst:live", "1")
+        assert await within(sweeper.sweep()) == []  # this instance's own heartbeat is missing: nobody is judged
+        await client.set(f"{prefix}inst:me", "1")
+        assert await within(sweeper.sweep()) == []  # missing once: perhaps Redis lost its keys a moment ago
+        swept = await within(sweeper.sweep())  # missing at two sweeps in a row: gone
+        assert sorted(swept) == sorted([rows["gone"]["message_id"], rows[None]["message_id"]])
+        status = {o: (await store.get_message("org_a", m["message_id"]))["status"] for o, m in rows.items()}
+        assert status == {"me": "streaming", "live": "streaming", "gone": "interrupted", None: "interrupted"}
+        gone = await store.get_message("org_a", rows["gone"]["message_id"])
+        assert gone["content"] == "checkpointed"  # its log had expired: the row keeps its last checkpoint
+        assert await within(sweeper.sweep()) == []
+        assert sweeper.metrics.swept._value.get() == 2
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_stop_for_a_client_promised_on_the_other_instance_is_handed_over(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider, cancel_grace_s=30.0, attach_timeout_s=30.0)  # only the Stop can explain an abort
+    tid = await a.new_thread()
+    async with a.session.post(f"{a.url}/api/threads/{tid}/messages", headers=a.h(Accept="application/json"),
+                              json={"content": "stop me elsewhere", "provider": "scripted", "stream": True}) as resp:
+        assert resp.status == 202, await resp.text()
+        stream_url = (await resp.json())["stream_url"]
+    call = await provider.next_call()
+    call.send("started ")
+    async with b.session.delete(f"{b.url}{stream_url}", headers=b.h()) as resp:  # it reaches B, not A
+        assert resp.status == 204, await resp.text()
+    await within(call.closed.wait(), 5, "the upstream to close")
+    messages = await within(_saved(b, tid), 5, "the answer to be saved")
+    assert messages[1]["status"] == "cancelled"
+
+
+async def _saved(gw: Gateway, tid: str) -> list[dict[str, Any]]:
+    while True:
+        messages = (await gw.thread(tid))["messages"]
+        if len(messages) == 2 and messages[1]["status"] != "streaming":
+            return list(messages)
+        await asyncio.sleep(0.01)

@@ -9,6 +9,7 @@ pool in test_pg_store.py).
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from server.app import build_store
 from server.config import Settings
-from server.sqlite_store import SQLiteStore
+from server.sqlite_store import SCHEMA, SQLiteStore
 from server.states import MessageStatus
 from server.store import Message, Store, StoreOpenError, conversation, draft_turn
 
@@ -29,11 +30,11 @@ NewStore = Callable[[], Store]
 
 
 async def begin(store: Store, *, org_id: str, thread_id: str, content: str = "x",
-                meta: dict[str, Any] | None = None) -> tuple[Message, Message]:
+                meta: dict[str, Any] | None = None, owner: str | None = None) -> tuple[Message, Message]:
     """Draft a turn and write its two rows, as a flight does."""
     user, assistant = draft_turn(thread_id=thread_id, content=content, provider="mock", model="mock",
                                  meta=meta or {})
-    await within(store.begin_turn(org_id=org_id, user=user, assistant=assistant), what="begin_turn")
+    await within(store.begin_turn(org_id=org_id, user=user, assistant=assistant, owner=owner), what="begin_turn")
     return user, assistant
 
 
@@ -196,6 +197,57 @@ async def test_an_answer_whose_leader_vanished_is_interrupted_once_with_its_text
     assert message is not None and (message["status"], message["content"]) == ("complete", "whole answer")
 
 
+async def test_a_fenced_write_lands_only_on_its_owners_streaming_row(store: Store) -> None:
+    t = await store.create_thread("org_a", "t")
+    _, assistant = await begin(store, org_id="org_a", thread_id=t["thread_id"], owner="inst_a")
+    message_id = assistant["message_id"]
+    assert await within(store.checkpoint(message_id=message_id, content="so far", deltas=2, owner="inst_a"))
+    # another instance's writes never land on it
+    assert not await within(store.checkpoint(message_id=message_id, content="other", deltas=9, owner="inst_b"))
+    assert not await within(store.finish_turn(message_id=message_id, status=MessageStatus.COMPLETE,
+                                              content="other", usage=None, meta={}, owner="inst_b"))
+    message = await store.get_message("org_a", message_id)
+    assert message is not None and (message["status"], message["content"]) == ("streaming", "so far")
+    # its owner was judged gone: the row is interrupted, and the stale owner's writes are refused
+    assert await within(store.interrupt_turn(message_id=message_id, content=None))
+    assert not await within(store.checkpoint(message_id=message_id, content="late", deltas=3, owner="inst_a"))
+    assert not await within(store.finish_turn(message_id=message_id, status=MessageStatus.COMPLETE,
+                                              content="so far and the end", usage=None, meta={}, owner="inst_a"))
+    message = await store.get_message("org_a", message_id)
+    assert message is not None and (message["status"], message["content"]) == ("interrupted", "so far")
+    answer = await store.get_answer("org_a", message_id)
+    assert answer is not None and answer.deltas == 2
+    # its owner's own final write lands while the row is its streaming row
+    _, other = await begin(store, org_id="org_a", thread_id=t["thread_id"], owner="inst_a")
+    assert await within(store.finish_turn(message_id=other["message_id"], status=MessageStatus.COMPLETE,
+                                          content="whole", usage=None, meta={}, owner="inst_a"))
+    message = await store.get_message("org_a", other["message_id"])
+    assert message is not None and (message["status"], message["content"]) == ("complete", "whole")
+    # a deleted thread's row takes nothing, and that is no refusal
+    _, gone = await begin(store, org_id="org_a", thread_id=t["thread_id"], owner="inst_a")
+    assert await store.delete_thread("org_a", t["thread_id"])
+    assert await within(store.checkpoint(message_id=gone["message_id"], content="x", deltas=1, owner="inst_a"))
+    assert await within(store.finish_turn(message_id=gone["message_id"], status=MessageStatus.COMPLETE,
+                                          content="x", usage=None, meta={}, owner="inst_a"))
+
+
+async def test_streaming_rows_are_found_by_their_owner(store: Store) -> None:
+    t = await store.create_thread("org_a", "t")
+    u = await store.create_thread("org_b", "u")
+    _, on_a = await begin(store, org_id="org_a", thread_id=t["thread_id"], owner="inst_a")
+    _, on_b = await begin(store, org_id="org_b", thread_id=u["thread_id"], owner="inst_b")
+    _, on_b2 = await begin(store, org_id="org_a", thread_id=t["thread_id"], owner="inst_b")
+    _, single = await begin(store, org_id="org_a", thread_id=t["thread_id"])
+    assert set(await store.streaming_owners()) == {"inst_a", "inst_b", None}
+    assert await store.streaming_answers(["inst_b"]) == [on_b["message_id"], on_b2["message_id"]]
+    assert await store.streaming_answers([None, "inst_a"]) == [on_a["message_id"], single["message_id"]]
+    assert await store.streaming_answers(["inst_c"]) == []
+    await finish(store, on_a, MessageStatus.COMPLETE)
+    for row in (on_b, on_b2, single):
+        await within(store.interrupt_turn(message_id=row["message_id"], content="cut", deltas=1))
+    assert await store.streaming_owners() == []
+
+
 async def test_restart_leaves_no_message_streaming(new_store: NewStore) -> None:
     first = new_store()
     await within(first.open())
@@ -318,6 +370,26 @@ async def test_api_keys_are_found_by_hash_listed_per_org_and_revoked(store: Stor
 
 
 # -- SQLite only --------------------------------------------------------------
+
+
+async def test_an_older_sqlite_file_gains_the_owner_column_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old_schema = re.sub(r"\n    owner [^\n]*", "", SCHEMA).replace("DEFAULT 0,  --", "DEFAULT 0  --")
+    assert "owner" not in old_schema
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO threads VALUES ('thr_1', 'org_a', 't', '2026-01-01T00:00:00.000Z')")
+        db.execute("INSERT INTO messages (message_id, thread_id, org_id, role, content, status, created_at)"
+                   " VALUES ('msg_1', 'thr_1', 'org_a', 'assistant', 'part', 'streaming', '2026-01-01T00:00:00.000Z')")
+    store = SQLiteStore(str(path), recover=False)  # as a process sharing the file through Redis
+    await within(store.open())
+    try:
+        assert await store.streaming_owners() == [None]
+        assert await store.streaming_answers([None]) == ["msg_1"]
+        _, assistant = await begin(store, org_id="org_a", thread_id="thr_1", owner="inst_a")
+        assert await store.streaming_answers(["inst_a"]) == [assistant["message_id"]]
+    finally:
+        await store.close()
 
 
 async def test_sqlite_creates_its_folder_and_uses_wal(tmp_path: Path) -> None:

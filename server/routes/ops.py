@@ -38,7 +38,9 @@ async def prometheus(request: web.Request) -> web.Response:
 
 
 async def performance(request: web.Request) -> web.Response:
-    await require_org(request, default="")  # a key under DAC_AUTH=keys; open to all in header mode
+    # a key's org sees its own requests; in header mode x-org-id picks one org, and its
+    # absence shows every org's (header mode trusts its clients: see DAC_AUTH)
+    org = await require_org(request, default="")
     raw = request.query.get("last_n", str(DEFAULT_LAST_N))
     try:
         last_n = int(raw)
@@ -46,7 +48,7 @@ async def performance(request: web.Request) -> web.Response:
         raise BadRequest("last_n must be a whole number", param="last_n") from None
     if not 1 <= last_n <= MAX_LAST_N:
         raise BadRequest(f"last_n must be between 1 and {MAX_LAST_N}", param="last_n")
-    return json_response(request.app[METRICS].performance(last_n))
+    return json_response(request.app[METRICS].performance(last_n, org or None))
 
 
 def setup(app: web.Application) -> None:

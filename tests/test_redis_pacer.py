@@ -1,0 +1,141 @@
+"""Provider slots on Redis, with two pacers in this process standing for two instances (their own
+Redis connections, one key prefix per test): one queue for both, in arrival order, fair per org."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.errors import QueueFull
+from server.redis_pacer import RedisPacer
+
+from .fake_upstream import wait_until
+from .helpers import within
+from .redis_engine import RedisServer
+
+Pacers = Callable[..., tuple[RedisPacer, RedisPacer]]
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[tuple[aioredis.Redis, str]]:
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    yield client, redis_server.new_prefix()
+    await client.aclose()
+
+
+@pytest.fixture
+async def pacers(redis_server: RedisServer, redis: tuple[aioredis.Redis, str]) -> AsyncIterator[Pacers]:
+    """``pacers(queue_timeout_s=...)``: two instances' pacers on the test's prefix."""
+    clients: list[aioredis.Redis] = []
+
+    def make(queue_timeout_s: float = 10.0) -> tuple[RedisPacer, RedisPacer]:
+        made = []
+        for _ in range(2):
+            clients.append(aioredis.Redis.from_url(redis_server.url, protocol=2))
+            made.append(RedisPacer(clients[-1], prefix=redis[1], lease_s=2.0, queue_timeout_s=queue_timeout_s))
+        return made[0], made[1]
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+class Calls:
+    """Calls that take a slot, note when they got it, and hold it until released."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self._release: dict[str, asyncio.Event] = {}
+        self.tasks: list[asyncio.Future[None]] = []
+
+    def start(self, pacer: RedisPacer, name: str, org: str) -> None:
+        self._release[name] = asyncio.Event()
+
+        async def call() -> None:
+            async with pacer.slot("prov", 1, org=org):
+                self.order.append(name)
+                await self._release[name].wait()
+
+        self.tasks.append(asyncio.ensure_future(call()))
+
+    def finish(self, name: str) -> None:
+        """Give ``name``'s slot back, with nobody waiting for it."""
+        self._release[name].set()
+
+    async def release(self, name: str) -> None:
+        """Give ``name``'s slot back; returns once the next call holds it."""
+        served = len(self.order)
+        self._release[name].set()
+        await wait_until(lambda: len(self.order) > served, f"the slot {name} gave back to be taken")
+
+
+async def queued(redis: tuple[aioredis.Redis, str], n: int) -> None:
+    """Wait until ``n`` waiters are in the shared queue."""
+    client, prefix = redis
+
+    async def count() -> None:
+        while await client.zcard(f"{prefix}{{slots:prov}}:waiting") < n:
+            await asyncio.sleep(0.005)
+
+    await within(count(), 5, f"{n} waiters in the queue")
+
+
+async def test_waiters_on_two_instances_are_served_in_arrival_order_and_orgs_in_turn(
+        pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    one, two = pacers()
+    calls = Calls()
+    calls.start(one, "held", "x")
+    await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
+    # org x's waiters arrive on alternate instances, then org y's first
+    for n, (pacer, name, org) in enumerate([(one, "x1", "x"), (two, "x2", "x"), (one, "x3", "x"),
+                                            (two, "y1", "y")], start=1):
+        calls.start(pacer, name, org)
+        await queued(redis, n)
+    for name in ("held", "x1", "y1", "x2"):
+        await calls.release(name)
+    assert calls.order == ["held", "x1", "y1", "x2", "x3"]
+    calls.finish("x3")
+    await within(asyncio.gather(*calls.tasks), 5, "every call to end")
+    assert await redis[0].zcard(f"{redis[1]}{{slots:prov}}") == 0  # every slot given back
+
+
+async def test_a_wait_past_the_queue_timeout_is_a_503_and_leaves_the_queue(
+        pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    one, two = pacers(queue_timeout_s=0.3)
+    calls = Calls()
+    calls.start(one, "held", "x")
+    await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
+    with pytest.raises(QueueFull) as refused:
+        async with two.slot("prov", 1, org="y"):
+            pass
+    assert refused.value.retry_after is not None and refused.value.retry_after >= 1
+    client, prefix = redis
+    assert await client.zcard(f"{prefix}{{slots:prov}}:waiting") == 0
+    assert await client.llen(f"{prefix}{{slots:prov}}:orgs") == 0
+    # the next waiter is not held up by the one that left
+    calls.start(two, "next", "y")
+    await queued(redis, 1)
+    await calls.release("held")
+    assert calls.order == ["held", "next"]
+    calls.finish("next")
+    await within(asyncio.gather(*calls.tasks), 5, "every call to end")
+
+
+async def test_a_cancelled_waiter_gives_its_turn_to_the_next(pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    one, two = pacers()
+    calls = Calls()
+    calls.start(one, "held", "x")
+    await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
+    calls.start(two, "leaves", "x")
+    await queued(redis, 1)
+    calls.start(one, "stays", "x")
+    await queued(redis, 2)
+    calls.tasks[1].cancel()  # its client went away while it waited
+    await calls.release("held")
+    assert calls.order == ["held", "stays"]
+    calls.finish("stays")
+    await within(asyncio.gather(*calls.tasks, return_exceptions=True), 5, "every call to end")
+    assert await redis[0].zcard(f"{redis[1]}{{slots:prov}}") == 0
