@@ -15,6 +15,7 @@ Workers share flights only through Redis, so it refuses without ``DAC_REDIS_URL`
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -32,6 +33,20 @@ from .config import Settings, is_loopback
 from .providers import ProviderConfigError
 from .registry import RegistryOpenError
 from .store import StoreOpenError, StoreUnwritable
+
+#: thresholds of CPython's cyclic garbage collector in a serving process. A request makes a
+#: few hundred container objects, nearly all freed by reference counting at once; at the
+#: default (700, 10, 10) the collector ran every few requests, walked the caches' long-lived
+#: objects again and again, and took about a quarter of the server's CPU under load.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Collect what importing left, keep those objects out of every later collection
+    (``gc.freeze``), and collect cycles less often (:data:`GC_THRESHOLDS`)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                   "resume streams across processes", file=sys.stderr)
             return 2
         return supervise(settings)
+    tune_gc()
     try:
         uvloop.run(serve(settings, greet=keys_cli.greet(settings)))
     except OSError as exc:

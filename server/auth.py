@@ -10,7 +10,9 @@
 - **The key ring** (:class:`KeyRing`) answers the org of a key from memory: a
   verdict read from the store (found, or not) is kept for ``DAC_KEY_CACHE_TTL_S``
   seconds, so a request costs one hash and one dict lookup, and a key revoked
-  by another process stops working within that time.
+  by another process stops working within that time. A verdict past half its
+  time is read again beside the request that used it, so a key in steady use
+  never waits for the store; only a key unseen for the whole time does.
 - **Stream tokens** (:class:`StreamTokens`) make a ``stream_url`` a
   capability that EventSource can open with no header:
   ``EXPIRY.NONCE.ORG.SIGNATURE``, where ``EXPIRY`` is a Unix time,
@@ -25,10 +27,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -53,6 +57,8 @@ __all__ = [
     "new_key",
     "secret_path",
 ]
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "dac_"
 #: verdicts kept by the key ring at most (least recently used dropped first)
@@ -99,6 +105,8 @@ class KeyRing:
         self._env = {hash_key(k): env_key_org(k) for k in env_keys}
         #: key hash -> (org or None for "no such key in use", when the verdict expires)
         self._verdicts: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+        #: the reads of verdicts past half their time, by key hash
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     @property
     def has_env_keys(self) -> bool:
@@ -106,23 +114,36 @@ class KeyRing:
 
     def env_org(self, key: str) -> str | None:
         """The org of a ``DAC_API_KEYS`` key; None for any other key."""
-        digest = hash_key(key)
+        return self._env_org(hash_key(key))
+
+    def _env_org(self, digest: str) -> str | None:
         for known, org in self._env.items():
             if hmac.compare_digest(known, digest):
                 return org
         return None
 
     async def org_for(self, key: str) -> str | None:
-        """The org ``key`` stands for; None when it is unknown or revoked."""
-        org = self.env_org(key)
-        if org is not None:
-            return org
+        """The org ``key`` stands for; None when it is unknown or revoked.
+
+        Never trusts a verdict read more than the cache time ago; one past half of it
+        is read again in the background, and the request does not wait for that.
+        """
         digest = hash_key(key)
+        if self._env:
+            org = self._env_org(digest)
+            if org is not None:
+                return org
         now = self._clock()
         verdict = self._verdicts.get(digest)
         if verdict is not None and verdict[1] > now:
             self._verdicts.move_to_end(digest)
+            if verdict[1] - now < self._ttl_s / 2 and digest not in self._refreshing:
+                self._refreshing[digest] = asyncio.ensure_future(self._refresh(digest))
             return verdict[0]
+        return await self._read(digest, now)
+
+    async def _read(self, digest: str, now: float) -> str | None:
+        """The store's verdict on a key, kept until ``now`` (before the read) plus the cache time."""
         found = await self._store.find_api_key(digest)
         org = found["org_id"] if found is not None else None
         self._verdicts[digest] = (org, now + self._ttl_s)
@@ -131,9 +152,20 @@ class KeyRing:
             self._verdicts.popitem(last=False)
         return org
 
+    async def _refresh(self, digest: str) -> None:
+        try:
+            await self._read(digest, self._clock())
+        except Exception as exc:  # the verdict held expires as usual; the next request reads again
+            log.warning("could not read API key %s… again: %s", digest[:8], exc)
+        finally:
+            del self._refreshing[digest]
+
     def forget(self, key_hash: str) -> None:
         """Drop what is known of a key (this process revoked it)."""
         self._verdicts.pop(key_hash, None)
+        refreshing = self._refreshing.get(key_hash)
+        if refreshing is not None:
+            refreshing.cancel()  # it may have read the key before the revocation
 
 
 def _b64(data: bytes) -> str:

@@ -176,6 +176,7 @@ class Flight:
         self.finished = asyncio.Event()  # outcome known, log closed
         self._accepted = asyncio.Event()  # ``message`` is set (the turn's rows exist), or the flight ended
         self._opening: asyncio.Future[None] | None = None  # the write of the turn's rows
+        self._rows_settled = False  # its outcome is known (:meth:`_rows_written` ran): nothing to wait for
         self._rows_failed: GatewayError | None = None
         self._pulling = False
         # Ids and times are fixed at once, so a stream can be named (202, stream_url)
@@ -506,6 +507,7 @@ class Flight:
     def _rows_written(self, opening: asyncio.Future[None]) -> None:
         if opening.cancelled():
             return
+        self._rows_settled = True
         exc = opening.exception()
         if exc is None:
             self._accept()
@@ -520,7 +522,7 @@ class Flight:
 
     async def _turn_opened(self) -> None:
         """Wait for the turn's rows; raise what stopped them."""
-        if self._opening is not None:
+        if self._opening is not None and not self._rows_settled:
             await asyncio.wait([self._opening])
         if self._rows_failed is not None:
             raise self._rows_failed
@@ -622,7 +624,7 @@ class Flight:
         """Save the outcome, then end the log: a client that sees ``done`` finds the row saved."""
         turn = self.turn
         provider = turn.provider.name
-        if self._opening is not None:
+        if self._opening is not None and not self._rows_settled:
             await asyncio.wait([self._opening])  # the rows exist either way once it ends: record them
         if self.message is not None:
             meta = {**self.message["meta"], **self.extra_meta, **self.answer.meta()}

@@ -1,19 +1,23 @@
 """The embedded :class:`~server.store.Store`: SQLite, one writer thread, group commit.
 
-WAL mode. Reads go through one aiosqlite connection. Writes go through one
-``sqlite3`` connection on its own thread, with **group commit**: every write
-asked for while the previous transaction was committing joins the next one,
-so many turns' rows share one transaction and one thread hop. Each write runs
-inside its own savepoint, so a write that fails (a foreign thread) undoes only
-its own rows and fails only its own caller; a commit that fails fails every
-caller of that transaction, and nothing of it is kept. A caller is answered
-once its transaction has committed.
+WAL mode, ``synchronous=NORMAL``. Reads go through one aiosqlite connection.
+Writes go through one ``sqlite3`` connection on a thread of its own, with
+**group commit**: every write asked for while the previous transaction was
+committing joins the next one, so many turns' rows share one transaction and
+one thread hop (the batch goes to the thread on a queue, and its outcome comes
+back to the loop in one call). A write that fails (a foreign thread) undoes only its own rows and fails
+only its own caller: a write of one statement is undone by SQLite itself (a
+statement is atomic), a write of several runs inside its own savepoint. A
+commit that fails fails every caller of that transaction, and nothing of it is
+kept. A caller is answered once its transaction has committed: durable against
+a crash of the process; with ``synchronous=NORMAL`` in WAL mode a power loss
+may lose the last transactions, never corrupt the file.
 
 With ``cache`` (for a process that is the only writer of its file, as the
 single-instance default is), two caches kept coherent by the store's own
 writes: the threads seen (``get_thread``) and the conversation of recent
-threads (``history``), so a turn reads nothing from disk before its upstream
-call. Without it every read goes to the file, so several processes may share it. Every query is scoped by ``org_id``: another org's thread is
+threads (``history``; a thread made here starts with an empty one), so a
+turn reads nothing from disk before its upstream call. Without it every read goes to the file, so several processes may share it. Every query is scoped by ``org_id``: another org's thread is
 indistinguishable from a missing one.
 
 A turn is written in one transaction: the user message and the assistant
@@ -32,10 +36,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
+import queue
 import sqlite3
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import aiosqlite
@@ -59,14 +64,15 @@ from .store import (
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
-#: threads whose conversation is kept in memory, least recently used dropped first
-HISTORY_CACHE_THREADS = 1024
-#: what a readiness probe writes (and deletes) while the store is marked unwritable
-PROBE_BYTES = 1024 * 1024
-#: ... and at most this many characters of them in all
-HISTORY_CACHE_CHARS = 1_000_000
 #: threads remembered as existing (thread_id -> its org and row)
 THREAD_CACHE_SIZE = 8192
+#: threads whose conversation is kept in memory, least recently used dropped first (as many as
+#: the threads remembered: a thread made here starts with an empty one, which costs little)
+HISTORY_CACHE_THREADS = THREAD_CACHE_SIZE
+#: ... and at most this many characters of them in all
+HISTORY_CACHE_CHARS = 1_000_000
+#: what a readiness probe writes (and deletes) while the store is marked unwritable
+PROBE_BYTES = 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS threads (
@@ -83,8 +89,10 @@ CREATE TABLE IF NOT EXISTS messages (
     org_id     TEXT NOT NULL,
     role       TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
     content    TEXT NOT NULL,
-    status     TEXT NOT NULL CHECK (status IN
-                   ('complete', 'streaming', 'cancelled', 'error', 'interrupted')),
+    -- (written out rather than as IN (...), which SQLite evaluates by building a temporary
+    -- table for every row written; a file made before keeps its IN: the same rule)
+    status     TEXT NOT NULL CHECK (status = 'complete' OR status = 'streaming' OR status = 'cancelled'
+                                    OR status = 'error' OR status = 'interrupted'),
     provider   TEXT,
     model      TEXT,
     created_at TEXT NOT NULL,
@@ -137,7 +145,11 @@ class _History:
         return convo
 
 
-_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+#: a write: what it does on the writer's connection, whether that is one statement (atomic by
+#: itself: no savepoint needed), and the future its caller awaits
+_Write = tuple[Callable[[sqlite3.Connection], Any], bool, "asyncio.Future[Any]"]
+#: what the writer thread hands back: (True, the result) or (False, the exception)
+_Outcome = tuple[bool, Any]
 
 
 class SQLiteStore:
@@ -149,9 +161,15 @@ class SQLiteStore:
         self.recover = recover
         self._reader: aiosqlite.Connection | None = None
         self._conn: sqlite3.Connection | None = None  # the writer: used on its thread only
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="dac-sqlite-writer")
-        self._queue: list[_Write] = []
-        self._committing: asyncio.Task[None] | None = None
+        #: the writer thread and what it is handed: (what to run there, what to call on the
+        #: loop with its outcome), or None to stop
+        self._writer: threading.Thread | None = None
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[_Outcome], None]] | None] = (
+            queue.SimpleQueue())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: list[_Write] = []  # the writes asked for since the batch with the thread
+        self._busy = False  # a batch is with the writer thread
+        self._drained: asyncio.Future[None] | None = None  # for close(): resolved once no batch is left
         self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
         self._history_chars = 0  # characters held by ``_histories``
@@ -175,8 +193,10 @@ class SQLiteStore:
     async def _open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        loop = asyncio.get_running_loop()
-        self._conn = await loop.run_in_executor(self._thread, self._connect)
+        self._loop = asyncio.get_running_loop()
+        self._writer = threading.Thread(target=self._run_writer, name="dac-sqlite-writer", daemon=True)
+        self._writer.start()
+        self._conn = await self._call(self._connect)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
 
@@ -202,14 +222,51 @@ class SQLiteStore:
 
     async def close(self) -> None:
         """Wait for the writes under way, then close; a closed store cannot be opened again."""
-        if self._committing is not None:
-            await self._committing
+        if self._busy:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
         if self._reader is not None:
             await self._reader.close()
         conn, self._reader, self._conn = self._conn, None, None
         if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
-        self._thread.shutdown(wait=False)
+            await self._call(conn.close)
+        if self._writer is not None:
+            self._inbox.put(None)
+            self._writer = None
+
+    def _run_writer(self) -> None:
+        """The writer thread: run what it is handed, one at a time, and hand each outcome back
+        to the loop (one wake-up of the loop per batch)."""
+        loop = self._loop
+        assert loop is not None
+        while (job := self._inbox.get()) is not None:
+            run, then = job
+            try:
+                outcome: _Outcome = (True, run())
+            except BaseException as exc:
+                outcome = (False, exc)
+            try:
+                loop.call_soon_threadsafe(then, outcome)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                return
+
+    async def _call(self, run: Callable[[], T]) -> T:
+        """``run()`` on the writer thread, outside any batch's transaction."""
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def then(outcome: _Outcome) -> None:
+            if done.cancelled():
+                return
+            ok, value = outcome
+            if ok:
+                done.set_result(value)
+            else:
+                done.set_exception(value)
+
+        self._inbox.put((run, then))
+        return await done
 
     @property
     def is_open(self) -> bool:
@@ -223,49 +280,71 @@ class SQLiteStore:
 
     # -- group commit ---------------------------------------------------------
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``op`` on the writer thread inside the next transaction; its result once committed."""
-        if self._conn is None:
+    async def _write(self, op: Callable[[sqlite3.Connection], T], *, one_statement: bool = False) -> T:
+        """Run ``op`` on the writer thread inside the next transaction; its result once committed.
+
+        ``one_statement``: ``op`` changes the database with one statement at most, and
+        raises only before it or when it changed nothing; SQLite undoes a failed statement
+        by itself, so it needs no savepoint of its own.
+        A caller that leaves does not undo its write: the write is in the batch already,
+        and only its answer is dropped.
+        """
+        if self._conn is None or self._loop is None:
             raise RuntimeError("store is not open")
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
-        self._queue.append((op, done))
-        if self._committing is None:
-            self._committing = loop.create_task(self._commit_all())
-        return await asyncio.shield(done)  # a caller that leaves does not undo a committed write
+        done: asyncio.Future[T] = self._loop.create_future()
+        self._queue.append((op, one_statement, done))
+        if not self._busy:
+            self._busy = True
+            self._loop.call_soon(self._hand_over)  # after this pass of the loop: what it adds joins
+        return await done
 
-    async def _commit_all(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    results = await loop.run_in_executor(self._thread, self._transaction, [op for op, _ in batch])
-                except Exception as exc:  # the commit itself failed: nothing of the batch is kept
-                    results = [(False, exc)] * len(batch)
-                failures = [value for ok, value in results if not ok]
-                if any(_unwritable(exc) for exc in failures):
-                    self._writable = False
-                elif not failures:
-                    self._writable = True
-                for (_, done), (ok, value) in zip(batch, results, strict=True):
-                    if done.cancelled():
-                        continue
-                    if ok:
-                        done.set_result(value)
-                    else:
-                        done.set_exception(value)
-        finally:
-            self._committing = None
+    def _hand_over(self) -> None:
+        """Give the writes asked for so far to the writer thread, as one transaction."""
+        batch, self._queue = self._queue, []
+        ops = [(op, single) for op, single, _ in batch]
+        self._inbox.put((lambda: self._transaction(ops), lambda outcome: self._committed(batch, outcome)))
 
-    def _transaction(self, ops: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
-        """On the writer thread: every op in one transaction, each in its own savepoint."""
+    def _committed(self, batch: list[_Write], outcome: _Outcome) -> None:
+        """On the loop: answer each caller of a batch, then hand over the next one."""
+        ok, value = outcome
+        # the commit itself failed: nothing of the batch is kept, every caller fails
+        results: list[_Outcome] = value if ok else [(False, value)] * len(batch)
+        failures = [exc for done, exc in results if not done]
+        if any(_unwritable(exc) for exc in failures):
+            self._writable = False
+        elif not failures:
+            self._writable = True
+        for (_, _, done), (written, result) in zip(batch, results, strict=True):
+            if done.cancelled():
+                continue
+            if written:
+                done.set_result(result)
+            else:
+                done.set_exception(result)
+        if self._queue:
+            self._hand_over()
+            return
+        self._busy = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _transaction(self, ops: list[tuple[Callable[[sqlite3.Connection], Any], bool]]) -> list[tuple[bool, Any]]:
+        """On the writer thread: every op in one transaction; an op of several statements in
+        its own savepoint (one of one statement is undone by SQLite when it fails)."""
         conn = self._conn
         assert conn is not None
         results: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for op in ops:
+            for op, one_statement in ops:
+                if one_statement:
+                    try:
+                        results.append((True, op(conn)))
+                    except Exception as exc:
+                        if not conn.in_transaction:
+                            raise  # SQLite undid the whole transaction (a full disk, say): every op failed
+                        results.append((False, exc))
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     results.append((True, op(conn)))
@@ -310,8 +389,11 @@ class SQLiteStore:
             db.execute("INSERT INTO threads (thread_id, org_id, title, created_at) VALUES (?, ?, ?, ?)",
                        (thread["thread_id"], org_id, title, thread["created_at"]))
 
-        await self._write(insert)
+        await self._write(insert, one_statement=True)
         self._remember(org_id, thread)
+        if self.cache:  # a new thread has no conversation: its first turn reads nothing from disk
+            self._histories[(org_id, thread["thread_id"])] = _History([])
+            self._trim_histories()
         return thread
 
     def _remember(self, org_id: str, thread: Thread) -> None:
@@ -461,25 +543,23 @@ class SQLiteStore:
 
     async def begin_turn(self, *, org_id: str, user: Message, assistant: Message,
                          owner: str | None = None) -> None:
-        """Insert the user message and the ``streaming`` assistant message together."""
+        """Insert the user message and the ``streaming`` assistant message together: one
+        statement, so both rows or neither."""
         thread_id = user["thread_id"]
         assert thread_id is not None
-        rows = [
-            (m["message_id"], thread_id, org_id, m["role"], m["content"], str(m["status"]), m["provider"],
-             m["model"], m["created_at"], orjson.dumps(m["meta"]).decode(), by, thread_id, org_id)
-            for m, by in ((user, None), (assistant, owner))
-        ]
+        args = (thread_id, org_id,
+                user["message_id"], user["content"], str(user["status"]), user["provider"], user["model"],
+                user["created_at"], orjson.dumps(user["meta"]).decode(),
+                assistant["message_id"], assistant["content"], str(assistant["status"]), assistant["provider"],
+                assistant["model"], assistant["created_at"], orjson.dumps(assistant["meta"]).decode(), owner)
 
         def insert(db: sqlite3.Connection) -> int:
-            seq = 0
-            for args in rows:
-                cur = db.execute(_INSERT_MESSAGE, args)
-                if cur.rowcount != 1:  # the thread is not this org's (or is gone): write nothing
-                    raise LookupError(thread_id)
-                seq = seq or int(cur.lastrowid or 0)
-            return seq
+            cur = db.execute(_INSERT_TURN, args)
+            if cur.rowcount != 2:  # the thread is not this org's (or is gone): nothing was written
+                raise LookupError(thread_id)
+            return int(cur.lastrowid or 0) - 1  # the user row's seq: the rows go in in their order
 
-        seq = await self._write(insert)
+        seq = await self._write(insert, one_statement=True)
         if self.cache:
             self._pending[assistant["message_id"]] = (org_id, thread_id, seq, user["content"])
 
@@ -507,7 +587,7 @@ class SQLiteStore:
             return _applied_or_gone(db, cur, message_id)
 
         pending = self._pending.pop(message_id, None)
-        if not await self._write(update):
+        if not await self._write(update, one_statement=True):  # one change at most: a SELECT may follow
             return False
         if pending is not None and status is MessageStatus.COMPLETE:
             org_id, thread_id, seq, question = pending
@@ -531,7 +611,7 @@ class SQLiteStore:
                              (content, deltas, message_id, owner))
             return _applied_or_gone(db, cur, message_id)
 
-        return await self._write(update)
+        return await self._write(update, one_statement=True)
 
     async def interrupt_turn(self, *, message_id: str, content: str | None, deltas: int = 0) -> bool:
         def update(db: sqlite3.Connection) -> bool:
@@ -544,7 +624,7 @@ class SQLiteStore:
             return cur.rowcount == 1
 
         self._pending.pop(message_id, None)
-        return await self._write(update)
+        return await self._write(update, one_statement=True)
 
     async def streaming_owners(self) -> list[str | None]:
         async with self._r.execute("SELECT DISTINCT owner FROM messages WHERE status = 'streaming'") as cur:
@@ -582,7 +662,7 @@ class SQLiteStore:
             db.execute("INSERT INTO api_keys (key_id, key_hash, org_id, name, created_at) VALUES (?, ?, ?, ?, ?)",
                        (key["key_id"], key_hash, org_id, name, key["created_at"]))
 
-        await self._write(insert)
+        await self._write(insert, one_statement=True)
         return key
 
     async def list_api_keys(self, org_id: str | None = None) -> list[ApiKey]:
@@ -607,7 +687,7 @@ class SQLiteStore:
                              (revoked_at, key_id, key_hash)).fetchone()
             return None if row is None else _api_key(row)
 
-        return await self._write(revoke)
+        return await self._write(revoke, one_statement=True)
 
 
 _KEY_COLUMNS = "key_id, org_id, name, created_at, revoked_at"
@@ -641,8 +721,15 @@ def _applied_or_gone(db: sqlite3.Connection, cur: sqlite3.Cursor, message_id: st
     return db.execute("SELECT 1 FROM messages WHERE message_id = ?", (message_id,)).fetchone() is None
 
 
-_INSERT_MESSAGE = (
+#: a turn's two rows in one statement, both only if the thread is the org's: ?1 thread, ?2 org,
+#: then the user row's id, content, status, provider, model, created_at and meta (?3-?9),
+#: then the assistant row's (?10-?16) and its owner (?17); the rows go in in this order (the
+#: user's seq first)
+_INSERT_TURN = (
     "INSERT INTO messages (message_id, thread_id, org_id, role, content, status, provider,"
-    " model, created_at, usage, meta, owner) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?"
-    " WHERE EXISTS (SELECT 1 FROM threads WHERE thread_id = ? AND org_id = ?)"
+    " model, created_at, usage, meta, owner)"
+    " SELECT column1, ?1, ?2, column2, column3, column4, column5, column6, column7, NULL, column8, column9"
+    " FROM (VALUES (?3, 'user', ?4, ?5, ?6, ?7, ?8, ?9, NULL),"
+    " (?10, 'assistant', ?11, ?12, ?13, ?14, ?15, ?16, ?17))"
+    " WHERE EXISTS (SELECT 1 FROM threads WHERE thread_id = ?1 AND org_id = ?2)"
 )

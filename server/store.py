@@ -30,7 +30,8 @@ The guarantees every implementation gives, and one behavioural suite checks:
 
 from __future__ import annotations
 
-import uuid
+import os
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Protocol, TypedDict
@@ -229,7 +230,10 @@ class Store(Protocol):
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    """``prefix_`` and 32 hex digits: the milliseconds since 1970 (12 digits), then 80
+    random bits. Ids made later sort later, so a database index takes new ids at its end
+    rather than all over it."""
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 def iso_time(moment: datetime) -> str:
@@ -237,8 +241,18 @@ def iso_time(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+#: the second :func:`now_iso` last wrote, and its text up to the seconds
+_second: tuple[int, str] = (-1, "")
+
+
 def now_iso() -> str:
-    return iso_time(datetime.now(UTC))
+    """Now as :func:`iso_time` writes it (the text of the second is made once a second)."""
+    global _second
+    now = time.time_ns()
+    whole, nanos = divmod(now, 1_000_000_000)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{nanos // 1_000_000:03d}Z"
 
 
 #: the columns :func:`message_from_row` reads, in its order

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 from typing import Any
 
 from server.providers import MockProvider
@@ -202,6 +204,57 @@ async def test_history_is_sent_upstream_without_failed_answers(gateway_factory) 
         {"role": "user", "content": "third"}]
     call.finish()
     await within(third)
+
+
+async def test_group_commit_answers_each_caller_with_its_own_turn(gateway_factory, tmp_path) -> None:
+    """Thirteen turns on three threads have their rows written in one transaction; one of
+    them is refused by the database. Every other caller gets the answer to its own question
+    with the ids of its own rows, which hold that question and that answer; the refused one
+    gets the store's error and left no row, and its neighbours' rows are kept."""
+    scripted = ScriptedProvider()
+    db = str(tmp_path / "group.db")
+    gw = await gateway_factory(providers=registry(scripted), db_path=db)
+    threads = [await gw.new_thread() for _ in range(3)]
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.content = 'refuse me'"
+                     " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    store = gw.store
+    batches: list[int] = []
+    run = store._transaction
+
+    def counted(ops: list[Any]) -> list[tuple[bool, Any]]:
+        batches.append(len(ops))
+        return run(ops)
+
+    store._transaction = counted
+    gate = threading.Event()
+    holding = asyncio.ensure_future(store._write(lambda _: gate.wait(5)))  # the writer is busy meanwhile
+    questions = [(threads[i % 3], f"question {i}") for i in range(12)] + [(threads[1], "refuse me")]
+    posts = [asyncio.create_task(gw.post(t, {"content": q, "provider": "scripted", "model": "scripted"}))
+             for t, q in questions]
+    calls = [await scripted.next_call() for _ in questions]  # every upstream call runs before its rows exist
+    gate.set()
+    await within(holding)
+    for call in calls:
+        call.send(f"answer to {call.request.messages[-1]['content']}")
+        call.finish()
+    answers = [await within(post) for post in posts]
+    assert 13 in batches, batches  # the thirteen turns' rows: one transaction
+    refused_status, refused = answers.pop()
+    assert refused_status == 503 and refused["error"]["type"] == "store_error", refused
+    for (thread, question), (status, body) in zip(questions, answers, strict=False):
+        assert status == 200, body
+        assert body["thread_id"] == thread and body["user_message"]["content"] == question
+        assert body["message"]["content"] == f"answer to {question}"
+    for thread in threads:
+        stored = {(m["message_id"], m["role"], m["content"]) for m in (await gw.thread(thread))["messages"]}
+        expected = set()
+        for (t, _), (_, body) in zip(questions, answers, strict=False):
+            if t == thread:
+                user, answer = body["user_message"], body["message"]
+                expected |= {(user["message_id"], "user", user["content"]),
+                             (answer["message_id"], "assistant", answer["content"])}
+        assert stored == expected
 
 
 async def test_stream_error_before_rows_is_plain_json(gateway) -> None:

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from server.appkeys import AUTH
 from server.auth import StreamTokens, env_key_org, hash_key, new_key
 
 from .conftest import GatewayFactory
@@ -173,6 +174,39 @@ async def test_a_key_revoked_elsewhere_is_refused_within_the_cache_time(gateway_
     assert (await call(gw, "GET", "/api/threads/", headers=bearer(keys.a)))[0] == 200  # still known
     clock.advance(2)
     assert (await call(gw, "GET", "/api/threads/", headers=bearer(keys.a)))[0] == 401
+
+
+async def test_a_key_in_steady_use_is_read_again_beside_its_requests(gateway_factory: GatewayFactory) -> None:
+    """Past half the cache time a request is answered from what is known while the key is
+    read again beside it; that read, which sees a revocation, holds from then on."""
+    clock = ManualClock()
+    gw, keys = await keyed(gateway_factory, clock=clock, key_cache_ttl_s=10)
+    assert (await call(gw, "GET", "/api/threads/", headers=bearer(keys.a)))[0] == 200
+    store = gw.store
+    read = store.find_api_key
+    reads: list[str] = []
+    release = asyncio.Event()
+
+    async def held(key_hash: str) -> Any:
+        reads.append(key_hash)
+        await release.wait()
+        return await read(key_hash)
+
+    store.find_api_key = held
+    clock.advance(6)
+    assert (await call(gw, "GET", "/api/threads/", headers=bearer(keys.a)))[0] == 200  # not waiting for the read
+    assert reads == [hash_key(keys.a)]
+    assert await gw.store.revoke_api_key(key_id="", key_hash=hash_key(keys.a))  # meanwhile, elsewhere
+    release.set()
+    ring = gw.app[AUTH].keys
+
+    async def refreshed() -> None:
+        while ring._refreshing:
+            await asyncio.sleep(0.01)
+
+    await within(refreshed(), 5, "the key read again")
+    assert (await call(gw, "GET", "/api/threads/", headers=bearer(keys.a)))[0] == 401  # before the old verdict's end
+    assert len(reads) == 1
 
 
 async def test_environment_keys_are_orgs_of_their_own_on_both_surfaces(gateway_factory: GatewayFactory) -> None:

@@ -41,7 +41,7 @@ async def on_writer(store: SQLiteStore, sql: str) -> None:
     """Run ``sql`` on the store's own writer connection (its thread), between group commits."""
     conn = store._conn
     assert conn is not None
-    await asyncio.get_running_loop().run_in_executor(store._thread, conn.execute, sql)
+    await store._call(lambda: conn.execute(sql))
 
 
 async def test_the_text_is_checkpointed_to_the_row_while_it_streams(gateway_factory, tmp_path) -> None:

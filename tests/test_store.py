@@ -294,29 +294,30 @@ async def test_two_stores_on_one_database_see_each_others_writes(
 async def test_the_single_instance_sqlite_store_answers_history_from_memory(tmp_path: Path) -> None:
     """The store a single instance builds keeps each thread's conversation in memory,
     coherent with its own writes: completed turns in the order they were written,
-    whatever order they finished in; failed turns left out; a deleted thread forgotten."""
+    whatever order they finished in; failed turns left out; a deleted thread forgotten.
+    A thread made here is known to be empty: its first turn reads nothing from disk."""
     settings = Settings.from_env({}).with_(db_path=str(tmp_path / "one.db"))
     store = build_store(settings)
     assert isinstance(store, SQLiteStore) and store.cache
     await within(store.open())
+    reads = 0
+    read = store._completed_pairs
+
+    async def counted(org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
+        nonlocal reads
+        reads += 1
+        return await read(org_id, thread_id)
+
+    store._completed_pairs = counted  # type: ignore[method-assign]
     try:
         t = (await store.create_thread("org_a", "t"))["thread_id"]
-        assert await store.history("org_a", t) == []  # loaded once, then kept
+        assert await store.history("org_a", t) == [] and reads == 0
         _, first = await begin(store, org_id="org_a", thread_id=t, content="q1")
         _, second = await begin(store, org_id="org_a", thread_id=t, content="q2")
         _, third = await begin(store, org_id="org_a", thread_id=t, content="q3")
         await finish(store, second, MessageStatus.COMPLETE, "a2")
         await finish(store, third, MessageStatus.ERROR, "half")
         await finish(store, first, MessageStatus.COMPLETE, "a1")
-        reads = 0
-        read = store._completed_pairs
-
-        async def counted(org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
-            nonlocal reads
-            reads += 1
-            return await read(org_id, thread_id)
-
-        store._completed_pairs = counted  # type: ignore[method-assign]
         expected = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                     {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
         assert await store.history("org_a", t) == expected
@@ -437,6 +438,45 @@ async def test_group_commit_answers_each_caller_with_its_own_rows(tmp_path: Path
         stored = {m["content"] for m in await store.messages("org_a", mine) if m["role"] == "user"}
         assert stored == {f"q{i}" for i in range(40) if i % 5}
         assert await store.messages("org_b", theirs) == []
+    finally:
+        await store.close()
+
+
+async def test_group_commit_a_turn_refused_at_its_second_row_keeps_neither_and_fails_alone(tmp_path: Path) -> None:
+    """A turn's two rows are one statement: when its assistant row is refused (a trigger,
+    as a constraint or a full page would), its user row is not kept either, though the
+    turns beside it in the same transaction are; its caller alone gets the error."""
+    store = SQLiteStore(str(tmp_path / "refused.db"), cache=True)
+    await within(store.open())
+    try:
+        thread = (await store.create_thread("org_a", "t"))["thread_id"]
+        with sqlite3.connect(store.path) as conn:
+            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.role = 'assistant'"
+                         " AND NEW.meta LIKE '%refuse%' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        turns = [draft_turn(thread_id=thread, content=f"q{i}", provider="mock", model="mock",
+                            meta={"refuse": True} if i % 3 == 1 else {}) for i in range(9)]
+        batches: list[int] = []
+        run = store._transaction
+
+        def counted(ops: list[Any]) -> list[tuple[bool, Any]]:
+            batches.append(len(ops))
+            return run(ops)
+
+        store._transaction = counted  # type: ignore[method-assign]
+        results = await within(asyncio.gather(*[store.begin_turn(org_id="org_a", user=u, assistant=a)
+                                                for u, a in turns], return_exceptions=True))
+        assert batches == [9]  # one transaction for them all
+        refused = [i for i, r in enumerate(results) if isinstance(r, sqlite3.Error) and "refused" in str(r)]
+        assert refused == [1, 4, 7] and all(r is None for i, r in enumerate(results) if i % 3 != 1), results
+        stored = [(m["role"], m["content"]) for m in await store.messages("org_a", thread)]
+        assert stored == [(role, text) for i in range(9) if i % 3 != 1
+                          for role, text in (("user", f"q{i}"), ("assistant", ""))]
+        for i, (_, assistant) in enumerate(turns):  # each kept turn is finished through its own row
+            if i % 3 != 1:
+                await finish(store, assistant, MessageStatus.COMPLETE, f"a{i}")
+        assert await store.history("org_a", thread) == [
+            {"role": role, "content": f"{p}{i}"} for i in range(9) if i % 3 != 1
+            for role, p in (("user", "q"), ("assistant", "a"))]
     finally:
         await store.close()
 
