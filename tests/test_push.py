@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.eventlog import PING, EventLog, encode_event
+from server.eventlog import PASS_STEP, PING, EventLog, encode_event
 from server.routes import _http
 
 from .helpers import ScriptedProvider, collect, registry, text_of, within
@@ -130,6 +130,55 @@ async def test_stop_ends_a_subscription_with_minus_one() -> None:
     ended = log.subscribe(sink, 1)
     assert log.stop(sink) and not log.stop(sink)
     assert await within(ended, 1, "the stop") == -1
+
+
+async def test_a_long_pass_yields_and_its_later_sinks_get_what_was_appended_meanwhile() -> None:
+    """A pass over more sinks than one step lets the loop run between steps: a delta
+    appended meanwhile goes to the rest of the pass in the same write as the one before,
+    and to the sinks already written by a pass that follows at once. Each sink gets every
+    frame once, in order, whatever write carried it."""
+    log = EventLog(capacity=8)
+    sinks = [FakeSink() for _ in range(2 * PASS_STEP + 10)]
+    ended = [log.subscribe(sink, 1) for sink in sinks]
+    log.append("a")
+    await asyncio.sleep(0)  # the first step of the pass: PASS_STEP sinks
+    assert [bool(sink.pushes) for sink in sinks] == [True] * PASS_STEP + [False] * (PASS_STEP + 10)
+    log.append("b")  # between two steps of the pass
+    for _ in range(6):
+        await asyncio.sleep(0)
+    for sink in sinks:
+        assert sink.events() == [delta(1, "a"), delta(2, "b")]
+    assert [sink.pushes for sink in sinks] == [2] * PASS_STEP + [1] * (PASS_STEP + 10)
+    log.close(encode_event("done", {}, 3))
+    assert await within(asyncio.gather(*ended), 1, "every subscription to end") == [None] * len(sinks)
+    for sink in sinks:
+        assert sink.events() == [delta(1, "a"), delta(2, "b"), ("done", 3, "{}")]
+    assert not log._pushed and not log._order
+
+
+async def test_during_a_long_pass_a_paused_sink_falls_back_and_a_sink_that_left_is_written_nothing() -> None:
+    log = EventLog(capacity=8)
+    sinks = [FakeSink() for _ in range(PASS_STEP + 20)]
+    ended = [log.subscribe(sink, 1) for sink in sinks]
+    late, gone = sinks[PASS_STEP + 5], sinks[PASS_STEP + 6]
+    log.append("a")
+    await asyncio.sleep(0)  # the first step
+    late.paused = True
+    log.unsubscribe(gone)
+    newcomer = FakeSink()
+    joined = log.subscribe(newcomer, 1)  # joins the end of the pass under way
+    log.append("b")
+    log.close(encode_event("done", {}, 3))  # during the pass: it goes on, and one more follows
+    assert await within(ended[PASS_STEP + 5], 1, "the paused sink's fall-back") == 1
+    assert await within(joined, 1, "the newcomer's end") is None
+    assert late.events() == [] and gone.events() == []
+    assert newcomer.events() == [delta(1, "a"), delta(2, "b"), ("done", 3, "{}")]
+    for i, sink in enumerate(sinks):
+        if sink not in (late, gone):
+            assert await within(ended[i], 1, "the end") is None
+            assert sink.events() == [delta(1, "a"), delta(2, "b"), ("done", 3, "{}")]
+    await within(_until(lambda: log._pass_next is None), 1, "the pass to end")
+    assert not log._pushed and not log._order
 
 
 # -- over real sockets ------------------------------------------------------------
