@@ -23,7 +23,9 @@ the others nothing:
   leader appends meanwhile goes to the rest of the pass's sinks at once, and
   the sinks before get it from the next pass, which starts as soon as this
   one ends. Under load a write so carries several deltas, and no delta waits
-  much longer than one pass. A sink whose transport is paused (over its
+  much longer than one pass. The subscriptions that the final frame ends
+  end once the last pass is over: their handlers wake up after it, not
+  between its steps. A sink whose transport is paused (over its
   high-water mark) is written nothing: it leaves the push set and its
   subscriber falls back to its cursor and replays. While nothing is appended
   for ``ping_interval_s``, the log pushes a ``: ping`` comment to every sink.
@@ -274,6 +276,9 @@ class EventLog:
         self._pass_next: int | None = None
         #: something was appended during the pass: another one follows it
         self._again = False
+        #: subscriptions the pass wrote the final frame to: they end with it (their handlers
+        #: wake up then, not between its steps)
+        self._done: list[asyncio.Future[int | None]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._ping_handle: asyncio.TimerHandle | None = None
         self._pushed_at = 0.0  # loop time of the last write to the sinks
@@ -475,7 +480,7 @@ class EventLog:
                     sub.cursor = last + 1
             if final is not None:
                 self._drop(sub)
-                _end(sub.ended, None)
+                self._done.append(sub.ended)
         self._fall_back(fallen)
         loop = asyncio.get_running_loop()
         if stop < len(order):
@@ -488,9 +493,14 @@ class EventLog:
             self._order, self._ended_in_order = [], 0
         if self._again and self._pushed:
             self._flush_handle = loop.call_soon(self._flush)
-        elif self._ping_handle is not None and (final is not None or not self._pushed):
+            return
+        if self._ping_handle is not None and (final is not None or not self._pushed):
             self._ping_handle.cancel()
             self._ping_handle = None
+        if self._done:  # the last pass of the log: every subscription it ended ends now
+            done, self._done = self._done, []
+            for ended in done:
+                _end(ended, None)
 
     def _fall_back(self, fallen: list[_Pushed]) -> None:
         """End the pushed subscriptions of sinks that took nothing: each replays from its cursor."""

@@ -149,7 +149,9 @@ async def test_a_long_pass_yields_and_its_later_sinks_get_what_was_appended_mean
     for sink in sinks:
         assert sink.events() == [delta(1, "a"), delta(2, "b")]
     assert [sink.pushes for sink in sinks] == [2] * PASS_STEP + [1] * (PASS_STEP + 10)
-    log.close(encode_event("done", {}, 3))
+    log.close(encode_event("done", {}, 3))  # its pass's first step is written at once
+    assert [sink.events()[-1][0] for sink in sinks] == ["done"] * PASS_STEP + ["delta"] * (PASS_STEP + 10)
+    assert not any(end.done() for end in ended)  # no handler wakes up before the pass is over
     assert await within(asyncio.gather(*ended), 1, "every subscription to end") == [None] * len(sinks)
     for sink in sinks:
         assert sink.events() == [delta(1, "a"), delta(2, "b"), ("done", 3, "{}")]
