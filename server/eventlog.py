@@ -440,6 +440,13 @@ class EventLog:
             del self._pushed[sub.sink]
             sub.sink = None
             self._ended_in_order += 1
+            if self._pass_next is None and self._ended_in_order > max(64, len(self._order) // 2):
+                self._compact()  # subscribers come and go while nothing is appended
+
+    def _compact(self) -> None:
+        """Leave the ended subscriptions out of ``_order`` (never during a pass)."""
+        self._order = [sub for sub in self._order if sub.sink is not None]
+        self._ended_in_order = 0
 
     def _push_soon(self) -> None:
         """Have the sinks written from the next loop turn: a new pass, or another after this one."""
@@ -457,9 +464,9 @@ class EventLog:
             if not self._pushed:
                 return
             if self._ended_in_order > len(self._order) // 2:
-                self._order = [sub for sub in self._order if sub.sink is not None]
-                self._ended_in_order = 0
+                self._compact()
             begin, self._again = 0, False
+        self._pass_next = begin  # a pass is under way: nothing compacts ``_order`` meanwhile
         order = self._order
         stop = min(len(order), begin + PASS_STEP)
         last, final = self.last_seq, self.final

@@ -183,6 +183,32 @@ async def test_during_a_long_pass_a_paused_sink_falls_back_and_a_sink_that_left_
     assert not log._pushed and not log._order
 
 
+async def test_a_final_pass_over_many_sinks_ends_every_one_of_them() -> None:
+    """Most of the sinks are done after the first step of the final pass: the rest still
+    get the final frame (the pass keeps its place in the order of the sinks)."""
+    log = EventLog(capacity=8)
+    sinks = [FakeSink() for _ in range(PASS_STEP + PASS_STEP // 2)]
+    ended = [log.subscribe(sink, 1) for sink in sinks]
+    log.append("a")
+    log.close(encode_event("done", {}, 2))
+    assert await within(asyncio.gather(*ended), 1, "every subscription to end") == [None] * len(sinks)
+    assert all(sink.events() == [delta(1, "a"), ("done", 2, "{}")] for sink in sinks)
+
+
+async def test_subscribers_that_come_and_go_while_nothing_is_appended_leave_nothing_behind() -> None:
+    log = EventLog(capacity=8)
+    staying = FakeSink()
+    log.subscribe(staying, 1)
+    for _ in range(1000):  # clients that attach and leave while the upstream thinks
+        sink = FakeSink()
+        log.subscribe(sink, 1)
+        log.unsubscribe(sink)
+    assert len(log._order) <= 2 * 64 + 1 and list(log._pushed) == [staying]
+    log.append("a")
+    await asyncio.sleep(0)
+    assert staying.events() == [delta(1, "a")]
+
+
 # -- over real sockets ------------------------------------------------------------
 
 
