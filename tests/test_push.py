@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 
+from server import eventlog
 from server.eventlog import PASS_STEP, PING, EventLog, encode_event
 from server.routes import _http
 
@@ -270,6 +272,35 @@ async def test_a_client_that_stops_reading_is_dropped_and_never_buffers_without_
     assert events[-1].event == "done"
     assert biggest[0] <= 2 * _http.HIGH_WATER_BYTES
     assert len(scripted.calls) == 1 and call.yielded == sent + 1
+
+
+async def test_real_subscribers_written_in_passes_of_several_steps_get_every_delta_once_in_order(
+        gateway_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes of two sinks a step over real connections: deltas arrive while passes are under
+    way, some in one loop turn, some between steps, and every subscriber's stream is whole."""
+    monkeypatch.setattr(eventlog, "PASS_STEP", 2)
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted))
+    tid = await gw.new_thread()
+    body = {"content": "passes", "provider": "scripted", "model": "scripted"}
+    texts = [f"t{i} " for i in range(60)]
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(gw.open_stream(tid, body))
+        call = await scripted.next_call()
+        rest = [await stack.enter_async_context(gw.open_stream(tid, body)) for _ in range(4)]
+        await within(_until(lambda: (gw.metrics.registry.get_sample_value("dac_active_listeners") or 0) >= 5),
+                     5, "every subscriber to join")
+        readers = [asyncio.create_task(collect(resp, timeout=30)) for resp in (first, *rest)]
+        for i, text in enumerate(texts):
+            call.send(text)
+            if i % 3 == 2:
+                await asyncio.sleep(0)
+        call.finish()
+        streams = await within(asyncio.gather(*readers), 30, "every subscriber's stream")
+    assert len(scripted.calls) == 1
+    for events in streams:
+        assert [e.id for e in events if e.event == "delta"] == list(range(1, len(texts) + 1))
+        assert text_of(events) == "".join(texts) and events[-1].event == "done"
 
 
 async def _until(predicate: Any) -> None:
