@@ -16,8 +16,16 @@ the others nothing:
   read like this.
 - **Pushed** (:meth:`EventLog.subscribe`): a subscriber at the live edge hands
   the log a :class:`Sink`, and the log writes new frames to every sink itself,
-  once per loop turn (what was appended in one turn goes as one write), with
-  no task woken per subscriber. A sink whose transport is paused (over its
+  with no task woken per subscriber. It does so in *passes* over the sinks:
+  a pass writes each sink, as one write, every frame it has not been written
+  yet. A pass starts on the loop turn after an append; a long one (more than
+  :data:`PASS_STEP` sinks) yields to the loop between steps, so that what the
+  leader appends meanwhile goes to the rest of the pass's sinks at once, and
+  the sinks before get it from the next pass, which starts as soon as this
+  one ends. Under load a write so carries several deltas, and no delta waits
+  much longer than one pass. The subscriptions that the final frame ends
+  end once the last pass is over: their handlers wake up after it, not
+  between its steps. A sink whose transport is paused (over its
   high-water mark) is written nothing: it leaves the push set and its
   subscriber falls back to its cursor and replays. While nothing is appended
   for ``ping_interval_s``, the log pushes a ``: ping`` comment to every sink.
@@ -54,6 +62,8 @@ __all__ = ["PING", "Delta", "DeltaExtra", "EventLog", "FinishedLog", "FlightLog"
 
 #: the keep-alive comment pushed to idle subscribers
 PING = b": ping\n\n"
+#: sinks written per step of a pass; the loop runs between steps (a write costs some microseconds)
+PASS_STEP = 256
 
 
 def encode_event(event: str | None, data: Any, id: int | None = None) -> bytes:
@@ -108,11 +118,13 @@ class Sink(Protocol):
 
 
 class _Pushed:
-    """A pushed subscription: the sink's next unwritten seq and how its subscriber waits."""
+    """A pushed subscription: its sink (None once it ended), the sink's next unwritten seq
+    and how its subscriber waits."""
 
-    __slots__ = ("cursor", "ended")
+    __slots__ = ("cursor", "ended", "sink")
 
-    def __init__(self, cursor: int, ended: asyncio.Future[int | None]) -> None:
+    def __init__(self, sink: Sink, cursor: int, ended: asyncio.Future[int | None]) -> None:
+        self.sink: Sink | None = sink
         self.cursor = cursor
         self.ended = ended
 
@@ -255,7 +267,18 @@ class EventLog:
         self.last_seq = 0
         self.final: bytes | None = None
         self._wakeup = asyncio.Event()
+        #: the pushed subscriptions by sink, and in the order passes write them (with some
+        #: that ended, ``sink`` None, until the next pass leaves them out)
         self._pushed: dict[Sink, _Pushed] = {}
+        self._order: list[_Pushed] = []
+        self._ended_in_order = 0
+        #: the index in ``_order`` of the next sink the pass under way writes; None between passes
+        self._pass_next: int | None = None
+        #: something was appended during the pass: another one follows it
+        self._again = False
+        #: subscriptions the pass wrote the final frame to: they end with it (their handlers
+        #: wake up then, not between its steps)
+        self._done: list[asyncio.Future[int | None]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._ping_handle: asyncio.TimerHandle | None = None
         self._pushed_at = 0.0  # loop time of the last write to the sinks
@@ -280,8 +303,8 @@ class EventLog:
         self._parts.append(text)
         self.last_seq = seq
         self._notify()
-        if self._pushed and self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        if self._pushed:
+            self._push_soon()
         return seq
 
     def close(self, frame: bytes) -> None:
@@ -292,7 +315,12 @@ class EventLog:
         if self.final is None:
             self.final = frame
             self._notify()
-            self._flush()
+            if self._pass_next is None:
+                if self._flush_handle is not None:
+                    self._flush_handle.cancel()
+                self._flush()
+            else:
+                self._again = True
 
     def _notify(self) -> None:
         wakeup, self._wakeup = self._wakeup, asyncio.Event()
@@ -379,67 +407,112 @@ class EventLog:
         when the sink fell behind (nothing from there on was written to it) or
         was stopped (:meth:`stop`: -1).
         """
-        ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._pushed[sink] = _Pushed(cursor, ended)
-        ended.add_done_callback(lambda done: self._gone(sink, done))
         loop = asyncio.get_running_loop()
-        if self.last_seq >= cursor or self.final is not None:
-            if self._flush_handle is None:
-                self._flush_handle = loop.call_soon(self._flush)
+        ended: asyncio.Future[int | None] = loop.create_future()
+        sub = _Pushed(sink, cursor, ended)
+        self._drop(self._pushed.get(sink))
+        self._pushed[sink] = sub
+        self._order.append(sub)  # a pass under way reaches it too: it joins the end
+        if (self.last_seq >= cursor or self.final is not None) and self._pass_next is None:
+            self._push_soon()
         if self._ping_handle is None and self.ping_interval_s:
             self._pushed_at = loop.time()
             self._ping_handle = loop.call_later(self.ping_interval_s, self._ping)
         return ended
 
     def unsubscribe(self, sink: Sink) -> None:
-        """Stop pushing to ``sink`` (its client left); harmless if it is not pushed to."""
-        self._pushed.pop(sink, None)
-
-    def _gone(self, sink: Sink, ended: asyncio.Future[int | None]) -> None:
-        """A subscription cancelled with its handler (the client left): push nothing more to it."""
-        sub = self._pushed.get(sink)
-        if ended.cancelled() and sub is not None and sub.ended is ended:
-            del self._pushed[sink]
+        """Stop pushing to ``sink`` (its client left, or its handler was cancelled);
+        harmless if it is not pushed to."""
+        self._drop(self._pushed.get(sink))
 
     def stop(self, sink: Sink) -> bool:
         """End ``sink``'s pushed subscription with -1 (its client asked to stop)."""
-        sub = self._pushed.pop(sink, None)
+        sub = self._pushed.get(sink)
         if sub is None:
             return False
-        if not sub.ended.done():
-            _end(sub.ended, -1)
+        self._drop(sub)
+        _end(sub.ended, -1)
         return True
 
+    def _drop(self, sub: _Pushed | None) -> None:
+        """Push nothing more to ``sub``'s sink (passes skip it from now on)."""
+        if sub is not None and sub.sink is not None:
+            del self._pushed[sub.sink]
+            sub.sink = None
+            self._ended_in_order += 1
+            if self._pass_next is None and self._ended_in_order > max(64, len(self._order) // 2):
+                self._compact()  # subscribers come and go while nothing is appended
+
+    def _compact(self) -> None:
+        """Leave the ended subscriptions out of ``_order`` (never during a pass)."""
+        self._order = [sub for sub in self._order if sub.sink is not None]
+        self._ended_in_order = 0
+
+    def _push_soon(self) -> None:
+        """Have the sinks written from the next loop turn: a new pass, or another after this one."""
+        if self._pass_next is not None:
+            self._again = True
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
-        """Write what each pushed sink has not been written yet; end what cannot go on."""
+        """One step of a pass: write the next :data:`PASS_STEP` sinks of the pass what they
+        have not been written yet; end what cannot go on. See the module's docstring."""
         self._flush_handle = None
-        if not self._pushed:
-            return
+        begin = self._pass_next
+        if begin is None:  # a new pass
+            if not self._pushed:
+                return
+            if self._ended_in_order > len(self._order) // 2:
+                self._compact()
+            begin, self._again = 0, False
+        self._pass_next = begin  # a pass is under way: nothing compacts ``_order`` meanwhile
+        order = self._order
+        stop = min(len(order), begin + PASS_STEP)
         last, final = self.last_seq, self.final
         common, data = -1, b""
-        fallen: list[Sink] = []
-        for sink, sub in self._pushed.items():
+        fallen: list[_Pushed] = []
+        for sub in order[begin:stop]:
+            sink = sub.sink
+            if sink is None:
+                continue  # it left, fell back or was stopped
             cursor = sub.cursor
             if cursor != common:  # almost every sink shares one cursor: one join serves them
                 common, data = cursor, b"".join(self.read(cursor)[0])
-            if data and not sink.push(data):
-                fallen.append(sink)
-                continue
-            sub.cursor = max(sub.cursor, last + 1)  # a cursor ahead of the log stays where it is
+            if data:
+                if not sink.push(data):
+                    fallen.append(sub)
+                    continue
+                if cursor <= last:  # a cursor ahead of the log stays where it is
+                    sub.cursor = last + 1
+            if final is not None:
+                self._drop(sub)
+                self._done.append(sub.ended)
         self._fall_back(fallen)
-        if final is not None:
-            for sub in self._pushed.values():
-                _end(sub.ended, None)
-            self._pushed.clear()
+        loop = asyncio.get_running_loop()
+        if stop < len(order):
+            self._pass_next = stop
+            self._flush_handle = loop.call_soon(self._flush)
+            return
+        self._pass_next = None
+        self._pushed_at = loop.time()
+        if not self._pushed:
+            self._order, self._ended_in_order = [], 0
+        if self._again and self._pushed:
+            self._flush_handle = loop.call_soon(self._flush)
+            return
         if self._ping_handle is not None and (final is not None or not self._pushed):
             self._ping_handle.cancel()
             self._ping_handle = None
-        self._pushed_at = asyncio.get_running_loop().time()
+        if self._done:  # the last pass of the log: every subscription it ended ends now
+            done, self._done = self._done, []
+            for ended in done:
+                _end(ended, None)
 
-    def _fall_back(self, fallen: list[Sink]) -> None:
+    def _fall_back(self, fallen: list[_Pushed]) -> None:
         """End the pushed subscriptions of sinks that took nothing: each replays from its cursor."""
-        for sink in fallen:
-            sub = self._pushed.pop(sink)
+        for sub in fallen:
+            self._drop(sub)
             _end(sub.ended, sub.cursor)
 
     def _ping(self) -> None:
@@ -450,7 +523,7 @@ class EventLog:
         loop = asyncio.get_running_loop()
         idle = loop.time() - self._pushed_at
         if idle >= self.ping_interval_s:
-            self._fall_back([sink for sink in self._pushed if not sink.push(PING)])
+            self._fall_back([sub for sink, sub in self._pushed.items() if not sink.push(PING)])
             self._pushed_at = loop.time()
             idle = 0.0
         if self._pushed:

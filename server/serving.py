@@ -80,6 +80,8 @@ class _Guard:
 class _Handler(RequestHandler):
     """aiohttp's protocol, with the header timeout and the connection cap."""
 
+    __slots__ = ("_counted", "_guard", "_header_timer")  # one per connection: no dict
+
     def __init__(self, manager: web.Server, *, guard: _Guard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard

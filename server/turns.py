@@ -157,6 +157,7 @@ class Lease:
         """
         log_ = self.flight.log
         await out.write(meta)
+        del meta  # held by no one while the stream lasts
         try:
             while not self.stopped:
                 chunks, after, finished = log_.read(cursor)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 
-from server.eventlog import PING, EventLog, encode_event
+from server import eventlog
+from server.eventlog import PASS_STEP, PING, EventLog, encode_event
 from server.routes import _http
 
 from .helpers import ScriptedProvider, collect, registry, text_of, within
@@ -132,6 +134,83 @@ async def test_stop_ends_a_subscription_with_minus_one() -> None:
     assert await within(ended, 1, "the stop") == -1
 
 
+async def test_a_long_pass_yields_and_its_later_sinks_get_what_was_appended_meanwhile() -> None:
+    """A pass over more sinks than one step lets the loop run between steps: a delta
+    appended meanwhile goes to the rest of the pass in the same write as the one before,
+    and to the sinks already written by a pass that follows at once. Each sink gets every
+    frame once, in order, whatever write carried it."""
+    log = EventLog(capacity=8)
+    sinks = [FakeSink() for _ in range(2 * PASS_STEP + 10)]
+    ended = [log.subscribe(sink, 1) for sink in sinks]
+    log.append("a")
+    await asyncio.sleep(0)  # the first step of the pass: PASS_STEP sinks
+    assert [bool(sink.pushes) for sink in sinks] == [True] * PASS_STEP + [False] * (PASS_STEP + 10)
+    log.append("b")  # between two steps of the pass
+    for _ in range(6):
+        await asyncio.sleep(0)
+    for sink in sinks:
+        assert sink.events() == [delta(1, "a"), delta(2, "b")]
+    assert [sink.pushes for sink in sinks] == [2] * PASS_STEP + [1] * (PASS_STEP + 10)
+    log.close(encode_event("done", {}, 3))  # its pass's first step is written at once
+    assert [sink.events()[-1][0] for sink in sinks] == ["done"] * PASS_STEP + ["delta"] * (PASS_STEP + 10)
+    assert not any(end.done() for end in ended)  # no handler wakes up before the pass is over
+    assert await within(asyncio.gather(*ended), 1, "every subscription to end") == [None] * len(sinks)
+    for sink in sinks:
+        assert sink.events() == [delta(1, "a"), delta(2, "b"), ("done", 3, "{}")]
+    assert not log._pushed and not log._order
+
+
+async def test_during_a_long_pass_a_paused_sink_falls_back_and_a_sink_that_left_is_written_nothing() -> None:
+    log = EventLog(capacity=8)
+    sinks = [FakeSink() for _ in range(PASS_STEP + 20)]
+    ended = [log.subscribe(sink, 1) for sink in sinks]
+    late, gone = sinks[PASS_STEP + 5], sinks[PASS_STEP + 6]
+    log.append("a")
+    await asyncio.sleep(0)  # the first step
+    late.paused = True
+    log.unsubscribe(gone)
+    newcomer = FakeSink()
+    joined = log.subscribe(newcomer, 1)  # joins the end of the pass under way
+    log.append("b")
+    log.close(encode_event("done", {}, 3))  # during the pass: it goes on, and one more follows
+    assert await within(ended[PASS_STEP + 5], 1, "the paused sink's fall-back") == 1
+    assert await within(joined, 1, "the newcomer's end") is None
+    assert late.events() == [] and gone.events() == []
+    assert newcomer.events() == [delta(1, "a"), delta(2, "b"), ("done", 3, "{}")]
+    for i, sink in enumerate(sinks):
+        if sink not in (late, gone):
+            assert await within(ended[i], 1, "the end") is None
+            assert sink.events() == [delta(1, "a"), delta(2, "b"), ("done", 3, "{}")]
+    await within(_until(lambda: log._pass_next is None), 1, "the pass to end")
+    assert not log._pushed and not log._order
+
+
+async def test_a_final_pass_over_many_sinks_ends_every_one_of_them() -> None:
+    """Most of the sinks are done after the first step of the final pass: the rest still
+    get the final frame (the pass keeps its place in the order of the sinks)."""
+    log = EventLog(capacity=8)
+    sinks = [FakeSink() for _ in range(PASS_STEP + PASS_STEP // 2)]
+    ended = [log.subscribe(sink, 1) for sink in sinks]
+    log.append("a")
+    log.close(encode_event("done", {}, 2))
+    assert await within(asyncio.gather(*ended), 1, "every subscription to end") == [None] * len(sinks)
+    assert all(sink.events() == [delta(1, "a"), ("done", 2, "{}")] for sink in sinks)
+
+
+async def test_subscribers_that_come_and_go_while_nothing_is_appended_leave_nothing_behind() -> None:
+    log = EventLog(capacity=8)
+    staying = FakeSink()
+    log.subscribe(staying, 1)
+    for _ in range(1000):  # clients that attach and leave while the upstream thinks
+        sink = FakeSink()
+        log.subscribe(sink, 1)
+        log.unsubscribe(sink)
+    assert len(log._order) <= 2 * 64 + 1 and list(log._pushed) == [staying]
+    log.append("a")
+    await asyncio.sleep(0)
+    assert staying.events() == [delta(1, "a")]
+
+
 # -- over real sockets ------------------------------------------------------------
 
 
@@ -193,6 +272,35 @@ async def test_a_client_that_stops_reading_is_dropped_and_never_buffers_without_
     assert events[-1].event == "done"
     assert biggest[0] <= 2 * _http.HIGH_WATER_BYTES
     assert len(scripted.calls) == 1 and call.yielded == sent + 1
+
+
+async def test_real_subscribers_written_in_passes_of_several_steps_get_every_delta_once_in_order(
+        gateway_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes of two sinks a step over real connections: deltas arrive while passes are under
+    way, some in one loop turn, some between steps, and every subscriber's stream is whole."""
+    monkeypatch.setattr(eventlog, "PASS_STEP", 2)
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted))
+    tid = await gw.new_thread()
+    body = {"content": "passes", "provider": "scripted", "model": "scripted"}
+    texts = [f"t{i} " for i in range(60)]
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(gw.open_stream(tid, body))
+        call = await scripted.next_call()
+        rest = [await stack.enter_async_context(gw.open_stream(tid, body)) for _ in range(4)]
+        await within(_until(lambda: (gw.metrics.registry.get_sample_value("dac_active_listeners") or 0) >= 5),
+                     5, "every subscriber to join")
+        readers = [asyncio.create_task(collect(resp, timeout=30)) for resp in (first, *rest)]
+        for i, text in enumerate(texts):
+            call.send(text)
+            if i % 3 == 2:
+                await asyncio.sleep(0)
+        call.finish()
+        streams = await within(asyncio.gather(*readers), 30, "every subscriber's stream")
+    assert len(scripted.calls) == 1
+    for events in streams:
+        assert [e.id for e in events if e.event == "delta"] == list(range(1, len(texts) + 1))
+        assert text_of(events) == "".join(texts) and events[-1].event == "done"
 
 
 async def _until(predicate: Any) -> None:

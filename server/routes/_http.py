@@ -231,7 +231,7 @@ class SSEStream:
 
     def push(self, data: bytes) -> bool:
         transport = self._transport
-        if transport is None or transport.is_closing() or transport.get_write_buffer_size() > HIGH_WATER_BYTES:
+        if transport is None or transport.get_write_buffer_size() > HIGH_WATER_BYTES or transport.is_closing():
             return False
         if self._chunked:
             payload, framed = SSEStream._memo
@@ -243,17 +243,31 @@ class SSEStream:
         return True
 
 
+class _EventStreamResponse(web.StreamResponse):
+    """An SSE response whose status line and headers go out with its first frame, in one
+    write (as aiohttp's ``Response`` sends them with its body)."""
+
+    _send_headers_immediately = False
+
+
 async def open_event_stream(request: web.Request) -> SSEStream:
-    """Send the status line of an SSE response the log can push to (see :class:`SSEStream`).
+    """Start an SSE response the log can push to (see :class:`SSEStream`); its status line
+    goes with the first (awaited) write.
 
     As with :func:`open_sse`, an error after this can no longer change the status.
+    A stream may last long and there may be thousands: what it no longer needs once
+    its headers are serialized is dropped.
     """
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = _EventStreamResponse(headers=SSE_HEADERS)
     if request.version >= HttpVersion11:
         response.enable_chunked_encoding()
     writer = await response.prepare(request)
     assert writer is not None
     request[STREAM_STARTED] = True
+    response.headers.clear()  # serialized already; nothing reads them again
+    # aiohttp's idle keep-alive timer only reschedules itself while a response is under way:
+    # drop it for the stream (it is armed again when the response ends), one timer less a stream
+    request.protocol.keep_alive(True)
     return SSEStream(request, response, writer)
 
 

@@ -215,8 +215,9 @@ async def _stream(request: web.Request, lease: Lease, org: str, cursor: int = 1)
     """The flight as ``/api`` SSE: ``meta`` (with this listener's ``stop_url``), then
     deltas from ``cursor``, then done/error."""
     out = await open_event_stream(request)
-    stop_url = _stream_path(request, org, lease.flight.stream_id, lease.token)
-    await lease.stream(out, meta=lease.meta_frame(stop_url=stop_url), cursor=cursor)
+    # no local holds the frame or its url while the stream lasts: Lease.stream drops it once sent
+    await lease.stream(out, cursor=cursor, meta=lease.meta_frame(
+        stop_url=_stream_path(request, org, lease.flight.stream_id, lease.token)))
     return out.response
 
 
