@@ -31,6 +31,7 @@ from .metrics import Metrics
 from .pacer import Pacer, Slots
 from .providers import ProviderRegistry, build_registry
 from .routes import api, cors, openai_compat, ops
+from .routes._http import error_middleware
 from .serving import raise_fd_limit
 from .sqlite_store import SQLiteStore
 from .store import Store
@@ -127,7 +128,10 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
     monotonic clock of result and error TTLs (tests use both)."""
     settings = settings or Settings.from_env()
     app = web.Application(client_max_size=settings.max_body_bytes)
-    app.middlewares.extend([cors.setup(app, settings.cors_origins), api.errors])
+    # every error leaves as JSON with its status: ``{"error": {"type", "message", ...}}``, and in
+    # OpenAI's shape under /v1
+    errors = error_middleware(api.error_response, under={openai_compat.PREFIX: openai_compat.error_response})
+    app.middlewares.extend([cors.setup(app, settings.cors_origins), errors])
     app[SETTINGS] = settings
     app[METRICS] = Metrics(window=settings.perf_window)
     app[CLOCK] = clock

@@ -25,6 +25,7 @@ whose outcome the first already recorded: its error, or its client leaving.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -137,6 +138,21 @@ class RequestScope:
 _SCOPE: ContextVar[RequestScope | None] = ContextVar("dac_request_scope", default=None)
 
 
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+
+
+def _memo(metric: _M) -> _M:
+    """``metric`` whose ``labels(...)`` remembers each child it handed out.
+
+    prometheus_client validates, stringifies and locks on every ``labels`` call;
+    the request path asks for the same few children thousands of times a second.
+    Label sets are bounded here (see the module docstring) and no child is ever
+    removed, so a plain unbounded cache is right.
+    """
+    metric.labels = functools.cache(metric.labels)  # type: ignore[method-assign]
+    return metric
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile of ``values`` (``q`` in 0..100); None when empty."""
     if not values:
@@ -155,90 +171,90 @@ class Metrics:
 
         # -- histograms ---------------------------------------------------
         # OpenTelemetry GenAI: gen_ai.server.request.duration
-        self.request_duration = Histogram(
+        self.request_duration = _memo(Histogram(
             "dac_request_duration_seconds",
             "Client request duration, from arrival to the last byte of the answer.",
-            ["route", "mode", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
+            ["route", "mode", "outcome"], buckets=LATENCY_BUCKETS, registry=r))
         # OpenTelemetry GenAI: gen_ai.client.operation.duration
-        self.upstream_duration = Histogram(
+        self.upstream_duration = _memo(Histogram(
             "dac_upstream_duration_seconds",
             "Upstream call duration, from the request to the provider until its stream closed.",
-            ["provider", "model", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
+            ["provider", "model", "outcome"], buckets=LATENCY_BUCKETS, registry=r))
         # OpenTelemetry GenAI: gen_ai.server.time_to_first_token
-        self.ttft = Histogram(
+        self.ttft = _memo(Histogram(
             "dac_time_to_first_token_seconds",
             "From the request to the provider until the first chunk of answer text.",
-            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
+            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r))
         # as seen by a client of the provider: gen_ai.client.operation.time_to_first_chunk
-        self.ttfb = Histogram(
+        self.ttfb = _memo(Histogram(
             "dac_time_to_first_byte_seconds",
             "From the request to the provider until its first output of any kind "
             "(reasoning, answer text, a tool call or a refusal).",
-            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram(
+            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r))
+        self.queue_wait = _memo(Histogram(
             "dac_queue_wait_seconds", "Time a flight waited for a provider slot.",
-            ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+            ["provider"], buckets=LATENCY_BUCKETS, registry=r))
         # OpenTelemetry GenAI: gen_ai.server.time_per_output_token
-        self.tpot = Histogram(
+        self.tpot = _memo(Histogram(
             "dac_time_per_output_token_seconds",
             "Per successful answer: (upstream duration - time to its first output) / (output tokens - 1).",
-            ["provider", "model"], buckets=GAP_BUCKETS, registry=r)
+            ["provider", "model"], buckets=GAP_BUCKETS, registry=r))
         # client side, per chunk: gen_ai.client.operation.time_per_output_chunk
-        self.inter_chunk = Histogram(
+        self.inter_chunk = _memo(Histogram(
             "dac_inter_chunk_seconds", "Gap between consecutive upstream chunks of answer text.",
-            ["provider"], buckets=GAP_BUCKETS, registry=r)
+            ["provider"], buckets=GAP_BUCKETS, registry=r))
         # OpenTelemetry GenAI: gen_ai.client.token.usage
-        self.token_histogram = Histogram(
+        self.token_histogram = _memo(Histogram(
             "dac_token_usage_tokens", "Tokens of one upstream call as its usage reports them, input or output.",
-            ["provider", "type"], buckets=TOKEN_BUCKETS, registry=r)
-        self.cancel_latency = Histogram(
+            ["provider", "type"], buckets=TOKEN_BUCKETS, registry=r))
+        self.cancel_latency = _memo(Histogram(
             "dac_cancel_latency_seconds",
             "From the last listener leaving (or the abort) to the upstream stream closed.",
-            ["provider"], buckets=GAP_BUCKETS, registry=r)
+            ["provider"], buckets=GAP_BUCKETS, registry=r))
 
         # -- counters ------------------------------------------------------
-        self.upstream_calls = Counter(
+        self.upstream_calls = _memo(Counter(
             "dac_upstream_calls_total", "Upstream calls by provider and how they ended.",
-            ["provider", "model", "outcome"], registry=r)
-        self.coalesce = Counter(
+            ["provider", "model", "outcome"], registry=r))
+        self.coalesce = _memo(Counter(
             "dac_coalesce_total",
             "Chat requests by coalesce role: leader (called upstream), follower (joined a "
             "running flight) or cache (answered from a finished one).",
-            ["role"], registry=r)
+            ["role"], registry=r))
         for role in ROLES:
             self.coalesce.labels(role)
-        self.answers = Counter(
+        self.answers = _memo(Counter(
             "dac_chat_answers_total",
             "Chat answers handed to clients, by outcome (requests refused before any answer "
             "was attempted are not answers).",
-            ["route", "outcome"], registry=r)
+            ["route", "outcome"], registry=r))
         for route in ("messages", "streams", "v1"):
             for outcome in Outcome:
                 self.answers.labels(route, outcome)
-        self.deltas = Counter(
+        self.deltas = _memo(Counter(
             "dac_stream_deltas_total",
             "Output chunks streamed from upstream (answer text, reasoning, refusal or tool-call pieces).",
-            ["provider"], registry=r)
+            ["provider"], registry=r))
         # the sums of dac_token_usage_tokens, by provider and type
-        self.tokens = Counter(
+        self.tokens = _memo(Counter(
             "dac_tokens_total", "Tokens as the providers' usage reports them, input or output.",
-            ["provider", "type"], registry=r)
-        self.cancels = Counter(
+            ["provider", "type"], registry=r))
+        self.cancels = _memo(Counter(
             "dac_cancels_total",
             "Flights aborted upstream, by reason (no_listeners, attach_timeout, shutdown).",
-            ["provider", "reason"], registry=r)
-        self.drops = Counter(
+            ["provider", "reason"], registry=r))
+        self.drops = _memo(Counter(
             "dac_listeners_dropped_total",
             "Listeners the server let go, by reason (slow_client: took nothing for the send timeout).",
-            ["reason"], registry=r)
-        self.errors = Counter(
+            ["reason"], registry=r))
+        self.errors = _memo(Counter(
             "dac_errors_total", "Requests answered with an error, by error type.",
-            ["type"], registry=r)
-        self.refused_writes = Counter(
+            ["type"], registry=r))
+        self.refused_writes = _memo(Counter(
             "dac_store_writes_refused_total",
             "Writes of an answer's row refused because the row is no longer this instance's "
             "streaming row (another instance ended it; this one had lost the lead), by write "
-            "(checkpoint, finish).", ["write"], registry=r)
+            "(checkpoint, finish).", ["write"], registry=r))
         self.swept = Counter(
             "dac_answers_swept_total",
             "Answers this instance marked interrupted because the instance streaming them is gone.",

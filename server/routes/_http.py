@@ -34,6 +34,7 @@ from aiohttp_sse import EventSourceResponse
 
 from ..appkeys import AUTH, CLOSE_AFTER, METRICS, SETTINGS, STREAM_STARTED
 from ..auth import AuthMode
+from ..config import Settings
 from ..errors import (
     BadRequest,
     Forbidden,
@@ -67,19 +68,21 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "Connection": "keep-alive", "X-Accel-Buffering": "no"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: ``request.config_dict``: a handler that reads several keys reads it once and passes it on
+Config = Mapping[Any, Any]
 
 
 def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+async def read_json(request: web.Request, settings: Settings | None = None) -> dict[str, Any]:
     """The request body as a JSON object (``{}`` when empty), or a 4xx saying what is wrong.
 
     A body that is not ``application/json`` (or ``application/...+json``) is a 415:
     a browser sends no other type from another site without asking first (CORS).
     """
-    raw = await read_body(request)
+    raw = await read_body(request, settings)
     if not raw.strip():
         return {}
     mime = request.content_type
@@ -96,14 +99,14 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 
 async def require_org(request: web.Request, *, allow_query: bool = False, default: str | None = None,
-                      env_keys: bool = False) -> str:
+                      env_keys: bool = False, cfg: Config | None = None) -> str:
     """The org of the caller, as ``DAC_AUTH`` says (see the module's docstring).
 
     In ``header`` mode: ``x-org-id`` (or ``?org=`` with ``allow_query``), else
     ``default``; with ``env_keys``, a ``DAC_API_KEYS`` key instead when any is
     set (``/v1``'s rule). In ``keys`` mode a key is always required.
     """
-    auth = request.config_dict[AUTH]
+    auth = (cfg or request.config_dict)[AUTH]
     if auth.mode is AuthMode.KEYS:
         org = await auth.keys.org_for(_bearer(request))
         if org is None:
@@ -291,12 +294,23 @@ def _to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | No
     return GatewayError("internal server error; the failure was logged")
 
 
-def error_middleware(render: Callable[[GatewayError], web.Response]) -> Middleware:
-    """A middleware answering every error with ``render(error)``, its status and headers.
+Render = Callable[[GatewayError], web.Response]
+
+
+def error_middleware(render: Render, *, under: Mapping[str, Render] | None = None) -> Middleware:
+    """A middleware answering every error with ``render(error)``, its status and headers;
+    ``under`` maps a path prefix (``/v1``) to the renderer of the paths below it.
 
     It counts the error in ``dac_errors_total`` by the gateway's type, once per
     request: a chat request whose record already counted its error is skipped.
     """
+    prefixes = tuple((prefix, prefix + "/", renderer) for prefix, renderer in (under or {}).items())
+
+    def renderer_for(path: str) -> Render:
+        for prefix, below, renderer in prefixes:
+            if path.startswith(below) or path == prefix:
+                return renderer
+        return render
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -309,7 +323,7 @@ def error_middleware(render: Callable[[GatewayError], web.Response]) -> Middlewa
                 if error is None:
                     raise
                 metrics.count_error(error.type)
-                response = render(error)
+                response = renderer_for(request.path)(error)
                 response.headers.update(error.headers())
                 if request.get(CLOSE_AFTER):
                     response.force_close()

@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..appkeys import CLOSE_AFTER, SETTINGS
+from ..config import Settings
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 __all__ = ["MAX_DEPTH", "check_depth", "header_text", "read_body", "whole_number"]
@@ -36,9 +37,11 @@ def _give_up_on_connection(request: web.Request) -> None:
     request.content.feed_eof()
 
 
-async def read_body(request: web.Request) -> bytes:
-    settings = request.config_dict[SETTINGS]
+async def read_body(request: web.Request, settings: Settings | None = None) -> bytes:
+    settings = settings or request.config_dict[SETTINGS]
     try:
+        if request.content.is_eof():  # all of it is here: nothing to wait for, no timer
+            return await request.read()
         async with asyncio.timeout(settings.body_timeout_s):
             return await request.read()
     except TimeoutError:

@@ -20,7 +20,6 @@ from ..flight import TurnRequest
 from ..providers import content_part
 from ..turns import Lease, Surface, Until
 from ._http import (
-    error_middleware,
     json_response,
     last_event_id,
     open_event_stream,
@@ -30,7 +29,7 @@ from ._http import (
 )
 from ._input import header_text, whole_number
 
-__all__ = ["error_response", "errors", "setup"]
+__all__ = ["error_response", "setup"]
 
 MAX_CONTENT_CHARS = 200_000
 MAX_TITLE_CHARS = 200
@@ -46,10 +45,6 @@ def error_response(error: GatewayError) -> web.Response:
     if error.param is not None:
         body["param"] = error.param
     return json_response({"error": body}, status=error.status)
-
-
-#: every error leaves as JSON ``{"error": {"type", "message", ...}}`` with its status
-errors = error_middleware(error_response)
 
 
 def _optional_str(body: dict[str, Any], name: str, *, limit: int = 256) -> str | None:

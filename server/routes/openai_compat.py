@@ -45,11 +45,12 @@ from typing import Any
 from aiohttp import web
 
 from ..appkeys import LIMITS, PROVIDERS, SETTINGS, STORE, TURNS
+from ..config import Settings
 from ..errors import BadRequest, GatewayError, NotFound
 from ..flight import Flight, TurnRequest
 from ..providers import Provider, ProviderRegistry, content_part
 from ..turns import Lease, Surface, Until
-from ._http import error_middleware, json_response, open_sse, read_json, require_org, send
+from ._http import Config, json_response, open_sse, read_json, require_org, send
 from ._input import header_text
 from .openai_wire import (
     DONE,
@@ -82,25 +83,25 @@ RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0),
 
 #: when the surface started; the ``created`` of listed models
 STARTED = web.AppKey("v1_started", int)
+#: the paths of this surface: their errors, 404 and 405 included, leave in OpenAI's shape
+PREFIX = "/v1"
 
 
 # -- errors -------------------------------------------------------------------
 
 
 def error_response(error: GatewayError) -> web.Response:
+    """Every error under /v1 leaves in OpenAI's shape, routing errors included; it is counted
+    by the gateway's type (the body's ``type`` is OpenAI's). The app's error middleware
+    renders with this under :data:`PREFIX`."""
     return json_response(error_body(error), status=error.status)
-
-
-#: every error under /v1 leaves in OpenAI's shape, routing errors included; it is counted
-#: by the gateway's type (the body's ``type`` is OpenAI's)
-openai_errors = error_middleware(error_response)
 
 
 # -- who is asking ------------------------------------------------------------
 
 
-async def _org(request: web.Request) -> str:
-    return await require_org(request, default=DEFAULT_ORG, env_keys=True)
+async def _org(request: web.Request, cfg: Config | None = None) -> str:
+    return await require_org(request, default=DEFAULT_ORG, env_keys=True, cfg=cfg)
 
 
 def _resolve_model(providers: ProviderRegistry, name: str, default: str) -> tuple[Provider, str]:
@@ -226,10 +227,9 @@ class _Call:
     include_usage: bool
 
 
-async def _parse(request: web.Request, org: str) -> _Call:
-    cfg = request.config_dict
+async def _parse(request: web.Request, org: str, cfg: Config) -> _Call:
     settings = cfg[SETTINGS]
-    body = await read_json(request)
+    body = await read_json(request, settings)
     model_name = body.get("model")
     if not isinstance(model_name, str) or not model_name.strip():
         raise BadRequest("'model' is required: a string such as 'mock/mock'", param="model")
@@ -286,7 +286,7 @@ def _reusable(policy: str, params: dict[str, Any], idempotency_key: str | None) 
 
 
 
-async def _stream(request: web.Request, lease: Lease, call: _Call) -> web.StreamResponse:
+async def _stream(request: web.Request, lease: Lease, call: _Call, settings: Settings) -> web.StreamResponse:
     """Write the flight as chunk objects, one per upstream chunk (a replay keeps the
     original chunking); whatever arrived since the last write goes in one write."""
     flight = lease.flight
@@ -299,7 +299,7 @@ async def _stream(request: web.Request, lease: Lease, call: _Call) -> web.Stream
             if finished:
                 frames.extend(_ending(answer, flight, call))
             if frames:
-                await send(resp, b"".join(frames), request.config_dict[SETTINGS].send_timeout_s)
+                await send(resp, b"".join(frames), settings.send_timeout_s)
                 frames = []
     return resp
 
@@ -320,15 +320,15 @@ def _ending(answer: Completion, flight: Flight, call: _Call) -> list[bytes]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    org = await _org(request)
-    request.config_dict[LIMITS].admit(org)
-    call = await _parse(request, org)
-    turns = request.config_dict[TURNS]
+    cfg = request.config_dict  # each read of it builds a new view: read it once
+    org = await _org(request, cfg)
+    cfg[LIMITS].admit(org)
+    call = await _parse(request, org, cfg)
     mode = "sse" if call.stream else "json"
-    async with turns.lease(call.turn, route="v1", mode=mode, started=started) as lease:
+    async with cfg[TURNS].lease(call.turn, route="v1", mode=mode, started=started) as lease:
         if call.stream:
             await lease.hold(Until.FIRST_TEXT)
-            return await _stream(request, lease, call)
+            return await _stream(request, lease, call, cfg[SETTINGS])
         message = await lease.result()
         answer = Completion(flight=lease.flight, model=call.model)
         return json_response(answer.completion(message["content"], lease.flight),
@@ -361,10 +361,9 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    """Mount /v1 as a sub-application with its own error middleware."""
-    v1 = web.Application(middlewares=[openai_errors])
-    v1[STARTED] = int(time.time())
-    v1.router.add_post("/chat/completions", chat_completions)
-    v1.router.add_get("/models", list_models)
-    v1.router.add_get("/models/{model:.+}", get_model)
-    app.add_subapp("/v1", v1)
+    """Add the /v1 routes to ``app`` (not a sub-application: that would cost every request a
+    second resolution and middleware chain); :func:`error_response` renders their errors."""
+    app[STARTED] = int(time.time())
+    app.router.add_post(f"{PREFIX}/chat/completions", chat_completions)
+    app.router.add_get(f"{PREFIX}/models", list_models)
+    app.router.add_get(PREFIX + "/models/{model:.+}", get_model)
