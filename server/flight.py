@@ -104,6 +104,9 @@ class TurnRequest:
     key: str | None = None
     #: skip a finished flight's result (``Cache-Control: no-cache``); still joins a running one
     no_cache: bool = False
+    #: a finished answer may serve a later request with the same key; False where no such
+    #: request may take it (a /v1 call its result-cache policy leaves out): it is not kept
+    reusable: bool = True
     #: the leader streams its answer: ask the upstream for a stream. A leader that waits
     #: for the whole answer asks for it whole (one chunk: cheaper); a streaming client
     #: joining that flight then gets the text in one piece when it is ready.
@@ -432,12 +435,15 @@ class Flight:
             except Exception as exc:  # a bug or an adapter's unexpected failure: report, don't hang
                 log.exception("flight %s failed", self.stream_id)
                 error = UpstreamError(f"the provider call failed ({exc.__class__.__name__})")
-            closing = asyncio.ensure_future(self._close_turn(status, error))
-            try:
-                await asyncio.shield(closing)
-            except asyncio.CancelledError:
-                await closing
-                raise
+            if self._opening is None and self.turn.thread_id is None:
+                self._conclude(status, error)  # no rows: nothing to wait for, nothing to shield
+            else:
+                closing = asyncio.ensure_future(self._close_turn(status, error))
+                try:
+                    await asyncio.shield(closing)
+                except asyncio.CancelledError:
+                    await closing
+                    raise
         finally:
             self._metrics.active_flights.dec()
         if cancelled:
@@ -623,15 +629,10 @@ class Flight:
     async def _close_turn(self, status: MessageStatus, error: GatewayError | None) -> None:
         """Save the outcome, then end the log: a client that sees ``done`` finds the row saved."""
         turn = self.turn
-        provider = turn.provider.name
         if self._opening is not None and not self._rows_settled:
             await asyncio.wait([self._opening])  # the rows exist either way once it ends: record them
         if self.message is not None:
-            meta = {**self.message["meta"], **self.extra_meta, **self.answer.meta()}
-            if error is not None and status is MessageStatus.ERROR:
-                meta["error"] = error.to_dict()
-            self.message = {**self.message, "status": status, "content": self.log.text(),
-                            "usage": self.usage, "meta": meta}
+            meta = self._final_message(status, error)
             if turn.thread_id is not None:
                 try:
                     saved = await self._store.finish_turn(message_id=self.stream_id, status=status,
@@ -651,6 +652,28 @@ class Flight:
                                            "try again")
                         status = MessageStatus.ERROR
                         self.message = {**self.message, "status": status}
+        self._count_and_settle(status, error)
+
+    def _conclude(self, status: MessageStatus, error: GatewayError | None) -> None:
+        """:meth:`_close_turn` of a turn without rows, in one step: nothing to wait for."""
+        if self.message is not None:
+            self._final_message(status, error)
+        self._count_and_settle(status, error)
+
+    def _final_message(self, status: MessageStatus, error: GatewayError | None) -> dict[str, Any]:
+        """The assistant message as the flight ends; returns its meta."""
+        assert self.message is not None
+        meta = {**self.message["meta"], **self.extra_meta, **self.answer.meta()}
+        if error is not None and status is MessageStatus.ERROR:
+            meta["error"] = error.to_dict()
+        self.message = {**self.message, "status": status, "content": self.log.text(),
+                        "usage": self.usage, "meta": meta}
+        return meta
+
+    def _count_and_settle(self, status: MessageStatus, error: GatewayError | None) -> None:
+        """Count the call, then :meth:`_settle`."""
+        turn = self.turn
+        provider = turn.provider.name
         if self.usage:
             self._metrics.token_usage(provider, self.usage)
         if self.upstream_started is not None:

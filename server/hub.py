@@ -154,6 +154,8 @@ class Hub:
             self.limits.release_flight(flight.turn.org_id, time.perf_counter() - started)
         if flight.forgotten or isinstance(flight.error, StoreError):
             ttl = 0.0  # nothing unsaved answers anyone: a repeat starts afresh
+        elif flight.state is FlightState.DONE and not flight.turn.reusable:
+            ttl = 0.0  # no request may take it from the cache
         elif flight.state is FlightState.DONE:
             size = flight.keep()  # what it really holds once compacted, not only its text
             if size > s.cache_max_bytes:

@@ -252,12 +252,14 @@ class TurnService:
         shareable: bool = True,
         idempotency_key: str | None = None,
         no_cache: bool = False,
+        reusable: bool = True,
         attachments: list[dict[str, Any]] | None = None,
     ) -> TurnRequest:
         """The request for one answer, with its coalesce key.
 
         ``shareable`` False (tools, attachments) means never coalesced and never
-        cached; ``no_cache`` skips a finished result but still joins a running flight.
+        cached; ``no_cache`` skips a finished result but still joins a running flight;
+        ``reusable`` False: no later request may take the finished result, so it is not kept.
         ``attachments``: content parts beside the text of the new user message
         (images...); the key hashes them. Raises BadRequest naming a part the
         provider cannot take.
@@ -291,7 +293,8 @@ class TurnService:
                 key = coalesce_key("call", org_id, provider.name, model, _digest(messages), _digest(params))
         return TurnRequest(org_id=org_id, thread_id=thread_id, content=content, provider=provider, model=model,
                            messages=messages, params=params, meta=meta or {}, key=key,
-                           no_cache=no_cache or not shareable, stream=streaming, attachments=attachments)
+                           no_cache=no_cache or not shareable, reusable=reusable, stream=streaming,
+                           attachments=attachments)
 
     def _check_idempotency(self, key: str, request: str) -> None:
         """Remember what an Idempotency-Key came with, for the result TTL after its last use;

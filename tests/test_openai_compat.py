@@ -19,6 +19,7 @@ from server.providers.mock import mock_answer
 
 from .fake_upstream import FakeUpstream, Script
 from .helpers import ScriptedProvider, registry, within
+from .workload import scrape
 
 FAST = "mock:ttft=0,itl=0,n=6"
 
@@ -490,6 +491,22 @@ async def test_key_covers_org_messages_and_sampling_parameters(gateway_factory) 
         # no-cache skips the finished result (it would still join a running flight)
         assert await ask(a, user("q"), temperature=0.2, seed=1, extra_headers={"Cache-Control": "no-cache"}) == "leader"
     assert mock.calls == 5
+
+
+async def test_an_answer_the_result_cache_policy_leaves_out_is_not_kept(gateway_factory) -> None:
+    mock = MockProvider()
+    gw = await gateway_factory(providers=registry(mock))
+    async with sdk(gw) as client:
+        async def ask(**params: Any) -> str:
+            raw = await within(client.chat.completions.with_raw_response.create(
+                model=FAST, messages=user("kept or not"), **params))
+            return raw.headers["x-dac-coalesce"]
+
+        assert [await ask(), await ask()] == ["leader", "leader"]
+        assert (await scrape(gw)).value("dac_cache_entries") == 0  # no request could ever take it
+        assert [await ask(temperature=0), await ask(temperature=0)] == ["leader", "cache"]
+        assert (await scrape(gw)).value("dac_cache_entries") == 1
+    assert mock.calls == 3
 
 
 async def test_tools_are_never_coalesced(gateway_factory) -> None:

@@ -118,6 +118,23 @@ async def test_deadlines_first_token_then_idle_then_total() -> None:
         await total.run(never.wait())
 
 
+async def test_a_cancel_from_outside_is_not_taken_for_a_deadline_and_close_drops_the_timer() -> None:
+    never, started = asyncio.Event(), asyncio.Event()
+
+    async def waits() -> None:
+        started.set()
+        await never.wait()
+
+    deadlines = Deadlines(provider="p", timeouts=Timeouts(first_token=0.05, idle=10, total=10))
+    waiting = asyncio.ensure_future(deadlines.run(waits()))
+    await asyncio.wait_for(started.wait(), 5)
+    waiting.cancel()  # the flight was aborted: that is no upstream timeout
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 5)
+    deadlines.close()
+    assert deadlines._timer is None
+
+
 async def test_a_timeout_raised_inside_is_not_taken_for_a_deadline() -> None:
     deadlines = Deadlines(provider="p", timeouts=Timeouts())
 

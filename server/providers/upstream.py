@@ -33,6 +33,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import email.utils
+import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -114,10 +115,18 @@ class Deadlines:
     (restarted by every read that returned), and always the total one.
     Output is anything the model produced: text, and also reasoning (a
     model may think for minutes before its first word), tool calls and
-    refusals.
+    refusals. :meth:`close` once the call has ended.
+
+    One loop timer watches them all, where a timeout per await would arm and
+    cancel a timer for every read of a stream: it is set for the nearest
+    deadline and, when it fires, either finds that deadline moved on (reads
+    came; it is set again) or cancels the awaiting task, as ``asyncio.timeout``
+    does, which :meth:`run` turns into :class:`~server.errors.UpstreamTimeout`.
+    A deadline counts only while :meth:`run` awaits.
     """
 
-    __slots__ = ("_provider", "_timeouts", "_loop", "_total_at", "_first_at", "_last", "_text")
+    __slots__ = ("_provider", "_timeouts", "_loop", "_total_at", "_first_at", "_last", "_text", "_timer",
+                 "_timer_at", "_task", "_cancelling", "_expired")
 
     def __init__(self, *, provider: str, timeouts: Timeouts) -> None:
         self._provider = provider
@@ -128,28 +137,95 @@ class Deadlines:
         self._first_at = start + timeouts.first_token
         self._last = start
         self._text = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        #: the task awaiting in :meth:`run` (None between runs), and its cancel count then
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
+        #: what passed, once the timer cancelled a run for it
+        self._expired: str | None = None
 
     def got_output(self) -> None:
         self._text = True
 
     def _next(self) -> tuple[float, str]:
-        t = self._timeouts
+        """The nearest deadline and its kind: ``first``, ``idle`` or ``total``."""
         if not self._text and self._first_at < self._total_at:
-            return self._first_at, f"no first token within {t.first_token:g}s"
-        idle_at = self._last + t.idle
+            return self._first_at, "first"
+        idle_at = self._last + self._timeouts.idle
         if self._text and idle_at < self._total_at:
-            return idle_at, f"no data for {t.idle:g}s mid-stream"
-        return self._total_at, f"the answer took longer than {t.total:g}s in total"
+            return idle_at, "idle"
+        return self._total_at, "total"
+
+    def _message(self, kind: str) -> str:
+        t = self._timeouts
+        what = {"first": f"no first token within {t.first_token:g}s",
+                "idle": f"no data for {t.idle:g}s mid-stream"}.get(kind)
+        return f"provider {self._provider!r}: {what or f'the answer took longer than {t.total:g}s in total'}"
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._fire)
+        self._timer_at = when
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        when, kind = self._next()
+        if when > self._loop.time():
+            self._arm(when)  # reads came since it was set: the deadline moved on
+        elif self._task is not None and self._expired is None:
+            self._expired = kind
+            self._task.cancel()
+        # else nobody awaits: the next run finds the deadline passed
+
+    def close(self) -> None:
+        """The call ended: drop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
 
     async def run(self, aw: Awaitable[T]) -> T:
-        when, what = self._next()
+        when, kind = self._next()
+        if when <= self._loop.time():  # passed already: an answer that is here may still be taken
+            return await self._run_late(aw, kind)
+        if when < self._timer_at:
+            self._arm(when)
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        self._cancelling = task.cancelling()
         try:
-            async with asyncio.timeout_at(when) as scope:
+            result = await aw
+        except asyncio.CancelledError:
+            expired, self._expired = self._expired, None
+            if expired is not None and task.uncancel() <= self._cancelling:
+                raise UpstreamTimeout(self._message(expired)) from None
+            raise
+        except TimeoutError as exc:
+            if isinstance(exc, aiohttp.ClientError):  # aiohttp's connect timeout
+                raise client_error(self._provider, exc, self._timeouts) from None
+            raise
+        except aiohttp.ClientError as exc:
+            raise client_error(self._provider, exc, self._timeouts) from None
+        finally:
+            self._task = None
+        if self._expired is not None:  # the timer fired as ``aw`` finished: its cancel is ours to take back
+            self._expired = None
+            task.uncancel()
+        self._last = self._loop.time()
+        return result
+
+    async def _run_late(self, aw: Awaitable[T], kind: str) -> T:
+        """:meth:`run` past the deadline: ``aw`` gets one loop turn, as under ``asyncio.timeout``."""
+        try:
+            async with asyncio.timeout(0) as scope:
                 result = await aw
         except TimeoutError as exc:
             if scope.expired():
-                raise UpstreamTimeout(f"provider {self._provider!r}: {what}") from None
-            if isinstance(exc, aiohttp.ClientError):  # aiohttp's connect timeout
+                raise UpstreamTimeout(self._message(kind)) from None
+            if isinstance(exc, aiohttp.ClientError):
                 raise client_error(self._provider, exc, self._timeouts) from None
             raise
         except aiohttp.ClientError as exc:
@@ -399,6 +475,8 @@ class HTTPProvider(Provider):
         #: a temperature above this is sent as this (servers that refuse OpenAI's 0-2 range)
         self.max_temperature = max_temperature
         self._client_timeout = timeouts.client_timeout()
+        #: ``timeouts`` and its form for a call that waits for the whole answer (see :meth:`_timeouts_for`)
+        self._whole_timeouts: tuple[Timeouts, Timeouts] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} {self.base_url}>"
@@ -471,15 +549,13 @@ class HTTPProvider(Provider):
         return (self._api_key,)
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[Chunk, None]:
-        timeouts = self.timeouts
-        if not request.stream:  # nothing arrives before the whole answer: only the total deadline holds
-            timeouts = replace(timeouts, first_token=timeouts.total, idle=timeouts.total)
-        deadlines = Deadlines(provider=self.name, timeouts=timeouts)
-        payload = orjson.dumps(self.body(request))
-        resp = await deadlines.run(self._session.post(
-            self.url, data=payload, headers=self.headers(), timeout=self._client_timeout))
+        deadlines = Deadlines(provider=self.name, timeouts=self._timeouts_for(request))
+        resp: aiohttp.ClientResponse | None = None
         finished = False  # the body was read to its end: the connection may be reused
         try:
+            payload = orjson.dumps(self.body(request))
+            resp = await deadlines.run(self._session.post(
+                self.url, data=payload, headers=self.headers(), timeout=self._client_timeout))
             if resp.status >= 300:
                 raise status_error(provider=self.name, status=resp.status,
                                    body=await deadlines.run(read_error_body(resp)), headers=resp.headers,
@@ -490,6 +566,7 @@ class HTTPProvider(Provider):
                 except orjson.JSONDecodeError:
                     raise UpstreamProtocolError(f"provider {self.name!r} answered malformed JSON") from None
                 finished = True
+                resp.release()  # read whole: the connection goes back to the pool before the answer is used
                 yield self.whole(answer)
                 return
             if resp.content_type != "text/event-stream":
@@ -516,10 +593,24 @@ class HTTPProvider(Provider):
             if not finished:
                 finished = await _drain(resp)
         finally:
-            if finished:
-                resp.release()
-            else:
-                resp.close()  # closes the socket: the upstream sees the call end now
+            deadlines.close()
+            if resp is not None:
+                if finished:
+                    resp.release()
+                else:
+                    resp.close()  # closes the socket: the upstream sees the call end now
+
+    def _timeouts_for(self, request: ProviderRequest) -> Timeouts:
+        """The call's timeouts: for one that waits for the whole answer, nothing arrives
+        before it is all there, so only the total deadline holds."""
+        timeouts = self.timeouts
+        if request.stream:
+            return timeouts
+        whole = self._whole_timeouts
+        if whole is None or whole[0] is not timeouts:
+            whole = self._whole_timeouts = (timeouts, replace(timeouts, first_token=timeouts.total,
+                                                                idle=timeouts.total))
+        return whole[1]
 
 
 async def _drain(resp: aiohttp.ClientResponse) -> bool:

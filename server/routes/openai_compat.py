@@ -261,13 +261,17 @@ async def _parse(request: web.Request, org: str, cfg: Config) -> _Call:
             raise NotFound("thread not found (x-thread-id)", param="x-thread-id")
 
     idempotency_key = header_text(request, "Idempotency-Key")
+    policy = _reusable(settings.v1_result_cache, params, idempotency_key)
+    # the policy reads only what a stateless key holds (the parameters, the Idempotency-Key): an
+    # answer it leaves out has a key that no request it lets in can share (a thread's key is /api's too)
+    reusable = policy or thread_id is not None
     turn = cfg[TURNS].turn(
         surface=Surface.V1, org_id=org, thread_id=thread_id, content=content, provider=provider, model=model,
         streaming=bool(stream), messages=messages, params=params,
         shareable=not params.get("tools") and not params.get("functions"),
         idempotency_key=idempotency_key,
-        no_cache="no-cache" in request.headers.get("Cache-Control", "").lower()
-        or not _reusable(settings.v1_result_cache, params, idempotency_key),
+        no_cache="no-cache" in request.headers.get("Cache-Control", "").lower() or not policy,
+        reusable=reusable,
         attachments=[p for p in last if p.get("type") != "text"] if isinstance(last, list) else None,
     )
     return _Call(turn=turn, model=model_name, stream=bool(stream), include_usage=include_usage)
