@@ -8,9 +8,9 @@
 - :func:`stream_caller`: the org of a stream request, from its signed
   ``?token=`` (anything but a good token for that stream: ``404``) or else as
   :func:`require_org` says.
-- :func:`open_sse` and :func:`send`: an SSE response with keep-alive pings,
-  and writes that drop a client which takes nothing for the send timeout
-  (``DAC_SEND_TIMEOUT_S``).
+- :func:`open_sse` and :func:`send`: an SSE response with keep-alive pings
+  (:class:`PingedSSE`), and writes that drop a client which takes nothing for
+  the send timeout (``DAC_SEND_TIMEOUT_S``).
 - :func:`open_event_stream`: an SSE response the flight's log can also push
   to straight from its append (:class:`SSEStream`); the log sends its pings.
 - :func:`error_middleware`: one factory, with a renderer per surface; every
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -30,7 +31,6 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Middleware
-from aiohttp_sse import EventSourceResponse
 
 from ..appkeys import AUTH, CLOSE_AFTER, METRICS, SETTINGS, STREAM_STARTED
 from ..auth import AuthMode
@@ -52,6 +52,7 @@ __all__ = [
     "json_response",
     "last_event_id",
     "open_event_stream",
+    "PingedSSE",
     "open_sse",
     "read_json",
     "require_org",
@@ -66,6 +67,9 @@ ORG_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 HIGH_WATER_BYTES = 64 * 1024
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "Connection": "keep-alive", "X-Accel-Buffering": "no"}
+#: a keep-alive comment (clients skip lines that start with ':')
+PING = b": ping\n\n"
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: ``request.config_dict``: a handler that reads several keys reads it once and passes it on
@@ -172,17 +176,91 @@ def last_event_id(request: web.Request) -> int:
     return value
 
 
-async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = None) -> EventSourceResponse:
-    """Send the status line of an SSE response that pings while idle.
+class _HeldHeaders(web.StreamResponse):
+    """A streamed response whose status line and headers leave with its first bytes (one
+    packet, one write) rather than on their own when it is prepared."""
+
+    _send_headers_immediately = False
+
+
+class PingedSSE:
+    """An SSE response that pings while idle (``: ping`` every keep-alive interval), for a
+    surface that writes its own frames (``/v1``); use as ``async with``, which stops the pings.
+
+    Its status line leaves with the first frames. Once a stream has lived one interval the
+    kernel is also told to drop its connection when sent bytes stay unacknowledged for the
+    send timeout (``TCP_USER_TIMEOUT``): a hung peer is found even when nothing fills the
+    buffers. A short stream never needs it, and saves the system calls.
+    """
+
+    __slots__ = ("_interval", "_pinging", "_request", "_saved_user_timeout", "_socket", "_timeout", "response")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, *, ping_interval: float,
+                 send_timeout: float) -> None:
+        self.response = response
+        self._request = request
+        self._interval = ping_interval
+        self._timeout = send_timeout
+        self._socket: Any = None
+        self._saved_user_timeout: int | None = None
+        self._pinging = asyncio.ensure_future(self._ping())
+
+    async def write(self, frames: bytes) -> None:
+        """Write pre-encoded frames, bounded by the send timeout (see :func:`send`)."""
+        await send(self.response, frames, self._timeout)
+
+    async def _ping(self) -> None:
+        await asyncio.sleep(self._interval)
+        self._set_user_timeout()
+        while True:
+            try:
+                await send(self.response, PING, self._timeout)
+            except TimeoutError:
+                if (transport := self._request.transport) is not None:
+                    transport.abort()  # a stalled peer never drains: a graceful close would hang
+                return
+            except (ConnectionResetError, RuntimeError):  # gone, or written after the end
+                return
+            await asyncio.sleep(self._interval)
+
+    def _set_user_timeout(self) -> None:
+        transport = self._request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if _TCP_USER_TIMEOUT is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        self._saved_user_timeout = sock.getsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT)
+        self._socket = sock
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(self._timeout * 1000))
+
+    async def __aenter__(self) -> PingedSSE:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._pinging.cancel()
+        try:
+            await self._pinging
+        except asyncio.CancelledError:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise
+        finally:
+            # the connection may serve more requests: give it back its own setting
+            if self._saved_user_timeout is not None and self._socket.fileno() >= 0:
+                self._socket.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, self._saved_user_timeout)
+
+
+async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = None) -> PingedSSE:
+    """Start an SSE response that pings while idle (:class:`PingedSSE`); its status line
+    leaves with the first write.
 
     From here on an error can no longer change the status: the error
     middleware lets it through and aiohttp closes the connection.
     """
-    resp = EventSourceResponse(sep="\n", allow_all_methods=True, headers=headers,
-                               ping_interval=request.config_dict[SETTINGS].ping_interval_s)
-    await resp.prepare(request)
+    settings = request.config_dict[SETTINGS]
+    response = _HeldHeaders(headers={**SSE_HEADERS, **(headers or {})})
+    await response.prepare(request)
     request[STREAM_STARTED] = True
-    return resp
+    return PingedSSE(request, response, ping_interval=settings.ping_interval_s,
+                     send_timeout=settings.send_timeout_s)
 
 
 async def send(resp: web.StreamResponse, frames: bytes, timeout: float) -> None:

@@ -45,12 +45,11 @@ from typing import Any
 from aiohttp import web
 
 from ..appkeys import LIMITS, PROVIDERS, SETTINGS, STORE, TURNS
-from ..config import Settings
 from ..errors import BadRequest, GatewayError, NotFound
 from ..flight import Flight, TurnRequest
 from ..providers import Provider, ProviderRegistry, content_part
 from ..turns import Lease, Surface, Until
-from ._http import Config, json_response, open_sse, read_json, require_org, send
+from ._http import Config, json_response, open_sse, read_json, require_org
 from ._input import header_text
 from .openai_wire import (
     DONE,
@@ -290,22 +289,22 @@ def _reusable(policy: str, params: dict[str, Any], idempotency_key: str | None) 
 
 
 
-async def _stream(request: web.Request, lease: Lease, call: _Call, settings: Settings) -> web.StreamResponse:
+async def _stream(request: web.Request, lease: Lease, call: _Call) -> web.StreamResponse:
     """Write the flight as chunk objects, one per upstream chunk (a replay keeps the
     original chunking); whatever arrived since the last write goes in one write."""
     flight = lease.flight
     answer = Completion(flight=flight, model=call.model)
-    resp = await open_sse(request, headers={COALESCE_HEADER: lease.role})
-    async with resp:  # stops the keep-alive pings however the stream ends
+    stream = await open_sse(request, headers={COALESCE_HEADER: lease.role})
+    async with stream:  # stops the keep-alive pings however the stream ends
         frames = [answer.chunk({"role": "assistant", "content": "", "refusal": None})]
         async for deltas, finished in lease.deltas():
             frames.extend(answer.chunk(delta) for d in deltas if (delta := delta_object(d)))
             if finished:
                 frames.extend(_ending(answer, flight, call))
             if frames:
-                await send(resp, b"".join(frames), settings.send_timeout_s)
+                await stream.write(b"".join(frames))
                 frames = []
-    return resp
+    return stream.response
 
 
 def _ending(answer: Completion, flight: Flight, call: _Call) -> list[bytes]:
@@ -332,7 +331,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async with cfg[TURNS].lease(call.turn, route="v1", mode=mode, started=started) as lease:
         if call.stream:
             await lease.hold(Until.FIRST_TEXT)
-            return await _stream(request, lease, call, cfg[SETTINGS])
+            return await _stream(request, lease, call)
         message = await lease.result()
         answer = Completion(flight=lease.flight, model=call.model)
         return json_response(answer.completion(message["content"], lease.flight),
