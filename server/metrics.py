@@ -28,9 +28,8 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -127,12 +126,23 @@ class RequestRecord:
 
 class RequestScope:
     """Marks whether the current HTTP request's outcome is counted already: its
-    error, or the client's leaving (whose exception is then no error of ours)."""
+    error, or the client's leaving (whose exception is then no error of ours).
+    Use as ``with``: the scope is the current one inside the block."""
 
-    __slots__ = ("settled",)
+    __slots__ = ("settled", "_token")
 
     def __init__(self) -> None:
         self.settled = False
+        self._token: Token[RequestScope | None] | None = None
+
+    def __enter__(self) -> RequestScope:
+        self._token = _SCOPE.set(self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._token is not None:
+            _SCOPE.reset(self._token)
+            self._token = None
 
 
 _SCOPE: ContextVar[RequestScope | None] = ContextVar("dac_request_scope", default=None)
@@ -333,15 +343,9 @@ class Metrics:
 
     # -- per request -----------------------------------------------------
 
-    @contextmanager
-    def request_scope(self) -> Iterator[RequestScope]:
-        """Wrap one HTTP request, so that its error is counted once."""
-        scope = RequestScope()
-        token = _SCOPE.set(scope)
-        try:
-            yield scope
-        finally:
-            _SCOPE.reset(token)
+    def request_scope(self) -> RequestScope:
+        """Wrap one HTTP request (``with``), so that its error is counted once."""
+        return RequestScope()
 
     def count_error(self, error_type: str, scope: RequestScope | None = None) -> None:
         """Count an error answer, unless this request's error was counted already."""

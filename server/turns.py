@@ -216,6 +216,31 @@ class Lease:
         return await self.flight.result()
 
 
+class _Leasing:
+    """The ``async with`` of :meth:`TurnService.lease` (a class: this runs on every chat request)."""
+
+    __slots__ = ("_lease", "_mode", "_route", "_service", "_started", "_turn")
+
+    def __init__(self, service: TurnService, turn: TurnRequest, *, route: str, mode: str, started: float) -> None:
+        self._service = service
+        self._turn = turn
+        self._route = route
+        self._mode = mode
+        self._started = started
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        service = self._service
+        flight, role = await service.registry.submit(self._turn, listen=True)
+        lease = self._lease = Lease(flight, role, hold_s=service.settings.ping_interval_s, started=self._started)
+        service._held(lease)
+        return lease
+
+    async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        assert self._lease is not None
+        self._service._released(self._lease, route=self._route, mode=self._mode, exc=exc)
+
+
 #: Idempotency-Keys remembered at most (the oldest forgotten first)
 IDEMPOTENCY_KEYS = 100_000
 
@@ -315,16 +340,12 @@ class TurnService:
 
     # -- leases -----------------------------------------------------------------
 
-    @asynccontextmanager
-    async def lease(self, turn: TurnRequest, *, route: str, mode: str, started: float) -> AsyncIterator[Lease]:
+    def lease(self, turn: TurnRequest, *, route: str, mode: str, started: float) -> _Leasing:
         """Join or lead the flight for ``turn`` as a listener, for the ``async with`` block.
 
         ``started`` is the request's arrival (``time.perf_counter()``).
         """
-        flight, role = await self.registry.submit(turn, listen=True)
-        lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started)
-        async with self._recorded(lease, route=route, mode=mode):
-            yield lease
+        return _Leasing(self, turn, route=route, mode=mode, started=started)
 
     @asynccontextmanager
     async def attach(self, org_id: str, stream_id: str, *, token: str | None,
@@ -349,36 +370,44 @@ class TurnService:
     @asynccontextmanager
     async def _recorded(self, lease: Lease, *, route: str, mode: str) -> AsyncIterator[None]:
         """Uncount the listener and record the request however the block ends."""
+        self._held(lease)
+        try:
+            yield
+        except BaseException as exc:
+            self._released(lease, route=route, mode=mode, exc=exc)
+            raise
+        self._released(lease, route=route, mode=mode, exc=None)
+
+    def _held(self, lease: Lease) -> None:
+        self._leases[lease.token] = lease
+        lease.flight.issue(lease.token)
+
+    def _released(self, lease: Lease, *, route: str, mode: str, exc: BaseException | None) -> None:
+        """The block of :meth:`_held`'s lease ended, with ``exc`` or not: uncount, record."""
         flight = lease.flight
         error: str | None = None
         left = False
-        self._leases[lease.token] = lease
-        flight.issue(lease.token)
-        try:
-            yield
+        if exc is None:
             if flight.error is not None and flight.finished.is_set():
                 error = flight.error.type  # told to the client inside its stream
-        except GatewayError as exc:
+        elif isinstance(exc, GatewayError):
             error = exc.type
-            raise
-        except (asyncio.CancelledError, ConnectionResetError, TimeoutError) as exc:
+        elif isinstance(exc, asyncio.CancelledError | ConnectionResetError | TimeoutError):
             # the client left (its handler is cancelled, idle or not; or a write found the
             # connection gone), or took nothing for the send timeout and was dropped
             left = True
             if isinstance(exc, TimeoutError):
                 self.metrics.dropped(DropReason.SLOW_CLIENT)
-            raise
-        finally:
-            del self._leases[lease.token]
-            flight.remove_listener(stopped=lease.stopped)
-            left = left or lease.stopped
-            chat = route != "streams"
-            self.metrics.record(RequestRecord(
-                route=route, org=flight.turn.org_id, mode=mode, coalesce=lease.role if chat else None,
-                latency_s=time.perf_counter() - lease.started, ttft_s=lease.ttft_s, error=error,
-                client_left=left, answer=lease.answer,
-                queue_wait_s=flight.queue_wait_s if chat and lease.role is Role.LEADER else None,
-            ))
+        del self._leases[lease.token]
+        flight.remove_listener(stopped=lease.stopped)
+        left = left or lease.stopped
+        chat = route != "streams"
+        self.metrics.record(RequestRecord(
+            route=route, org=flight.turn.org_id, mode=mode, coalesce=lease.role if chat else None,
+            latency_s=time.perf_counter() - lease.started, ttft_s=lease.ttft_s, error=error,
+            client_left=left, answer=lease.answer,
+            queue_wait_s=flight.queue_wait_s if chat and lease.role is Role.LEADER else None,
+        ))
 
     async def stop(self, org_id: str, stream_id: str, token: str, *, hand_over: bool = True) -> bool:
         """A client stops on purpose: end the stream of the listener ``token`` names (or

@@ -70,8 +70,10 @@ def new_session() -> aiohttp.ClientSession:
     """
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
                                      keepalive_timeout=KEEPALIVE_TIMEOUT_S)
+    # no cookies: no provider API keeps a session in them, and the jar costs every call a look-up
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
-                                 read_bufsize=READ_BUFSIZE, raise_for_status=False)
+                                 read_bufsize=READ_BUFSIZE, raise_for_status=False,
+                                 cookie_jar=aiohttp.DummyCookieJar())
 
 
 class ProviderRegistry:
