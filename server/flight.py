@@ -472,6 +472,8 @@ class Flight:
         the turn's messages say so in their ``meta`` (``context_cut``). A conversation that
         cannot fit even so is a 400, before anything is written."""
         budget = context_budget(self.turn.provider, self.turn.model, self._settings)
+        if not budget:
+            return messages
         sizes = [message_chars(m) for m in messages]
         total = sum(sizes)
         if not budget or total <= budget:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +18,7 @@ from openai.types.chat import ChatCompletionChunk
 from server.errors import RateLimited, UpstreamError
 from server.providers import Chunk, MockProvider, ProviderRequest
 from server.providers.mock import mock_answer
+from server.routes import _http
 
 from .fake_upstream import FakeUpstream, Script
 from .helpers import ScriptedProvider, registry, within
@@ -652,3 +655,44 @@ async def test_upstream_statuses_through_the_openai_provider_reach_the_sdk(gatew
                     await within(client.chat.completions.create(
                         model="openai/broken", messages=user(f"b {stream}"), stream=stream))
                 assert broken.value.status_code == 502
+
+
+async def test_a_stream_client_that_takes_nothing_is_dropped_after_the_send_timeout(
+        gateway_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes below the transport's high-water mark go without a timer; once the client stops
+    reading and the buffers fill, the send timeout still drops it (``slow_client``)."""
+    write, shrunk = _http.PingedSSE.write, set()
+
+    async def small_buffers(self: _http.PingedSSE, frames: bytes) -> None:
+        transport = self._request.transport
+        if transport is not None and id(transport) not in shrunk:  # the kernel's buffer fills soon
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            shrunk.add(id(transport))
+        await write(self, frames)
+
+    monkeypatch.setattr(_http.PingedSSE, "write", small_buffers)
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), send_timeout_s=0.5)
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(tuple(gw.runner.addresses[0][:2]))
+    slow.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=slow)
+    payload = json.dumps({"model": "scripted/scripted", "messages": user("flood"), "stream": True})
+    writer.write((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(payload)}\r\n\r\n{payload}").encode())
+    call = await scripted.next_call()
+    dropped = {"reason": "slow_client"}
+
+    def gone() -> bool:
+        return gw.metrics.registry.get_sample_value("dac_listeners_dropped_total", dropped) == 1.0
+
+    sent = 0
+    while not gone() and sent < 5000:
+        call.send("x" * 2000)
+        sent += 1
+        await asyncio.sleep(0.001)  # the leader appends, the writer writes
+    await until(gone, "the slow client to be dropped")
+    assert sent < 5000
+    assert (await within(reader.read(100), 5, "the first bytes")).startswith(b"HTTP/1.1 200")
+    writer.close()

@@ -67,6 +67,9 @@ ORG_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 HIGH_WATER_BYTES = 64 * 1024
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "Connection": "keep-alive", "X-Accel-Buffering": "no"}
+#: what aiohttp may add to a write of ours, at most: the chunk framing, and the status line
+#: and headers that leave with the first one
+WRITE_OVERHEAD = 4096
 #: a keep-alive comment (clients skip lines that start with ':')
 PING = b": ping\n\n"
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
@@ -206,7 +209,16 @@ class PingedSSE:
         self._pinging = asyncio.ensure_future(self._ping())
 
     async def write(self, frames: bytes) -> None:
-        """Write pre-encoded frames, bounded by the send timeout (see :func:`send`)."""
+        """Write pre-encoded frames, bounded by the send timeout (see :func:`send`).
+
+        Bytes that stay below the transport's high-water mark cannot make the write wait
+        (only a paused transport does), so they go without arming the timeout's timer.
+        """
+        transport = self._request.transport
+        if transport is not None and (transport.get_write_buffer_size() + len(frames) + WRITE_OVERHEAD
+                                      < transport.get_write_buffer_limits()[1]):
+            await self.response.write(frames)
+            return
         await send(self.response, frames, self._timeout)
 
     async def _ping(self) -> None:
