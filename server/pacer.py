@@ -25,8 +25,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from .errors import QueueFull
@@ -118,6 +117,34 @@ class _Lane:
         return max(MIN_RETRY_AFTER_S, hold * rounds)
 
 
+class _Slot:
+    """The ``async with`` of :meth:`Pacer.slot` (a class: every flight takes one)."""
+
+    __slots__ = ("_acquired", "_lane", "_org", "_pacer", "_provider")
+
+    def __init__(self, pacer: Pacer, provider: str, limit: int, org: str) -> None:
+        self._pacer = pacer
+        self._provider = provider
+        self._org = org
+        self._lane = pacer.lane(provider, limit)
+        self._acquired = 0.0
+
+    async def __aenter__(self) -> float:
+        lane = self._lane
+        started = time.perf_counter()
+        if not lane.try_take():
+            await self._pacer._wait(lane, self._provider, self._org)
+        self._acquired = time.perf_counter()
+        return self._acquired - started
+
+    async def __aexit__(self, *_: object) -> None:
+        lane = self._lane
+        held = time.perf_counter() - self._acquired
+        lane.mean_hold_s = held if lane.mean_hold_s is None else (
+            (1 - HOLD_SMOOTHING) * lane.mean_hold_s + HOLD_SMOOTHING * held)
+        lane.release()
+
+
 class Pacer:
     def __init__(self, *, queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S) -> None:
         self.queue_timeout_s = queue_timeout_s
@@ -130,41 +157,32 @@ class Pacer:
             lane = self._lanes[provider] = _Lane(max(1, limit))
         return lane
 
-    @asynccontextmanager
-    async def slot(self, provider: str, limit: int, *, org: str = "") -> AsyncIterator[float]:
+    def slot(self, provider: str, limit: int, *, org: str = "") -> _Slot:
         """Hold one of ``provider``'s slots, queued as ``org``; yields the seconds spent waiting."""
-        lane = self.lane(provider, limit)
-        started = time.perf_counter()
-        if not lane.try_take():
-            waiter = lane.enqueue(org)
-            try:
-                async with asyncio.timeout(self.queue_timeout_s):
-                    await asyncio.shield(waiter)
-            except TimeoutError:
-                if waiter.done():  # handed a slot in the same instant: keep it
-                    pass
-                else:
-                    lane.forget(org, waiter)
-                    raise QueueFull(
-                        f"provider {provider!r} is busy: {lane.running} calls running (its limit) and "
-                        f"{lane.waiting} more waiting, and no slot freed within "
-                        f"{self.queue_timeout_s:g}s; try again later",
-                        retry_after=lane.retry_after(org, self.queue_timeout_s),
-                    ) from None
-            except BaseException:
-                if waiter.done():  # the slot was handed over as the waiter left: give it on
-                    lane.release()
-                else:
-                    lane.forget(org, waiter)
-                raise
-        acquired = time.perf_counter()
+        return _Slot(self, provider, limit, org)
+
+    async def _wait(self, lane: _Lane, provider: str, org: str) -> None:
+        """Queue for a slot of ``lane`` until it is handed over; QueueFull after the queue timeout."""
+        waiter = lane.enqueue(org)
         try:
-            yield acquired - started
-        finally:
-            held = time.perf_counter() - acquired
-            lane.mean_hold_s = held if lane.mean_hold_s is None else (
-                (1 - HOLD_SMOOTHING) * lane.mean_hold_s + HOLD_SMOOTHING * held)
-            lane.release()
+            async with asyncio.timeout(self.queue_timeout_s):
+                await asyncio.shield(waiter)
+        except TimeoutError:
+            if waiter.done():  # handed a slot in the same instant: keep it
+                return
+            lane.forget(org, waiter)
+            raise QueueFull(
+                f"provider {provider!r} is busy: {lane.running} calls running (its limit) and "
+                f"{lane.waiting} more waiting, and no slot freed within "
+                f"{self.queue_timeout_s:g}s; try again later",
+                retry_after=lane.retry_after(org, self.queue_timeout_s),
+            ) from None
+        except BaseException:
+            if waiter.done():  # the slot was handed over as the waiter left: give it on
+                lane.release()
+            else:
+                lane.forget(org, waiter)
+            raise
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Per provider: its limit, calls running, flights waiting."""
