@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
@@ -196,7 +197,8 @@ class PingedSSE:
     buffers. A short stream never needs it, and saves the system calls.
     """
 
-    __slots__ = ("_interval", "_pinging", "_request", "_saved_user_timeout", "_socket", "_timeout", "response")
+    __slots__ = ("_due", "_interval", "_pinging", "_request", "_saved_user_timeout", "_socket", "_timeout",
+                 "response")
 
     def __init__(self, request: web.Request, response: web.StreamResponse, *, ping_interval: float,
                  send_timeout: float) -> None:
@@ -206,6 +208,12 @@ class PingedSSE:
         self._timeout = send_timeout
         self._socket: Any = None
         self._saved_user_timeout: int | None = None
+        # a timer until the first ping is due: most streams end before it, and need no task
+        self._pinging: asyncio.Future[None] | None = None
+        self._due: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(ping_interval, self._start)
+
+    def _start(self) -> None:
+        self._due = None
         self._pinging = asyncio.ensure_future(self._ping())
 
     async def write(self, frames: bytes) -> None:
@@ -222,7 +230,6 @@ class PingedSSE:
         await send(self.response, frames, self._timeout)
 
     async def _ping(self) -> None:
-        await asyncio.sleep(self._interval)
         self._set_user_timeout()
         while True:
             try:
@@ -240,14 +247,22 @@ class PingedSSE:
         sock = transport.get_extra_info("socket") if transport is not None else None
         if _TCP_USER_TIMEOUT is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
             return
-        self._saved_user_timeout = sock.getsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT)
-        self._socket = sock
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(self._timeout * 1000))
+        try:
+            saved = sock.getsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(self._timeout * 1000))
+        except OSError:  # the connection is gone already: its handler is being cancelled
+            return
+        self._socket, self._saved_user_timeout = sock, saved
 
     async def __aenter__(self) -> PingedSSE:
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+        if self._pinging is None:
+            return
         self._pinging.cancel()
         try:
             await self._pinging
@@ -257,7 +272,8 @@ class PingedSSE:
         finally:
             # the connection may serve more requests: give it back its own setting
             if self._saved_user_timeout is not None and self._socket.fileno() >= 0:
-                self._socket.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, self._saved_user_timeout)
+                with contextlib.suppress(OSError):
+                    self._socket.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, self._saved_user_timeout)
 
 
 async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = None) -> PingedSSE:
