@@ -696,3 +696,19 @@ async def test_a_stream_client_that_takes_nothing_is_dropped_after_the_send_time
     assert sent < 5000
     assert (await within(reader.read(100), 5, "the first bytes")).startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+def test_a_chunk_from_its_shared_head_is_the_whole_object_encoded() -> None:
+    from types import SimpleNamespace
+
+    from server.routes.openai_wire import Completion, frame
+
+    flight: Any = SimpleNamespace(stream_id="msg_0123abcd", created_at="2026-12-01T00:46:00.336Z")
+    for model in ("mock/mock", 'a "quoted" modèle/name'):
+        answer = Completion(flight=flight, model=model)
+        for delta in ({"content": "hi"}, {"role": "assistant", "content": "", "refusal": None},
+                      {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}, {}):
+            whole = {"id": answer.id, "object": "chat.completion.chunk", "created": answer.created,
+                     "model": model, "system_fingerprint": None,
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+            assert answer.chunk(delta) == frame(whole)

@@ -108,14 +108,24 @@ class Completion:
     the same completion id (and with ``x-thread-id`` it names the stored row).
     """
 
-    __slots__ = ("created", "id", "model")
+    __slots__ = ("_head", "created", "id", "model")
 
     def __init__(self, *, flight: Flight, model: str) -> None:
         self.id = "chatcmpl-" + flight.stream_id.removeprefix("msg_")
         self.created = int(datetime.fromisoformat(flight.created_at).timestamp())
         self.model = model
+        self._head: bytes | None = None
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, **extras: Any) -> bytes:
+        if finish_reason is None and not extras:
+            # the common chunk: what every chunk of the response shares is encoded once, the
+            # same bytes orjson writes for the whole object
+            if self._head is None:
+                self._head = (b'data: {"id":' + orjson.dumps(self.id)
+                              + b',"object":"chat.completion.chunk","created":' + orjson.dumps(self.created)
+                              + b',"model":' + orjson.dumps(self.model)
+                              + b',"system_fingerprint":null,"choices":[{"index":0,"delta":')
+            return self._head + orjson.dumps(delta) + _CHUNK_TAIL
         return frame({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
             "model": self.model, "system_fingerprint": None,
@@ -141,3 +151,5 @@ class Completion:
 
 
 DONE = b"data: [DONE]\n\n"
+#: what follows the delta in a chunk without a finish reason
+_CHUNK_TAIL = b',"logprobs":null,"finish_reason":null}]}\n\n'
