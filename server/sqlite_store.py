@@ -66,9 +66,11 @@ __all__ = ["SQLiteStore"]
 T = TypeVar("T")
 #: threads remembered as existing (thread_id -> its org and row)
 THREAD_CACHE_SIZE = 8192
-#: threads whose conversation is kept in memory, least recently used dropped first (as many as
-#: the threads remembered: a thread made here starts with an empty one, which costs little)
-HISTORY_CACHE_THREADS = THREAD_CACHE_SIZE
+#: threads whose conversation is kept in memory, least recently used dropped first (a thread
+#: made here starts with an empty one). 8,192 kept about 2.5 MB more after 10,000 distinct
+#: turns on fresh threads than 1,024 (``python -m tools.bench --sections 6``), past the
+#: memory target, for turns that come back to a thread seconds later anyway
+HISTORY_CACHE_THREADS = 1024
 #: ... and at most this many characters of them in all
 HISTORY_CACHE_CHARS = 1_000_000
 #: what a readiness probe writes (and deletes) while the store is marked unwritable
