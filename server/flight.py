@@ -302,6 +302,10 @@ class Flight:
             self.abort(DropReason.CLIENT_STOP)
         return True
 
+    def promises(self) -> list[str]:
+        """The tokens of the stream_urls promised and not attached yet."""
+        return list(self._promised)
+
     def promised(self, token: str) -> bool:
         """Whether ``token`` names a stream_url promised and not attached yet."""
         return token in self._promised

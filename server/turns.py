@@ -44,7 +44,11 @@ from .registry import FlightRegistry
 from .states import DropReason, MessageStatus, Role
 from .store import ChatMessage, Message, Store
 
-__all__ = ["EventStream", "Lease", "Surface", "TurnService", "Until", "coalesce_key"]
+#: the token a Stop call handed to other instances carries when the org stops the whole answer
+#: (a listener's token is URL-safe base64: never this)
+EVERY_LISTENER = "*"
+
+__all__ = ["EVERY_LISTENER", "EventStream", "Lease", "Surface", "TurnService", "Until", "coalesce_key"]
 
 
 class Surface(StrEnum):
@@ -419,6 +423,8 @@ class TurnService:
         others (:meth:`FlightRegistry.stop_elsewhere`). False when the org has no such
         stream, or no such listener here and no other instance to ask.
         """
+        if token == EVERY_LISTENER:
+            return await self.stop_flight(org_id, stream_id, hand_over=hand_over)
         flight = await self.registry.stream(stream_id)
         if flight is None or flight.turn.org_id != org_id:
             return False
@@ -431,6 +437,24 @@ class TurnService:
         if flight.stop_listener(token, attached=False):
             return True
         return hand_over and await self.registry.stop_elsewhere(org_id, stream_id, token)
+
+    async def stop_flight(self, org_id: str, stream_id: str, *, hand_over: bool = True) -> bool:
+        """The org stops the answer itself (a Stop call with its key, no listener's token):
+        every listener's stream ends and every promised client's promise is dropped, here
+        and (with ``hand_over``) on the other instances, so the upstream is aborted at once.
+        False when the org has no such stream."""
+        flight = await self.registry.stream(stream_id)
+        if flight is None or flight.turn.org_id != org_id:
+            return await self.has_stream(org_id, stream_id)  # a finished one: nothing left to stop
+        for token, lease in list(self._leases.items()):
+            if lease.flight is flight and not lease.stopped:
+                flight.stop_listener(token, attached=True)
+                lease.stop()
+        for token in flight.promises():
+            flight.stop_listener(token, attached=False)
+        if hand_over:
+            await self.registry.stop_elsewhere(org_id, stream_id, EVERY_LISTENER)
+        return True
 
     async def _stop_handed_over(self, org_id: str, stream_id: str, token: str) -> bool:
         """A Stop call another instance handed over: taken here or nowhere."""

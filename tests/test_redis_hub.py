@@ -248,6 +248,29 @@ async def test_a_stop_for_a_client_promised_on_the_other_instance_is_handed_over
     assert messages[1]["status"] == "cancelled"
 
 
+async def test_a_stop_with_the_orgs_key_ends_the_listeners_of_every_instance(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider, cancel_grace_s=30.0, attach_timeout_s=30.0)  # only the Stop can explain an abort
+    tid = await a.new_thread()
+    body = {"content": "stop it everywhere", "provider": "scripted"}
+    async with a.open_stream(tid, body) as on_a, b.open_stream(tid, body) as on_b:
+        await within(on_a.content.readuntil(b"event: meta"), what="A's meta event")
+        await within(on_b.content.readuntil(b"event: meta"), what="B's meta event")
+        call = await provider.next_call()
+        call.send("started ")
+        await within(on_b.content.readuntil(b"started"), what="B to see the first delta")
+        stream_id = call_stream(a)
+        async with b.session.delete(f"{b.url}/api/streams/{stream_id}", headers=b.h()) as resp:
+            assert resp.status == 204, await resp.text()
+        await within(call.closed.wait(), 5, "the upstream to close")
+        for stream in (on_a, on_b):
+            rest = await within(collect(stream), 5, "each instance's stream to end")
+            assert not [e for e in rest if e.event in ("done", "error")]
+    messages = await within(_saved(b, tid), 5, "the answer to be saved")
+    assert (messages[1]["status"], messages[1]["content"]) == ("cancelled", "started ")
+    assert len(provider.calls) == 1
+
+
 async def _saved(gw: Gateway, tid: str) -> list[dict[str, Any]]:
     while True:
         messages = (await gw.thread(tid))["messages"]

@@ -125,7 +125,7 @@ async def test_a_stop_call_needs_a_token_of_that_stream_and_org(gateway_factory)
     accept = await accepted(gw, tid)
     call = await scripted.next_call()
     stream_id = accept["stream_id"]
-    assert await delete(gw, f"/api/streams/{stream_id}?org=org_a") == 400
+    assert await delete(gw, f"/api/streams/{stream_id}", org="org_b") == 404  # another org's key: not its answer
     assert await delete(gw, f"/api/streams/{stream_id}?org=org_a&token=guessed") == 404
     token = accept["stream_url"].partition("?token=")[2]
     org_b = base64.urlsafe_b64encode(b"org_b").rstrip(b"=").decode()
@@ -137,3 +137,28 @@ async def test_a_stop_call_needs_a_token_of_that_stream_and_org(gateway_factory)
     call.finish()
     async with gw.session.get(gw.url + accept["stream_url"]) as stream:
         assert text_of(await collect(stream)) == "fine"
+
+
+async def test_a_stop_with_the_orgs_key_and_no_token_ends_every_listener_and_aborts(gateway_factory) -> None:
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), **SLOW)
+    tid = await gw.new_thread()
+    accept = await accepted(gw, tid)  # a client promised the stream, not attached yet
+    async with gw.open_stream(tid, body()) as first, gw.open_stream(tid, body()) as second:
+        await meta_of(first)
+        await meta_of(second)
+        call = await scripted.next_call()
+        call.send("partial")
+        stream_id = accept["stream_id"]
+        assert await delete(gw, f"/api/streams/{stream_id}", org="org_b") == 404
+        assert await delete(gw, "/api/streams/msg_unknown") == 404
+        assert not call.closed.is_set()
+        assert await delete(gw, f"/api/streams/{stream_id}") == 204
+        await within(call.closed.wait(), 2, "the upstream to close (the grace and attach timeout are 30 s)")
+        for stream in (first, second):
+            rest = await within(collect(stream), 5, "each stream to end")
+            assert not [e for e in rest if e.event in ("done", "error")]
+    assert len(scripted.calls) == 1
+    message = await final_message(gw, tid)
+    assert (message["status"], message["content"]) == ("cancelled", "partial")
+    assert await delete(gw, f"/api/streams/{stream_id}") == 204  # stopped already: nothing changes

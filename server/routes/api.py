@@ -238,15 +238,16 @@ async def stop_stream(request: web.Request) -> web.Response:
 
     The token (the stream_url's, or the meta event's stop_url's) names the
     listener. Its stream ends; when it was the last listener the upstream is
-    aborted at once, with no grace. Other listeners keep the flight.
+    aborted at once, with no grace. Other listeners keep the flight. Without a
+    token, the caller's org (its key) stops the answer itself: every listener's
+    stream ends and the upstream is aborted at once.
     """
     stream_id = request.match_info["stream_id"]
-    if "token" not in request.query:
-        org = await require_org(request, allow_query=True)  # who asks is told first, then what is missing
-        if not await request.app[TURNS].has_stream(org, stream_id):
+    if "token" not in request.query:  # the org's key (or x-org-id): the org stops the whole answer
+        org = await require_org(request, allow_query=True)
+        if not await request.app[TURNS].stop_flight(org, stream_id):
             raise NotFound("stream not found")
-        raise BadRequest("?token= is required: the token of the stream_url (or of the meta event's stop_url)",
-                         param="token")
+        return web.Response(status=204)
     org, listener = await stream_caller(request, stream_id)
     if listener is None or not await request.app[TURNS].stop(org, stream_id, listener):
         raise NotFound("stream not found")
