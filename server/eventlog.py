@@ -12,11 +12,12 @@ the others nothing:
 
 - **By cursor** (:meth:`EventLog.read`, :meth:`EventLog.wait`): the next
   sequence number a subscriber wants plus a shared wake-up. Subscribers that
-  replay, catch up, or frame deltas their own way (``/v1``, :meth:`EventLog.deltas`)
-  read like this.
+  replay or catch up read like this (``/v1`` by :meth:`EventLog.deltas`: it
+  frames deltas its own way).
 - **Pushed** (:meth:`EventLog.subscribe`): a subscriber at the live edge hands
   the log a :class:`Sink`, and the log writes new frames to every sink itself,
-  with no task woken per subscriber. It does so in *passes* over the sinks:
+  with no task woken per subscriber; a sink with an :data:`Encoder` (``/v1``)
+  is written what that makes of the deltas and the end instead of the frames. It does so in *passes* over the sinks:
   a pass writes each sink, as one write, every frame it has not been written
   yet. A pass starts on the loop turn after an append; a long one (more than
   :data:`PASS_STEP` sinks) yields to the loop between steps, so that what the
@@ -53,12 +54,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, TypedDict
 
 import orjson
 
-__all__ = ["PING", "Delta", "DeltaExtra", "EventLog", "FinishedLog", "FlightLog", "Sink", "encode_event"]
+__all__ = ["PING", "Delta", "DeltaExtra", "Encoder", "EventLog", "FinishedLog", "FlightLog", "Sink", "encode_event"]
 
 #: the keep-alive comment pushed to idle subscribers
 PING = b": ping\n\n"
@@ -117,16 +118,23 @@ class Sink(Protocol):
         when the transport is paused over its high-water mark or gone."""
 
 
+#: how a surface that frames deltas its own way (``/v1``) has its sink written: the bytes
+#: of every delta from a cursor on, and of the end when the log is closed (b"" for none)
+Encoder = Callable[[int], bytes]
+
+
 class _Pushed:
-    """A pushed subscription: its sink (None once it ended), the sink's next unwritten seq
-    and how its subscriber waits."""
+    """A pushed subscription: its sink (None once it ended), the sink's next unwritten seq,
+    how its subscriber waits, and its encoder (None: the log's own frames)."""
 
-    __slots__ = ("cursor", "ended", "sink")
+    __slots__ = ("cursor", "encode", "ended", "sink")
 
-    def __init__(self, sink: Sink, cursor: int, ended: asyncio.Future[int | None]) -> None:
+    def __init__(self, sink: Sink, cursor: int, ended: asyncio.Future[int | None],
+                 encode: Encoder | None = None) -> None:
         self.sink: Sink | None = sink
         self.cursor = cursor
         self.ended = ended
+        self.encode = encode
 
 
 class FlightLog(Protocol):
@@ -166,7 +174,7 @@ class FlightLog(Protocol):
 
     async def wait(self, cursor: int) -> None: ...
 
-    def subscribe(self, sink: Sink, cursor: int) -> asyncio.Future[int | None]: ...
+    def subscribe(self, sink: Sink, cursor: int, encode: Encoder | None = None) -> asyncio.Future[int | None]: ...
 
     def unsubscribe(self, sink: Sink) -> None: ...
 
@@ -398,8 +406,9 @@ class EventLog:
 
     # -- pushed subscribers -------------------------------------------------
 
-    def subscribe(self, sink: Sink, cursor: int) -> asyncio.Future[int | None]:
-        """Push every frame from ``cursor`` on to ``sink``, from the next loop turn.
+    def subscribe(self, sink: Sink, cursor: int, encode: Encoder | None = None) -> asyncio.Future[int | None]:
+        """Push every frame from ``cursor`` on to ``sink``, from the next loop turn; with
+        ``encode``, what it returns instead of the log's frames (``/v1``'s chunks).
 
         Call it at the live edge (``cursor`` is past the last frame read), in the
         same step as that read. The future ends the subscription: ``None`` once
@@ -409,7 +418,7 @@ class EventLog:
         """
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[int | None] = loop.create_future()
-        sub = _Pushed(sink, cursor, ended)
+        sub = _Pushed(sink, cursor, ended, encode)
         self._drop(self._pushed.get(sink))
         self._pushed[sink] = sub
         self._order.append(sub)  # a pass under way reaches it too: it joins the end
@@ -477,7 +486,9 @@ class EventLog:
             if sink is None:
                 continue  # it left, fell back or was stopped
             cursor = sub.cursor
-            if cursor != common:  # almost every sink shares one cursor: one join serves them
+            if sub.encode is not None:  # a surface's own framing: its own bytes
+                common, data = -1, sub.encode(cursor)
+            elif cursor != common:  # almost every sink shares one cursor: one join serves them
                 common, data = cursor, b"".join(self.read(cursor)[0])
             if data:
                 if not sink.push(data):
@@ -606,9 +617,9 @@ class FinishedLog:
     async def wait(self, cursor: int) -> None:
         """Closed: there is never anything to wait for."""
 
-    def subscribe(self, sink: Sink, cursor: int) -> asyncio.Future[int | None]:
+    def subscribe(self, sink: Sink, cursor: int, encode: Encoder | None = None) -> asyncio.Future[int | None]:
         """Push the rest at once and end (readers normally finish by :meth:`read`)."""
-        sink.push(b"".join(self.read(cursor)[0]))
+        sink.push(b"".join(self.read(cursor)[0]) if encode is None else encode(cursor))
         ended: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         ended.set_result(None)
         return ended

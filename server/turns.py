@@ -36,7 +36,7 @@ import orjson
 
 from .config import Settings
 from .errors import BadRequest, GatewayError, IdempotencyKeyReused
-from .eventlog import Delta, Sink, encode_event
+from .eventlog import Delta, Encoder, Sink, encode_event
 from .flight import Flight, TurnRequest, context_budget, message_chars
 from .metrics import Metrics, RequestRecord
 from .providers import Provider
@@ -115,7 +115,7 @@ class Lease:
         self.answer = answer
         #: the client said it stops: its stream ends and it no longer holds the flight
         self.stopped = False
-        self._out: EventStream | None = None
+        self._out: Sink | None = None
 
     async def hold(self, until: Until) -> None:
         """Hold the status line until ``until`` or the flight's end, for at most one
@@ -176,18 +176,38 @@ class Lease:
                 self._out = out
                 ended = await log_.subscribe(out, cursor)
                 self._out = None
-                first_seq = self.flight.first_text_seq
-                if (self.ttft_s is None and first_seq is not None and cursor <= first_seq
-                        and (ended is None or ended > first_seq)):
-                    first = self.flight.first_text_at  # the first answer text was pushed to it
-                    if first is not None:
-                        self.ttft_s = max(0.0, first - self.started)
+                self._pushed(cursor, ended)
                 if ended is None or ended < 0:
                     return
                 cursor = ended
         finally:
             self._out = None
             log_.unsubscribe(out)
+
+    async def push(self, out: Sink, encode: Encoder, cursor: int) -> int | None:
+        """At the live edge, have the log write ``out`` itself, each delta from ``cursor`` on
+        as ``encode`` frames it (``/v1``'s chunks), the end included; returns when that
+        ends: None once the end was written, else the cursor to read on from (``out``
+        fell behind: nothing from there was written to it; or -1, stopped)."""
+        log_ = self.flight.log
+        self._out = out
+        try:
+            ended = await log_.subscribe(out, cursor, encode)
+        finally:
+            self._out = None
+            log_.unsubscribe(out)
+        self._pushed(cursor, ended)
+        return ended
+
+    def _pushed(self, cursor: int, ended: int | None) -> None:
+        """The log pushed deltas ``cursor`` to ``ended`` (the end, if None): note the TTFT
+        when the first answer text was among them."""
+        first_seq = self.flight.first_text_seq
+        if (self.ttft_s is None and first_seq is not None and cursor <= first_seq
+                and (ended is None or ended > first_seq)):
+            first = self.flight.first_text_at  # the first answer text was pushed to it
+            if first is not None:
+                self.ttft_s = max(0.0, first - self.started)
 
     def stop(self) -> None:
         """End this listener's stream where it is; it no longer holds the flight."""
@@ -201,6 +221,13 @@ class Lease:
         first = self.flight.first_text_seq
         if self.ttft_s is None and first is not None and cursor > first:
             self.ttft_s = time.perf_counter() - self.started
+
+    def take(self, cursor: int) -> tuple[list[Delta], int, bool]:
+        """The deltas from ``cursor`` on, as :meth:`deltas` hands them out, without an
+        iterator: ``(deltas, new cursor, finished)``; wait with ``flight.log.wait``."""
+        deltas, cursor, finished = self.flight.log.deltas(cursor)
+        self._saw_text(cursor)
+        return deltas, cursor, finished
 
     async def deltas(self) -> AsyncIterator[tuple[list[Delta], bool]]:
         """Every delta, batched as they arrive: ``(deltas, finished)``; for surfaces that

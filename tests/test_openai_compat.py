@@ -231,6 +231,62 @@ async def test_raw_stream_has_only_data_lines_and_ping_comments(gateway_factory)
     assert "".join(lines).count("[DONE]") == 1
 
 
+async def test_a_pushed_stream_that_falls_behind_catches_up_with_every_chunk_once_in_order(
+        gateway_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the live edge the log writes the chunks itself; a push its transport refuses (paused)
+    sends the handler back to its cursor: it writes what was missed, then is pushed to again."""
+    push, pushed, refused, pause = _http.PingedSSE.push, [], [], [False]
+
+    def spy(self: _http.PingedSSE, data: bytes) -> bool:
+        if data == _http.PING:
+            return push(self, data)
+        if pause[0]:
+            pause[0] = False
+            refused.append(data)
+            return False
+        pushed.append(data)
+        return push(self, data)
+
+    monkeypatch.setattr(_http.PingedSSE, "push", spy)
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted))
+    body = {"model": "scripted/scripted", "messages": user("behind"), "stream": True}
+    opening = asyncio.ensure_future(gw.session.post(f"{gw.url}/v1/chat/completions", json=body))
+    call = await scripted.next_call()
+    call.send("t0")  # the status line is held until the first text
+    async with await within(opening, 5, "the status line") as resp:
+        lines: list[str] = []
+
+        async def read_through(text: str) -> None:
+            while f'"content":"{text}"' not in (lines[-1] if lines else ""):
+                raw = await resp.content.readline()
+                assert raw, f"the stream ended early; lines: {lines!r}"
+                lines.append(raw.decode())
+
+        await within(read_through("t0"), 5, "the first text, written by the handler")
+        assert not pushed
+        call.send("t1")
+        await within(read_through("t1"), 5, "a pushed chunk")
+        assert len(pushed) == 1 and b'"content":"t1"' in pushed[0]
+        pause[0] = True
+        call.send("t2")
+        await within(read_through("t2"), 5, "the chunk the paused transport missed")
+        call.send("t3")
+        await within(read_through("t3"), 5, "a chunk pushed again")
+        call.finish()
+        lines += (await within(resp.content.read(), 5, "the end")).decode().splitlines(keepends=True)
+    assert len(refused) == 1 and b'"content":"t2"' in refused[0]  # the handler wrote it itself
+    assert not any(b'"content":"t2"' in data for data in pushed)
+    assert b'"content":"t3"' in pushed[1] and pushed[-1].endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert [c["choices"][0]["delta"].get("content") for c in chunks] == ["", "t0", "t1", "t2", "t3", None]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert len({c["id"] for c in chunks}) == 1
+    assert [line for line in lines if line.strip()][-1] == "data: [DONE]\n"
+    assert "".join(lines).count("[DONE]") == 1
+    assert gw.metrics.registry.get_sample_value("dac_active_listeners") == 0
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 

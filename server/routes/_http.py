@@ -197,13 +197,14 @@ class PingedSSE:
     buffers. A short stream never needs it, and saves the system calls.
     """
 
-    __slots__ = ("_due", "_interval", "_pinging", "_request", "_saved_user_timeout", "_socket", "_timeout",
-                 "response")
+    __slots__ = ("_chunked", "_due", "_interval", "_pinging", "_request", "_saved_user_timeout", "_socket",
+                 "_timeout", "response")
 
     def __init__(self, request: web.Request, response: web.StreamResponse, *, ping_interval: float,
                  send_timeout: float) -> None:
         self.response = response
         self._request = request
+        self._chunked = request.version >= HttpVersion11
         self._interval = ping_interval
         self._timeout = send_timeout
         self._socket: Any = None
@@ -228,6 +229,20 @@ class PingedSSE:
             await self.response.write(frames)
             return
         await send(self.response, frames, self._timeout)
+
+    def push(self, data: bytes) -> bool:
+        """Write ``data`` straight to the transport, framed as an HTTP/1.1 chunk, without
+        waiting (the log's push, see :class:`SSEStream`): False, having written nothing,
+        when more than ``HIGH_WATER_BYTES`` are unsent or the connection is gone. Only
+        after a first :meth:`write`, which sent the status line. The log's keep-alive
+        comments are left out: this stream pings on its own timer."""
+        if not data or data == PING:
+            return True
+        transport = self._request.transport
+        if transport is None or transport.get_write_buffer_size() > HIGH_WATER_BYTES or transport.is_closing():
+            return False
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        return True
 
     async def _ping(self) -> None:
         self._set_user_timeout()

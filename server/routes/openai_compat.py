@@ -289,21 +289,46 @@ def _reusable(policy: str, params: dict[str, Any], idempotency_key: str | None) 
 
 
 
+#: the delta of the first chunk of every streamed answer
+ROLE_DELTA = {"role": "assistant", "content": "", "refusal": None}
+
+
 async def _stream(request: web.Request, lease: Lease, call: _Call) -> web.StreamResponse:
     """Write the flight as chunk objects, one per upstream chunk (a replay keeps the
-    original chunking); whatever arrived since the last write goes in one write."""
+    original chunking); whatever arrived since the last write goes in one write.
+
+    The first write (it carries the status line) and any catching up are awaited
+    writes; at the live edge the log writes the chunks itself, straight from its
+    append (:meth:`Lease.push`), and this handler sleeps until the end, or until
+    its client fell behind (its transport paused): then it catches up again from
+    where the pushes stopped.
+    """
     flight = lease.flight
+    log_ = flight.log
     answer = Completion(flight=flight, model=call.model)
+
+    def encode(cursor: int) -> bytes:
+        deltas, _, finished = log_.deltas(cursor)
+        frames = [answer.chunk(delta) for d in deltas if (delta := delta_object(d))]
+        if finished:
+            frames.extend(_ending(answer, flight, call))
+        return b"".join(frames)
+
     stream = await open_sse(request, headers={COALESCE_HEADER: lease.role})
     async with stream:  # stops the keep-alive pings however the stream ends
-        frames = [answer.chunk({"role": "assistant", "content": "", "refusal": None})]
-        async for deltas, finished in lease.deltas():
+        frames = [answer.chunk(ROLE_DELTA)]
+        cursor: int | None = 1
+        while cursor is not None and cursor > 0:
+            deltas, cursor, finished = lease.take(cursor)
             frames.extend(answer.chunk(delta) for d in deltas if (delta := delta_object(d)))
             if finished:
                 frames.extend(_ending(answer, flight, call))
             if frames:
                 await stream.write(b"".join(frames))
                 frames = []
+            if finished:
+                break
+            cursor = await lease.push(stream, encode, cursor)
     return stream.response
 
 
