@@ -470,7 +470,9 @@ class EventLog:
         self._flush_handle = None
         begin = self._pass_next
         if begin is None:  # a new pass
-            if not self._pushed:
+            if not self._pushed:  # every sink left since the pass was asked for
+                self._order, self._ended_in_order = [], 0
+                self._end_done()
                 return
             if self._ended_in_order > len(self._order) // 2:
                 self._compact()
@@ -515,7 +517,11 @@ class EventLog:
         if self._ping_handle is not None and (final is not None or not self._pushed):
             self._ping_handle.cancel()
             self._ping_handle = None
-        if self._done:  # the last pass of the log: every subscription it ended ends now
+        self._end_done()
+
+    def _end_done(self) -> None:
+        """After the last pass of the log: every subscription it ended ends now."""
+        if self._done:
             done, self._done = self._done, []
             for ended in done:
                 _end(ended, None)

@@ -197,6 +197,23 @@ async def test_a_final_pass_over_many_sinks_ends_every_one_of_them() -> None:
     assert all(sink.events() == [delta(1, "a"), ("done", 2, "{}")] for sink in sinks)
 
 
+async def test_a_close_during_a_pass_ends_the_sinks_it_reached_even_when_the_others_all_leave() -> None:
+    """The final frame reaches the later sinks in the pass under way; the earlier ones leave
+    before the pass that would write it to them: the later ones' handlers still wake up."""
+    log = EventLog(capacity=8, ping_interval_s=None)
+    sinks = [FakeSink() for _ in range(PASS_STEP + 44)]
+    ended = [log.subscribe(sink, 1) for sink in sinks]
+    log.append("a")
+    await asyncio.sleep(0)  # the first step: the first PASS_STEP sinks are written delta 1
+    log.close(encode_event("done", {}, 2))  # during the pass: the later sinks get it in this pass
+    await asyncio.sleep(0)  # the second step: the later sinks are written delta 1 and the end
+    for sink in sinks[:PASS_STEP]:  # the clients the end has not reached leave first
+        log.unsubscribe(sink)
+    later = await within(asyncio.gather(*ended[PASS_STEP:]), 1, "the later subscriptions to end")
+    assert later == [None] * 44
+    assert all(sink.events() == [delta(1, "a"), ("done", 2, "{}")] for sink in sinks[PASS_STEP:])
+
+
 async def test_subscribers_that_come_and_go_while_nothing_is_appended_leave_nothing_behind() -> None:
     log = EventLog(capacity=8)
     staying = FakeSink()
