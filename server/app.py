@@ -61,7 +61,9 @@ def build_store(settings: Settings, *, server: bool = True) -> Store:
         from .pg_store import PostgresStore  # asyncpg is loaded only where it is used
 
         return PostgresStore(settings.database_url, pool_size=settings.database_pool_size, recover=recover)
-    return SQLiteStore(settings.db_path, cache=server, recover=recover)
+    # the caches know only this process's writes: with several workers on one file (Redis
+    # shares their flights) another worker's turn would be missing from them, so none is kept
+    return SQLiteStore(settings.db_path, cache=server and not settings.redis_url, recover=recover)
 
 
 async def open_registry(settings: Settings, *, store: Store, metrics: Metrics, providers: ProviderRegistry,

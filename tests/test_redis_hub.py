@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,8 +42,8 @@ async def pair(redis_server: RedisServer, postgres: PostgresServer) -> AsyncIter
 
     async def make(provider: ScriptedProvider | None = None, **settings: Any) -> tuple[Gateway, Gateway]:
         providers = registry(provider) if provider is not None else None
-        base = Settings.from_env({}).with_(auth="header", redis_url=redis_server.url, redis_prefix=prefix,
-                                           database_url=url, **settings)
+        base = Settings.from_env({}).with_(**{"auth": "header", "redis_url": redis_server.url,
+                                              "redis_prefix": prefix, "database_url": url, **settings})
         for _ in range(2):
             gw = await start_gateway(base, providers)
             started.append(gw)
@@ -269,6 +270,26 @@ async def test_a_stop_with_the_orgs_key_ends_the_listeners_of_every_instance(pai
     messages = await within(_saved(b, tid), 5, "the answer to be saved")
     assert (messages[1]["status"], messages[1]["content"]) == ("cancelled", "started ")
     assert len(provider.calls) == 1
+
+
+async def test_workers_on_one_sqlite_file_send_the_whole_conversation_whoever_wrote_it(
+        pair: Pair, tmp_path: Path) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider, database_url=None, db_path=str(tmp_path / "shared.db"))
+    tid = await a.new_thread()  # made on A
+    turn = asyncio.ensure_future(b.post(tid, {"content": "my name is Ada", "provider": "scripted"}))
+    call = await provider.next_call()
+    call.send("hi Ada")
+    call.finish()
+    assert (await within(turn))[0] == 200
+    second = asyncio.ensure_future(a.post(tid, {"content": "what is my name?", "provider": "scripted"}))
+    call = await provider.next_call()
+    # A sends the turn B wrote: no process keeps a conversation the other could have changed
+    assert [(m["role"], m["content"]) for m in call.request.messages] == [
+        ("user", "my name is Ada"), ("assistant", "hi Ada"), ("user", "what is my name?")]
+    call.send("Ada")
+    call.finish()
+    assert (await within(second))[0] == 200
 
 
 async def _saved(gw: Gateway, tid: str) -> list[dict[str, Any]]:
