@@ -213,7 +213,11 @@ class SQLiteStore:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
             for column, add in UPGRADE:
                 if column not in columns:
-                    conn.execute(add)
+                    try:
+                        conn.execute(add)
+                    except sqlite3.OperationalError as exc:  # workers starting together: one adds it
+                        if "duplicate column" not in str(exc):
+                            raise
             conn.execute(AFTER_UPGRADE)
             if self.recover:
                 conn.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")

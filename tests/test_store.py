@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from server import sqlite_store
 from server.app import build_store
 from server.config import Settings
 from server.sqlite_store import SCHEMA, SQLiteStore
@@ -387,6 +388,34 @@ async def test_an_older_sqlite_file_gains_the_owner_column_at_open(tmp_path: Pat
         assert await store.streaming_owners() == [None]
         assert await store.streaming_answers([None]) == ["msg_1"]
         _, assistant = await begin(store, org_id="org_a", thread_id="thr_1", owner="inst_a")
+        assert await store.streaming_answers(["inst_a"]) == [assistant["message_id"]]
+    finally:
+        await store.close()
+
+
+async def test_workers_opening_an_older_file_together_each_open_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "old.db"
+    old_schema = re.sub(r"\n    owner [^\n]*", "", SCHEMA).replace("DEFAULT 0,  --", "DEFAULT 0  --")
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+    upgrade = sqlite_store.UPGRADE
+
+    class AnotherWorkerFirst:
+        """The other worker adds the column between this one's look and its ALTER."""
+
+        def __iter__(self) -> Iterator[tuple[str, str]]:
+            with sqlite3.connect(path) as other:
+                for _, add in upgrade:
+                    other.execute(add)
+            return iter(upgrade)
+
+    monkeypatch.setattr(sqlite_store, "UPGRADE", AnotherWorkerFirst())
+    store = SQLiteStore(str(path), recover=False)
+    await within(store.open())  # "duplicate column name: owner" was a failed start
+    try:
+        thread = await store.create_thread("org_a", "t")
+        _, assistant = await begin(store, org_id="org_a", thread_id=thread["thread_id"], owner="inst_a")
         assert await store.streaming_answers(["inst_a"]) == [assistant["message_id"]]
     finally:
         await store.close()
