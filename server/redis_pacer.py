@@ -71,17 +71,18 @@ local limit, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 for i = 4, #ARGV, 3 do
   local m, org = ARGV[i], ARGV[i + 1]
-  if ARGV[i + 2] == '1' then
+  if not redis.call('ZSCORE', KEYS[1], m) then
     local q = ARGV[1] .. org
-    if redis.call('LLEN', q) == 0 then
-      redis.call('LREM', KEYS[2], 0, org)
-      redis.call('RPUSH', KEYS[2], org)
+    -- a newcomer, or a waiter its queue lost (it lapsed, or Redis lost the key): in line again
+    if ARGV[i + 2] == '1' or not redis.call('LPOS', q, m) then
+      if redis.call('LLEN', q) == 0 then
+        redis.call('LREM', KEYS[2], 0, org)
+        redis.call('RPUSH', KEYS[2], org)
+      end
+      redis.call('RPUSH', q, m)
     end
-    redis.call('RPUSH', q, m)
-    redis.call('PEXPIRE', q, 4 * lease)
+    redis.call('PEXPIRE', q, 4 * lease)  -- the queue lives as long as its waiters ask
     redis.call('ZADD', KEYS[3], now + lease, m)
-  else
-    redis.call('ZADD', KEYS[3], 'XX', now + lease, m)
   end
 end
 while redis.call('ZCARD', KEYS[1]) < limit do

@@ -172,3 +172,29 @@ async def test_a_slot_asked_for_ahead_never_overtakes_a_waiter_of_another_instan
     async with two.slot("prov", 1, org="y"):
         assert await client.zrange(f"{prefix}{{slots:prov}}", 0, -1) == [ahead.member.encode()]
     assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
+
+
+async def test_a_waiter_behind_a_call_longer_than_the_queue_keys_live_is_still_served(
+        redis_server: RedisServer, redis: tuple[aioredis.Redis, str]) -> None:
+    client, prefix = redis
+    # lease 0.2 s: a queue key nobody renewed would lapse after 4 leases, well within this call
+    pacers = [RedisPacer(aioredis.Redis.from_url(redis_server.url, protocol=2), prefix=prefix, lease_s=0.2,
+                         queue_timeout_s=10) for _ in range(2)]
+    calls = Calls()
+    try:
+        calls.start(pacers[0], "long", "x")
+        await wait_until(lambda: calls.order == ["long"], "the long call to take the only slot")
+        calls.start(pacers[1], "waits", "y")
+        await queued(redis, 1)
+        await asyncio.sleep(1.5)  # longer than 4 leases: the waiter's queue lives while it asks
+        assert await client.exists(f"{prefix}{{slots:prov}}:q:y") == 1
+        await calls.release("long")
+        assert calls.order == ["long", "waits"]
+        calls.finish("waits")
+        await within(asyncio.gather(*calls.tasks), 5, "every call to end")
+    finally:
+        for task in calls.tasks:
+            task.cancel()
+        await asyncio.gather(*calls.tasks, return_exceptions=True)
+        for pacer in pacers:
+            await pacer.redis.aclose()
