@@ -246,17 +246,11 @@ class RedisPacer:
         if use and not lane.waiters:
             lane.granted.append((ahead.member, time.monotonic()))
         else:  # not needed, or calls came to wait meanwhile: the queue decides whose it is
-            self._give_back(lane.keys[0], ahead.member, lane if lane.waiters else None)
+            self._give_back(lane, ahead.member)
 
-    def _give_back(self, key: str, member: str, wake: _Lane | None = None) -> None:
-        async def zrem() -> None:
-            try:
-                await self.redis.zrem(key, member)
-            except RedisError:
-                pass  # it lapses after one lease
-            if wake is not None and wake.waiters:
-                self._poll_soon(wake)
-        task = asyncio.get_running_loop().create_task(zrem())
+    def _give_back(self, lane: _Lane, member: str) -> None:
+        """:meth:`_release` a slot nobody here will use, without waiting for it."""
+        task = asyncio.get_running_loop().create_task(self._release(lane, member))
         self._returning.add(task)
         task.add_done_callback(self._returning.discard)
 
@@ -267,7 +261,7 @@ class RedisPacer:
             member, when = lane.granted.pop(0)
             if now - when < self.lease_ms / 2000:
                 return member
-            self._give_back(lane.keys[0], member)
+            self._give_back(lane, member)
         return None
 
     async def _wait(self, lane: _Lane, provider: str, org: str) -> str:
