@@ -472,7 +472,8 @@ class TurnService:
         False when the org has no such stream."""
         flight = await self.registry.stream(stream_id)
         if flight is None or flight.turn.org_id != org_id:
-            return await self.has_stream(org_id, stream_id)  # a finished one: nothing left to stop
+            # a finished one: nothing left to stop (the registry was asked already)
+            return await self.store.get_answer(org_id, stream_id) is not None
         for token, lease in list(self._leases.items()):
             if lease.flight is flight and not lease.stopped:
                 flight.stop_listener(token, attached=True)
