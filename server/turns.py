@@ -457,9 +457,7 @@ class TurnService:
             return False
         lease = self._leases.get(token)
         if lease is not None and lease.flight is flight:
-            if not lease.stopped:
-                flight.stop_listener(token, attached=True)
-                lease.stop()
+            _stop_lease(flight, token, lease)
             return True
         if flight.stop_listener(token, attached=False):
             return True
@@ -475,9 +473,8 @@ class TurnService:
             # a finished one: nothing left to stop (the registry was asked already)
             return await self.store.get_answer(org_id, stream_id) is not None
         for token, lease in list(self._leases.items()):
-            if lease.flight is flight and not lease.stopped:
-                flight.stop_listener(token, attached=True)
-                lease.stop()
+            if lease.flight is flight:
+                _stop_lease(flight, token, lease)
         for token in flight.promises():
             flight.stop_listener(token, attached=False)
         if hand_over:
@@ -541,3 +538,10 @@ class TurnService:
             return False
         await self.registry.thread_deleted(org_id, thread_id)
         return True
+
+
+def _stop_lease(flight: Flight, token: str, lease: Lease) -> None:
+    """End the stream of a listener held here, said to stop on purpose (once)."""
+    if not lease.stopped:
+        flight.stop_listener(token, attached=True)
+        lease.stop()
