@@ -39,6 +39,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -119,6 +120,29 @@ UPGRADE = (
     ("owner", "ALTER TABLE messages ADD COLUMN owner TEXT"),
 )
 AFTER_UPGRADE = "CREATE INDEX IF NOT EXISTS messages_streaming_owner ON messages (owner) WHERE status = 'streaming'"
+
+
+#: how long an open waits for another process switching the same new file to WAL
+WAL_SWITCH_WAIT_S = 5.0
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting while another process switches the same file.
+
+    SQLite answers "database is locked" at once, without its busy handler, to a connection
+    that asks for WAL while another one is converting the file: workers that start together
+    on a new file meet it. The others' switch is done within milliseconds, so try again."""
+    deadline = time.monotonic() + WAL_SWITCH_WAIT_S
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 class _History:
@@ -205,7 +229,7 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")

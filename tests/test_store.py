@@ -431,6 +431,44 @@ async def test_sqlite_creates_its_folder_and_uses_wal(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_workers_opening_a_new_file_together_each_open_it(tmp_path: Path) -> None:
+    """Another process is mid-write on a file still in rollback-journal mode (as a worker
+    creating the schema while its sibling starts): asking for WAL then fails at once with
+    "database is locked", past the busy timeout. The open waits for the other and goes on."""
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE other_worker (x)")
+    other.execute("BEGIN IMMEDIATE")
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.2, other.execute, "COMMIT")
+    store = SQLiteStore(str(path), recover=False)
+    try:
+        await within(store.open(), what="the open behind the other worker")
+        thread = await within(store.create_thread("org_a", "t"))
+        assert [t["thread_id"] for t in await within(store.list_threads("org_a"))] == [thread["thread_id"]]
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        await store.close()
+        other.close()
+
+
+async def test_a_sqlite_file_locked_past_the_wait_names_dac_db(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "held.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TABLE other_worker (x)")
+    other.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr(sqlite_store, "WAL_SWITCH_WAIT_S", 0.2)
+    store = SQLiteStore(str(path), recover=False)
+    try:
+        with pytest.raises(StoreOpenError, match="DAC_DB: .*database is locked"):
+            await within(store.open())
+        assert not store.is_open
+    finally:
+        other.close()
+
+
 async def test_sqlite_file_that_cannot_be_opened_names_dac_db(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("a file where the folder should be")
     store = SQLiteStore(str(tmp_path / "taken" / "dac.db"))
