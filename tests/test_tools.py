@@ -255,6 +255,14 @@ def test_bench_quick_reports_every_figure_beside_its_target(tmp_path: Path) -> N
     assert 10 < checks["rss_idle_mb"]["value"] < 1000 and checks["rss_return_mb"]["value"] < 1000
     soak = report["sections"]["6"]["soak"]
     assert soak["failed"] == 0 and soak["cached_after_ttl"] == 0 < soak["cached_after_requests"]
+    # The floor, a bare aiohttp proxy, answers every run in full too; the gateway's own share is
+    # its figure minus the floor's.
+    ttft = report["sections"]["1"]["columns"]
+    assert ttft["floor"]["runs"] > 0 and ttft["floor"]["errors"] == 0
+    assert ttft["v1"]["added_median_over_floor_s"] == pytest.approx(
+        ttft["v1"]["added_median_s"] - ttft["floor"]["added_median_s"])
+    assert report["sections"]["4"]["columns"]["floor"]["rps"] > 0
+    assert "aiohttp proxy (floor)" in out.stdout
     for key, field_ in (("1", "errors"), ("4", "failed")):
         assert all(col[field_] == 0 for col in report["sections"][key]["columns"].values())
     assert all(not col["failures"] for how in ("close", "stop") for col in

@@ -35,6 +35,9 @@ def _parser(fanout_only: bool) -> argparse.ArgumentParser:
                                  "4 throughput, 5 fan-out, 6 memory (default all)")
         parser.add_argument("--litellm", default="auto",
                             help="LiteLLM's proxy: auto (use it if installed), off, or the command to run")
+        parser.add_argument("--floor", choices=("on", "off"), default="on",
+                            help="the 'aiohttp proxy (floor)' column, tools/bare_proxy.py: what a bare aiohttp "
+                                 "hop adds on this machine (default on)")
         parser.add_argument("--strict", action="store_true", help="exit 1 when any target fails, too")
     parser.add_argument("--fanout-levels", "--subscribers", dest="subscribers", default=None,
                         help="fan-out levels, comma-separated (default 1000,10000; --quick: 200)")
@@ -54,7 +57,7 @@ def parse_args(argv: list[str] | None, *, fanout_only: bool = False) -> argparse
     parser = _parser(fanout_only)
     args = parser.parse_args(argv)
     if fanout_only:
-        args.sections, args.litellm, args.strict = "5", "off", False
+        args.sections, args.litellm, args.strict, args.floor = "5", "off", False, "off"
     try:
         args.sections = {int(s) for s in args.sections.split(",") if s.strip()}
         levels = tuple(int(s) for s in args.subscribers.split(",")) if args.subscribers else None
@@ -97,7 +100,8 @@ def _side_sections(args: argparse.Namespace, report: dict[str, Any], setup: list
                    litellm_cmd: list[str] | None, cores: tuple[set[int] | None, set[int] | None]) -> bool:
     """Sections 1-4 and 6 into ``report``; True if a check of ours failed."""
     results, via_fake = side_by_side(args.plan, args.sections - {5}, litellm_cmd=litellm_cmd,
-                                     server_cores=cores[0], load_cores=cores[1], report=report)
+                                     server_cores=cores[0], load_cores=cores[1], report=report,
+                                     floor=args.floor == "on")
     route = ("its openai provider" if via_fake else
              "its built-in mock with the same timings (this gateway has no openai provider)")
     setup.append(f"Upstream: tools/fake_openai.py in its own process (OpenAI chat.completions wire format); "

@@ -26,7 +26,7 @@ RSS_SAMPLE_S = 0.05
 class Target:
     """One column: a way of reaching the fake upstream."""
 
-    name: str  # "direct", "v1", "api", "litellm"
+    name: str  # "direct", "v1", "api", FLOOR, "litellm"
     #: "openai": POST {base}/chat/completions to an OpenAI-compatible server; "v1": POST
     #: {base}/v1/chat/completions, the gateway's stateless surface; "dac": the gateway's thread API at {base}
     kind: str
@@ -204,6 +204,9 @@ class Bench:
             ok = resp.status == 200 and len(data) > 0
         return ok, time.monotonic() - started
 
+
+#: the column of tools/bare_proxy.py: what any aiohttp hop adds on this machine
+FLOOR = "floor"
 
 #: the columns whose failures are ours (a third-party column only reports)
 OUR_COLUMNS = ("direct", "v1", "api")

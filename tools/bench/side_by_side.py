@@ -1,13 +1,15 @@
 """Sections 1-4 and 6: the columns side by side against one fake upstream in its own process.
 
 Columns: ``direct`` (the client calls the fake itself), ``gateway /v1`` and
-``gateway /api`` (one gateway process, both surfaces), and ``litellm`` where
-LiteLLM's proxy is installed. Section 6 starts a gateway of its own.
+``gateway /api`` (one gateway process, both surfaces), ``aiohttp proxy (floor)``
+(``tools/bare_proxy.py``: the least an aiohttp hop costs here, pinned to the
+gateway's core) and ``litellm`` where LiteLLM's proxy is installed. Section 6 starts a gateway of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import uuid
 from typing import Any
@@ -18,7 +20,7 @@ import uvloop
 
 from tools._common import ServerProcess, progress
 from tools.bench.cancel import section_cancel
-from tools.bench.harness import FAKE_KEY, FAKE_MODEL, REQUEST_TIMEOUT, Bench, Target
+from tools.bench.harness import FAKE_KEY, FAKE_MODEL, FLOOR, REQUEST_TIMEOUT, Bench, Target
 from tools.bench.identical import IDENTICAL_STREAMS, section_identical
 from tools.bench.litellm_proxy import start_litellm
 from tools.bench.memory import measure_memory, section_memory
@@ -94,15 +96,24 @@ def _columns(fake: ServerProcess, gateway: ServerProcess) -> list[Target]:
 
 
 def side_by_side(plan: Plan, sections: set[int], *, litellm_cmd: list[str] | None, server_cores: set[int] | None,
-                 load_cores: set[int] | None, report: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], bool]:
-    """Start the fake upstream, the gateway and (if wanted) LiteLLM's proxy, and run ``sections``
-    against them. Returns the sections and whether the gateway reached the fake."""
+                 load_cores: set[int] | None, report: dict[str, Any],
+                 floor: bool = True) -> tuple[dict[int, dict[str, Any]], bool]:
+    """Start the fake upstream, the gateway, the floor (``tools/bare_proxy.py``, with ``floor``) and
+    (if wanted) LiteLLM's proxy, and run ``sections`` against them. Returns the sections and whether
+    the gateway reached the fake."""
     litellm_proc = None
-    with ServerProcess(command=[sys.executable, "-m", "tools.fake_openai", "--port", "{port}"],
-                       ready_path="/v1/models", cores=load_cores) as fake, \
-         ServerProcess(cores=server_cores, env={"OPENAI_BASE_URL": f"{fake.url}/v1",
-                                                "OPENAI_API_KEY": FAKE_KEY}) as gateway:
+    with contextlib.ExitStack() as stack:
+        fake = stack.enter_context(ServerProcess(command=[sys.executable, "-m", "tools.fake_openai", "--port", "{port}"],
+                                                 ready_path="/v1/models", cores=load_cores))
+        gateway = stack.enter_context(ServerProcess(cores=server_cores, env={"OPENAI_BASE_URL": f"{fake.url}/v1",
+                                                                            "OPENAI_API_KEY": FAKE_KEY}))
         targets = _columns(fake, gateway)
+        if floor:
+            bare = stack.enter_context(ServerProcess(
+                command=[sys.executable, "-m", "tools.bare_proxy", "--port", "{port}", "--upstream", f"{fake.url}/v1"],
+                ready_path="/v1/models", cores=server_cores))
+            targets.append(Target(name=FLOOR, label="aiohttp proxy (floor)", kind="openai", base=f"{bare.url}/v1",
+                                  proc=bare))
         if litellm_cmd is not None:
             progress(f"starting LiteLLM's proxy: {' '.join(litellm_cmd)}")
             try:

@@ -12,7 +12,7 @@ from typing import Any
 
 from server.providers.mock import mock_answer
 from tools._common import percentile
-from tools.bench.harness import Bench, Target, broken, fmt_ms, fmt_ratio, ratio
+from tools.bench.harness import FLOOR, Bench, Target, broken, fmt_ms, fmt_ratio, ratio
 from tools.bench.targets import Check, as_added_ms
 
 #: the fake upstream's timing for this section: only the first token matters
@@ -47,7 +47,10 @@ async def section_ttft(bench: Bench, *, rounds: int) -> dict[str, Any]:
                     "the clock starts) with `Accept: text/event-stream`. TTFT runs from the request to the "
                     "first piece of text; added = the column's percentile minus direct's. The two legs come from the "
                     "fake's record of each call (same CLOCK_MONOTONIC): from sending the request to the upstream "
-                    "call starting, and from the upstream's first token being due to the client reading it.",
+                    "call starting, and from the upstream's first token being due to the client reading it. "
+                    "The floor column is a bare aiohttp proxy on the gateway's core (tools/bare_proxy.py): what "
+                    "it adds over direct, any aiohttp hop adds on this machine; the rows 'of which the "
+                    "gateway's own' take it away from the gateway's figures.",
             "columns": cols, "rows": _rows(bench.targets, cols), "checks": _checks(cols),
             "broken": broken(cols, "errors")}
 
@@ -70,6 +73,13 @@ def _columns(targets: list[Target], ttfts: dict[str, list[float]], errors: dict[
         cols[t.name] = {"ttft_median_s": mine[50], "ttft_p95_s": mine[95], "errors": errors[t.name],
                         "added_median_s": added[50], "added_p95_s": added[95],
                         "ratio_median": ratio(mine[50], base[50]), "runs": len(ttfts[t.name])}
+    floor = cols.get(FLOOR)
+    for t in targets:
+        if floor is not None and t.gateway:
+            for key in ("added_median_s", "added_p95_s"):
+                mine_, floor_ = cols[t.name][key], floor[key]
+                cols[t.name][f"{key[:-2]}_over_floor_s"] = (None if mine_ is None or floor_ is None
+                                                            else mine_ - floor_)
     return cols
 
 
@@ -94,11 +104,22 @@ def _rows(targets: list[Target], cols: dict[str, dict[str, Any]]) -> list[tuple[
         seconds = cols[name][key]
         return "-" if name == "direct" else ("n/a" if seconds is None else f"{seconds * 1000:+.2f} ms")
 
+    def over_floor(name: str, key: str) -> str:
+        seconds = cols[name].get(key)
+        return "-" if seconds is None else f"{seconds * 1000:+.2f} ms"
+
+    floor_rows = [
+        ("... of which the gateway's own (over the floor), p50",
+         *[over_floor(t.name, "added_median_over_floor_s") for t in targets]),
+        ("... of which the gateway's own (over the floor), p95",
+         *[over_floor(t.name, "added_p95_over_floor_s") for t in targets]),
+    ] if FLOOR in cols else []
     return [
         ("TTFT p50", *[fmt_ms(cols[t.name]["ttft_median_s"]) for t in targets]),
         ("TTFT p95", *[fmt_ms(cols[t.name]["ttft_p95_s"]) for t in targets]),
         ("added over direct, p50", *[added(t.name, "added_median_s") for t in targets]),
         ("added over direct, p95", *[added(t.name, "added_p95_s") for t in targets]),
+        *floor_rows,
         ("ratio to direct (p50)", *[fmt_ratio(cols[t.name]["ratio_median"]) for t in targets]),
         ("request → upstream call started, p50", *[_leg(cols[t.name], "to_upstream_p50_s") for t in targets]),
         ("upstream's first token → client, p50", *[_leg(cols[t.name], "from_upstream_p50_s") for t in targets]),
