@@ -348,7 +348,12 @@ class RedisPacer:
                     return
                 for member in map(_decode, got):
                     found = lane.waiters.get(member)
-                    if found is not None and not found[1].done():
+                    if found is None:
+                        # It left while this call was on its way, and Redis heard of it first: its
+                        # leaving found nothing to take back, then this call queued it anew and
+                        # handed it a slot. Nobody holds that slot: give it back now, not after a lease.
+                        await self._release(lane, member)
+                    elif not found[1].done():
                         found[1].set_result(None)
                 if lane.wake.is_set():
                     continue

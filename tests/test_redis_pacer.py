@@ -157,6 +157,7 @@ async def test_a_slot_asked_for_ahead_never_overtakes_a_waiter_of_another_instan
     # second is refused its slot ahead, and will queue behind
     ahead = two.ahead("prov", 1)
     assert ahead is not None
+    await client.script_load(redis_pacer._TAKE)  # the command is an EVALSHA: a caller's pipeline loads it
     assert await client.execute_command(*ahead.command) == 0
     assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
     calls.finish("held")
@@ -198,3 +199,39 @@ async def test_a_waiter_behind_a_call_longer_than_the_queue_keys_live_is_still_s
         await asyncio.gather(*calls.tasks, return_exceptions=True)
         for pacer in pacers:
             await pacer.redis.aclose()
+
+
+async def test_a_waiter_that_left_while_its_poll_was_on_its_way_leaves_no_slot_held(
+        pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    """The waiter is cancelled while its instance's poll is on its way to Redis; its leaving
+    reaches Redis first (on another connection), then the poll queues it and hands it the slot
+    just freed. That slot must go back at once, not stay with a ghost for a whole lease."""
+    one, _ = pacers()
+    client, prefix = redis
+    calls = Calls()
+    calls.start(one, "held", "x")
+    await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
+    real_queue = one._queue
+    entered, go = asyncio.Event(), asyncio.Event()
+
+    async def held_back_queue(**kwargs: object) -> object:
+        entered.set()
+        await go.wait()
+        return await real_queue(**kwargs)
+
+    one._queue = held_back_queue  # type: ignore[assignment]
+    calls.start(one, "ghost", "y")
+    await within(entered.wait(), 5, "the waiter's poll to leave for Redis")
+    calls.tasks[1].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await within(calls.tasks[1], 5, "the waiter to leave")
+    calls.finish("held")
+    await within(calls.tasks[0], 5, "the held call to end")
+    assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
+    go.set()  # the poll reaches Redis now: the free slot is handed to the member that left
+    lane = one._lanes["prov"]
+    await wait_until(lambda: lane.poller is None, "the poll to finish")
+    assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
+    one._queue = real_queue  # type: ignore[assignment]
+    async with asyncio.timeout(5), one.slot("prov", 1, org="z"):  # the next call takes it at once
+        assert await client.zcard(f"{prefix}{{slots:prov}}") == 1
