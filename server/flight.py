@@ -302,9 +302,13 @@ class Flight:
             self.abort(DropReason.CLIENT_STOP)
         return True
 
-    def promises(self) -> list[str]:
-        """The tokens of the stream_urls promised and not attached yet."""
-        return list(self._promised)
+    def stop_all(self) -> None:
+        """The org stops the answer itself: every promise is dropped, and when no listener
+        holds the flight here but those already stopping (none came back during a grace)
+        it is aborted now, unless another instance holds it."""
+        self._promised.clear()
+        if self.listeners - self.stopping == 0:
+            self.abort(DropReason.CLIENT_STOP)
 
     def promised(self, token: str) -> bool:
         """Whether ``token`` names a stream_url promised and not attached yet."""

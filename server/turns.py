@@ -475,8 +475,7 @@ class TurnService:
         for token, lease in list(self._leases.items()):
             if lease.flight is flight:
                 _stop_lease(flight, token, lease)
-        for token in flight.promises():
-            flight.stop_listener(token, attached=False)
+        flight.stop_all()
         if hand_over:
             await self.registry.stop_elsewhere(org_id, stream_id, EVERY_LISTENER)
         return True

@@ -162,3 +162,22 @@ async def test_a_stop_with_the_orgs_key_and_no_token_ends_every_listener_and_abo
     message = await final_message(gw, tid)
     assert (message["status"], message["content"]) == ("cancelled", "partial")
     assert await delete(gw, f"/api/streams/{stream_id}") == 204  # stopped already: nothing changes
+
+
+async def test_a_stop_with_the_orgs_key_of_an_answer_in_its_grace_aborts_at_once(gateway_factory) -> None:
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), **SLOW)
+    tid = await gw.new_thread()
+    async with gw.open_stream(tid, body()) as stream:
+        stream_id = (await meta_of(stream))["stream_id"]
+        call = await scripted.next_call()
+
+    async def gone() -> None:  # the last listener closed: the answer waits out its 30 s grace
+        while (gw.metrics.registry.get_sample_value("dac_active_listeners") or 0) > 0:
+            await asyncio.sleep(0.01)
+
+    await within(gone(), 5, "the listener to leave")
+    assert not call.closed.is_set()
+    assert await delete(gw, f"/api/streams/{stream_id}") == 204
+    await within(call.closed.wait(), 2, "the upstream to close (the grace is 30 s)")
+    assert (await final_message(gw, tid))["status"] == "cancelled"
