@@ -26,9 +26,12 @@ async def section_ttft(bench: Bench, *, rounds: int) -> dict[str, Any]:
     ttfts: dict[str, list[float]] = {t.name: [] for t in bench.targets}
     legs: dict[str, list[tuple[float, float]]] = {t.name: [] for t in bench.targets}
     errors: dict[str, int] = {t.name: 0 for t in bench.targets}
+    # Every thread first: a thread made just before its request would warm the gateway for it,
+    # where every other column's request finds its server idle since the last round.
+    threads = {(r, t.name): await bench.thread_for(t) for r, t in bench.alternating(rounds)}
     for r, target in bench.alternating(rounds):
         content = f"TTFT {bench.run_id} round {r} via {target.name}"
-        result = await bench.stream(target, content, thread=await bench.thread_for(target))
+        result = await bench.stream(target, content, thread=threads[r, target.name])
         complete = result.text == "".join(mock_answer(content, bench.timing.tokens))
         if result.ok and complete and result.ttft_s is not None:
             ttfts[target.name].append(result.ttft_s)
@@ -43,8 +46,8 @@ async def section_ttft(bench: Bench, *, rounds: int) -> dict[str, Any]:
     return {"title": f"1. TTFT of one stream, {rounds} alternating runs per column "
                      f"(upstream: first token after {TTFT_UPSTREAM['ttft_ms']} ms)",
             "note": "A new question every run, so nothing is served from a cache. `gateway /v1` is the "
-                    "stateless OpenAI-compatible surface; `gateway /api` posts to a fresh thread (made before "
-                    "the clock starts) with `Accept: text/event-stream`. TTFT runs from the request to the "
+                    "stateless OpenAI-compatible surface; `gateway /api` posts to a fresh thread (every run's made "
+                    "before the first run starts) with `Accept: text/event-stream`. TTFT runs from the request to the "
                     "first piece of text; added = the column's percentile minus direct's. The two legs come from the "
                     "fake's record of each call (same CLOCK_MONOTONIC): from sending the request to the upstream "
                     "call starting, and from the upstream's first token being due to the client reading it. "
