@@ -13,6 +13,7 @@ import asyncio
 import json
 import operator
 import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -267,6 +268,24 @@ def test_bench_quick_reports_every_figure_beside_its_target(tmp_path: Path) -> N
         assert all(col[field_] == 0 for col in report["sections"][key]["columns"].values())
     assert all(not col["failures"] for how in ("close", "stop") for col in
                report["sections"]["3"]["columns"][how].values())
+
+
+@pytest.mark.parametrize("surface", ["v1", "api"])
+def test_profile_throughput_names_the_frames_of_the_profiled_requests(tmp_path: Path, surface: str) -> None:
+    prof = tmp_path / "gateway.prof"
+    out = run([sys.executable, "tools/profile_throughput.py", "--surface", surface, "--requests", "40",
+               "--top", "5", "--out", str(prof)])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"40 distinct non-stream requests through {surface}, 32 at a time (0 failed)" in out.stdout
+    for title in ("own CPU time", "cumulative CPU time"):
+        table = out.stdout.split(f"## Top 5 frames by {title}")[1].split("```")[1].strip().splitlines()
+        assert table[0].split() == ["ncalls", "tottime", "percall", "cumtime", "percall", "filename:lineno(function)"]
+        assert len(table) == 6
+    stats = pstats.Stats(str(prof)).stats  # type: ignore[attr-defined]
+    handler = "chat_completions" if surface == "v1" else "post_message"
+    assert any(func[2] == handler for func in stats)
+    if surface == "v1":  # the profiled requests alone, not the 300 of the warm-up: one model lookup each
+        assert [v[1] for func, v in stats.items() if func[2] == "_resolve_model"] == [40]
 
 
 def test_bench_fanout_checks_every_token_of_every_subscriber(tmp_path: Path) -> None:
