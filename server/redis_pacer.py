@@ -42,6 +42,7 @@ A wait past the queue timeout raises :class:`~server.errors.QueueFull` (503 with
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import secrets
 import time
@@ -57,6 +58,8 @@ from .errors import QueueFull, RegistryUnavailable
 from .pacer import HOLD_SMOOTHING, MIN_RETRY_AFTER_S
 
 __all__ = ["POLL_S", "Ahead", "RedisPacer"]
+
+log = logging.getLogger(__name__)
 
 #: how often an instance with waiters asks again for slots
 POLL_S = 0.02
@@ -369,9 +372,13 @@ class RedisPacer:
         while True:
             await asyncio.sleep(self.lease_ms / 4000)
             try:
-                await self._keep(keys=[key], args=[member, self.lease_ms])
+                kept = await self._keep(keys=[key], args=[member, self.lease_ms])
             except RedisError:
-                pass  # the next beat tries again; a slot that lapses is taken by a waiter
+                continue  # the next beat tries again; a slot that lapses is taken by a waiter
+            if not kept:  # its beats missed a whole lease (Redis out of reach, or this loop stalled)
+                log.warning("%s: a call's slot lapsed while it ran, and a waiter may hold it now: until this "
+                            "call ends, the provider may run one call more than its limit", key)
+                return
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {name: {"limit": lane.limit, "running": lane.running, "waiting": lane.waiting}

@@ -235,3 +235,21 @@ async def test_a_waiter_that_left_while_its_poll_was_on_its_way_leaves_no_slot_h
     one._queue = real_queue  # type: ignore[assignment]
     async with asyncio.timeout(5), one.slot("prov", 1, org="z"):  # the next call takes it at once
         assert await client.zcard(f"{prefix}{{slots:prov}}") == 1
+
+
+async def test_a_slot_that_lapsed_while_its_call_ran_is_reported(
+        redis_server: RedisServer, redis: tuple[aioredis.Redis, str], caplog: pytest.LogCaptureFixture) -> None:
+    client, prefix = redis
+    pacer = RedisPacer(aioredis.Redis.from_url(redis_server.url, protocol=2), prefix=prefix, lease_s=0.2,
+                       queue_timeout_s=5)
+    try:
+        async with asyncio.timeout(5), pacer.slot("prov", 1, org="x"):
+            # as if its beats had missed a lease: the slot is gone from Redis while the call runs
+            await client.delete(f"{prefix}{{slots:prov}}")
+            await wait_until(lambda: "slot lapsed while it ran" in caplog.text, "the lapse to be reported")
+            await asyncio.sleep(0.2)  # four more beats
+        assert sum("slot lapsed" in r.getMessage() for r in caplog.records) == 1  # once, not at every beat
+        assert all(r.levelname == "WARNING" and "{slots:prov}" in r.getMessage()
+                   for r in caplog.records if "slot lapsed" in r.getMessage())
+    finally:
+        await pacer.redis.aclose()
