@@ -53,6 +53,7 @@ from .store import (
     ApiKey,
     ChatMessage,
     Message,
+    StoreClosed,
     StoredAnswer,
     StoreOpenError,
     StoreUnwritable,
@@ -195,6 +196,7 @@ class SQLiteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[_Write] = []  # the writes asked for since the batch with the thread
         self._busy = False  # a batch is with the writer thread
+        self._closing = False  # close() began: no write is taken any more
         self._drained: asyncio.Future[None] | None = None  # for close(): resolved once no batch is left
         self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
@@ -251,7 +253,9 @@ class SQLiteStore:
         return conn
 
     async def close(self) -> None:
-        """Wait for the writes under way, then close; a closed store cannot be opened again."""
+        """Wait for the writes asked for so far, then close; a write asked for once this began
+        fails with :class:`StoreClosed`. A closed store cannot be opened again."""
+        self._closing = True
         if self._busy:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
@@ -283,7 +287,7 @@ class SQLiteStore:
     async def _call(self, run: Callable[[], T]) -> T:
         """``run()`` on the writer thread, outside any batch's transaction."""
         if self._writer is None:
-            raise RuntimeError("store is not open")
+            raise StoreClosed("the store is not open")
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
 
         def then(outcome: _Outcome) -> None:
@@ -305,7 +309,7 @@ class SQLiteStore:
     @property
     def _r(self) -> aiosqlite.Connection:
         if self._reader is None:
-            raise RuntimeError("store is not open")
+            raise StoreClosed("the store is not open")
         return self._reader
 
     # -- group commit ---------------------------------------------------------
@@ -317,10 +321,13 @@ class SQLiteStore:
         raises only before it or when it changed nothing; SQLite undoes a failed statement
         by itself, so it needs no savepoint of its own.
         A caller that leaves does not undo its write: the write is in the batch already,
-        and only its answer is dropped.
+        and only its answer is dropped. Once :meth:`close` began, :class:`StoreClosed`: the
+        close waits only for the writes asked for before it.
         """
+        if self._closing:
+            raise StoreClosed("the store is closing")
         if self._conn is None or self._loop is None:
-            raise RuntimeError("store is not open")
+            raise StoreClosed("the store is not open")
         done: asyncio.Future[T] = self._loop.create_future()
         self._queue.append((op, one_statement, done))
         if not self._busy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from server.app import build_store
 from server.config import Settings
 from server.sqlite_store import SCHEMA, SQLiteStore
 from server.states import MessageStatus
-from server.store import Message, Store, StoreOpenError, conversation, draft_turn
+from server.store import Message, Store, StoreClosed, StoreOpenError, conversation, draft_turn
 
 from .engines import ENGINES
 from .helpers import within
@@ -546,6 +547,76 @@ async def test_group_commit_a_turn_refused_at_its_second_row_keeps_neither_and_f
             for role, p in (("user", "q"), ("assistant", "a"))]
     finally:
         await store.close()
+
+
+def _hold_transactions(store: SQLiteStore) -> tuple[asyncio.Event, threading.Event]:
+    """Make the store's writer thread wait, at the start of each transaction, until the
+    returned gate opens; the event is set (on the loop) once a transaction waits there."""
+    loop = asyncio.get_running_loop()
+    entered, gate = asyncio.Event(), threading.Event()
+    run = store._transaction
+
+    def held(ops: list[Any]) -> list[tuple[bool, Any]]:
+        loop.call_soon_threadsafe(entered.set)
+        gate.wait(10)
+        return run(ops)
+
+    store._transaction = held  # type: ignore[method-assign]
+    return entered, gate
+
+
+async def test_writes_asked_for_before_close_are_kept_and_later_ones_refused(tmp_path: Path) -> None:
+    """close() waits for the writes asked for before it began: they commit and stay. A
+    write asked for once it has begun fails at once with StoreClosed."""
+    path = str(tmp_path / "closing.db")
+    store = SQLiteStore(path, cache=True)
+    await within(store.open())
+    entered, gate = _hold_transactions(store)
+    first = asyncio.ensure_future(store.create_thread("org_a", "on the writer thread"))
+    await within(entered.wait(), what="the first write on the writer thread")
+    queued = asyncio.ensure_future(store.create_thread("org_a", "queued behind it"))
+    await asyncio.sleep(0)  # asked for: it waits for the next transaction
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)  # the close has begun: it waits for those two
+    with pytest.raises(StoreClosed):
+        await within(store.create_thread("org_a", "too late"))
+    gate.set()
+    kept = await within(asyncio.gather(first, queued), what="the writes asked for before the close")
+    await within(closing, what="the close")
+    assert not store.is_open
+    again = SQLiteStore(path)
+    await within(again.open())
+    try:
+        assert sorted(t["thread_id"] for t in await again.list_threads("org_a")) == sorted(
+            t["thread_id"] for t in kept)
+    finally:
+        await again.close()
+
+
+async def test_a_write_asked_for_while_the_connections_close_fails_with_store_closed(tmp_path: Path) -> None:
+    """A write asked for after the drain, while the connections are being closed, fails with
+    StoreClosed: it never runs on the writer thread against a connection already let go."""
+    store = SQLiteStore(str(tmp_path / "closing.db"), cache=True)
+    await within(store.open())
+    entered, gate = _hold_transactions(store)
+    reader = store._r
+    close_reader = reader.close
+    late: list[asyncio.Future[Any]] = []
+
+    async def closed_with_a_write_asked_for_meanwhile() -> None:
+        late.append(asyncio.ensure_future(store.create_thread("org_a", "late")))
+        reached = asyncio.ensure_future(entered.wait())
+        await within(asyncio.wait([late[0], reached], return_when=asyncio.FIRST_COMPLETED),
+                     what="the late write to be refused or to reach the writer thread")
+        reached.cancel()
+        await close_reader()
+        asyncio.get_running_loop().call_soon(gate.set)  # once close() let go of the writer's connection
+
+    reader.close = closed_with_a_write_asked_for_meanwhile  # type: ignore[method-assign]
+    await within(store.close(), what="the close")
+    with pytest.raises(StoreClosed):
+        await within(late[0], what="the late write")
+    assert not store.is_open
 
 
 async def test_checkpoints_pages_and_thread_counts(store: Store) -> None:
