@@ -201,7 +201,9 @@ class SQLiteStore:
         self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
         self._history_chars = 0  # characters held by ``_histories``
-        self._versions: dict[tuple[str, str], int] = {}  # bumped by every write a history depends on
+        #: the cold history reads under way, per thread: [how many, the writes to its history since
+        #: the first began]; a read that a write overtook keeps nothing (it may have missed it)
+        self._reading: dict[tuple[str, str], list[int]] = {}
         self._pending: dict[str, tuple[str, str, int, str]] = {}  # assistant id -> org, thread, user seq, question
         self._writable = True
 
@@ -519,9 +521,18 @@ class SQLiteStore:
         key = (org_id, thread_id)
         cached = self._histories.get(key)
         if cached is None:
-            version = self._versions.get(key, 0)
-            cached = _History(await self._completed_pairs(org_id, thread_id))
-            if not self.cache or self._versions.get(key, 0) != version:  # a write landed meanwhile
+            if not self.cache:
+                return _History(await self._completed_pairs(org_id, thread_id)).conversation()
+            reading = self._reading.setdefault(key, [0, 0])
+            reading[0] += 1
+            written = reading[1]
+            try:
+                cached = _History(await self._completed_pairs(org_id, thread_id))
+            finally:
+                reading[0] -= 1
+                if not reading[0]:
+                    del self._reading[key]
+            if reading[1] != written:  # a write landed meanwhile
                 return cached.conversation()
             self._histories[key] = cached
             self._history_chars += cached.chars
@@ -554,7 +565,10 @@ class SQLiteStore:
             self._history_chars -= dropped.chars
 
     def _bump(self, key: tuple[str, str]) -> None:
-        self._versions[key] = self._versions.get(key, 0) + 1
+        """A write changed the thread's history: the cold reads under way may have missed it."""
+        reading = self._reading.get(key)
+        if reading is not None:
+            reading[1] += 1
 
     async def get_message(self, org_id: str, message_id: str) -> Message | None:
         async with self._r.execute(

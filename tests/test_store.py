@@ -332,6 +332,71 @@ async def test_the_single_instance_sqlite_store_answers_history_from_memory(tmp_
         await store.close()
 
 
+def _per_thread_entries(store: SQLiteStore) -> list[tuple[str, tuple[str, str]]]:
+    """Every entry the store holds per conversation: the keys (org, thread) of its maps."""
+    return [(name, key) for name, value in vars(store).items() if isinstance(value, dict)
+            for key in value if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+async def test_the_store_keeps_per_thread_state_only_as_long_as_the_history_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: bool) -> None:
+    """What the store keeps per conversation is bounded like the history cache, however many
+    threads have had turns, and a deleted thread leaves nothing behind."""
+    monkeypatch.setattr(sqlite_store, "HISTORY_CACHE_THREADS", 4)
+    store = SQLiteStore(str(tmp_path / "bounded.db"), cache=cache)
+    await within(store.open())
+    try:
+        threads = [(await store.create_thread("org_a", f"t{i}"))["thread_id"] for i in range(12)]
+        for i, thread in enumerate(threads):
+            _, assistant = await begin(store, org_id="org_a", thread_id=thread, content=f"q{i}")
+            await finish(store, assistant, MessageStatus.COMPLETE, f"a{i}")
+            assert len(await store.history("org_a", thread)) == 2
+            by_map: dict[str, int] = {}
+            for name, _ in _per_thread_entries(store):
+                by_map[name] = by_map.get(name, 0) + 1
+            assert all(n <= 4 for n in by_map.values()), by_map
+        for thread in threads:
+            assert await store.delete_thread("org_a", thread)
+            store.forget_thread("org_a", thread)  # as a deletion announced by another process is
+        assert _per_thread_entries(store) == []
+    finally:
+        await store.close()
+
+
+async def test_a_turn_that_ends_during_a_cold_history_read_is_not_missed(tmp_path: Path) -> None:
+    """A history read from disk that a turn's end overtakes is not kept: the next read has the turn."""
+    path = str(tmp_path / "cold.db")
+    store, other = SQLiteStore(path, cache=True), SQLiteStore(path, recover=False)
+    await within(store.open())
+    await within(other.open())
+    try:
+        thread = (await other.create_thread("org_a", "made elsewhere"))["thread_id"]  # not in the cache
+        read, release = asyncio.Event(), asyncio.Event()
+        real = store._completed_pairs
+
+        async def overtaken(org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
+            pairs = await real(org_id, thread_id)
+            read.set()
+            await release.wait()
+            return pairs
+
+        store._completed_pairs = overtaken  # type: ignore[method-assign]
+        reading = asyncio.ensure_future(store.history("org_a", thread))
+        await within(read.wait(), what="the cold read")
+        store._completed_pairs = real  # type: ignore[method-assign]
+        _, assistant = await begin(store, org_id="org_a", thread_id=thread, content="q")
+        await finish(store, assistant, MessageStatus.COMPLETE, "a")
+        release.set()
+        assert await within(reading, what="the overtaken read") == []  # read before the turn
+        expected = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        assert await store.history("org_a", thread) == expected
+        assert await store.history("org_a", thread) == expected
+    finally:
+        await other.close()
+        await store.close()
+
+
 async def test_deleting_a_thread_removes_its_messages(store: Store) -> None:
     t = await store.create_thread("org_a", "t")
     _, assistant = await begin(store, org_id="org_a", thread_id=t["thread_id"])
