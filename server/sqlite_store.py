@@ -532,7 +532,9 @@ class SQLiteStore:
                 reading[0] -= 1
                 if not reading[0]:
                     del self._reading[key]
-            if reading[1] != written:  # a write landed meanwhile
+            # a write landed meanwhile (this read may have missed it), or another read kept the
+            # thread already (kept and counted once)
+            if reading[1] != written or key in self._histories:
                 return cached.conversation()
             self._histories[key] = cached
             self._history_chars += cached.chars

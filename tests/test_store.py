@@ -397,6 +397,41 @@ async def test_a_turn_that_ends_during_a_cold_history_read_is_not_missed(tmp_pat
         await store.close()
 
 
+async def test_cold_history_reads_of_one_thread_at_once_count_its_characters_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests on a thread not in the cache read its history at once: it is kept once, and
+    counted once against the cache's characters, so it stays cached."""
+    path = str(tmp_path / "twice.db")
+    store, other = SQLiteStore(path, cache=True), SQLiteStore(path, recover=False)
+    await within(store.open())
+    await within(other.open())
+    try:
+        thread = (await other.create_thread("org_a", "made elsewhere"))["thread_id"]  # not in the cache
+        _, assistant = await begin(other, org_id="org_a", thread_id=thread, content="q" * 100)
+        await finish(other, assistant, MessageStatus.COMPLETE, "a" * 100)
+        monkeypatch.setattr(sqlite_store, "HISTORY_CACHE_CHARS", 300)  # room for it once, not twice
+        reads, both = 0, asyncio.Event()
+        real = store._completed_pairs
+
+        async def together(org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
+            nonlocal reads
+            reads += 1
+            if reads == 2:
+                both.set()
+            await both.wait()
+            return await real(org_id, thread_id)
+
+        store._completed_pairs = together  # type: ignore[method-assign]
+        first, second = await within(asyncio.gather(store.history("org_a", thread),
+                                                     store.history("org_a", thread)), what="both reads")
+        assert first == second and len(first) == 2
+        assert await store.history("org_a", thread) == first
+        assert reads == 2  # the third came from the cache
+    finally:
+        await other.close()
+        await store.close()
+
+
 async def test_deleting_a_thread_removes_its_messages(store: Store) -> None:
     t = await store.create_thread("org_a", "t")
     _, assistant = await begin(store, org_id="org_a", thread_id=t["thread_id"])
