@@ -123,7 +123,8 @@ EARLY_CTL = 64
 
 # KEYS[1] lead. ARGV: base "P{k}:", value "running|S|I", lease ms, no_cache, turn JSON, instance,
 # ctl prefix, keep ms. Returns {value} when this call leads, else {current value, its turn, its log
-# entries when it has ended}. A running flight found here is held by the caller's instance at once.
+# entries when it has ended}. A running flight found here is held by the caller's instance at once (the
+# holders hash, made here, expires even if the leader never renews it).
 _LEAD = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -131,6 +132,7 @@ if cur then
   local base = ARGV[1] .. s
   if state == 'running' then
     redis.call('HSET', base .. ':holders', ARGV[6], '1')
+    redis.call('PEXPIRE', base .. ':holders', ARGV[8], 'NX')
     redis.call('PUBLISH', ARGV[7] .. inst, s .. ' ' .. ARGV[6] .. ' 1')
     return {cur, redis.call('HGET', base .. ':meta', 'turn')}
   end
@@ -806,6 +808,7 @@ class RedisHub(Hub):
                 flag = "1" if held else "0"
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.hset(mirror.base + ":holders", self.instance, flag)
+                    pipe.pexpire(mirror.base + ":holders", self.keep_ms, nx=True)  # made by this HSET
                     pipe.publish(self._ctl(leader),
                                  f"{mirror.stream_id} {self.instance} {flag}{' stop' if stopped else ''}")
                     await pipe.execute()

@@ -222,6 +222,35 @@ async def test_a_v1_answer_no_request_may_take_is_not_kept_on_redis(pair: Pair, 
             assert found == [404, 404]
 
 
+async def test_the_holders_hash_expires_from_its_first_field_on(pair: Pair, redis_server: RedisServer) -> None:
+    """An instance that starts holding a flight, or says it stopped, writes the flight's holders
+    hash: the hash expires even when the leader never renews it (it died first, or the hash had
+    lapsed and is written again)."""
+    provider = ScriptedProvider()
+    a, b = await pair(provider, redis_lease_s=30.0)  # no renewal within the test
+    tid = await a.new_thread()
+    body = {"content": "who holds it", "provider": "scripted"}
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    try:
+        async with a.open_stream(tid, body) as on_a:
+            call = await provider.next_call()
+            call.send("first ")
+            holders = a.hub._led[call_stream(a)].base + ":holders"
+            async with b.open_stream(tid, body) as on_b:
+                await within(on_b.content.readuntil(b"first"), what="B to see the first delta")
+                assert await client.hget(holders, b.hub.instance) == b"1"
+                assert await client.pttl(holders) > 0  # written as B joined
+                await client.delete(holders)  # as when it lapsed
+            (mirror,) = b.hub._streams.values()
+            await wait_until(lambda: not mirror.held and mirror.reporting is None, "B to say it let go")
+            assert await client.hget(holders, b.hub.instance) == b"0"
+            assert await client.pttl(holders) > 0
+            call.finish()
+            await within(collect(on_a), what="A's stream to end")
+    finally:
+        await client.aclose()
+
+
 async def test_a_stale_leaders_last_write_is_refused_and_counted(pair: Pair) -> None:
     provider = ScriptedProvider()
     a, b = await pair(provider, redis_lease_s=0.4)
