@@ -56,6 +56,7 @@ from .store import (
     ApiKey,
     ChatMessage,
     Message,
+    StoreClosed,
     StoredAnswer,
     StoreOpenError,
     Thread,
@@ -296,7 +297,7 @@ class PostgresStore:
     @property
     def _p(self) -> asyncpg.Pool[asyncpg.Record]:
         if self._pool is None:
-            raise RuntimeError("store is not open")
+            raise StoreClosed("the store is not open")
         return self._pool
 
     # -- threads -------------------------------------------------------------

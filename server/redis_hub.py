@@ -30,8 +30,11 @@ and this registry adds what makes the instances act as one:
   whose heartbeat (``inst:I``) has lapsed.
 - **Outcomes.** The end is the log's last entry, written by the same script that
   turns ``lead`` into ``done|S|I`` for the result TTL or ``failed|S|I`` for the
-  error TTL (a cancelled flight deletes it). Any instance answers an identical
-  request from there (``cache``), rebuilding the answer from the stream.
+  error TTL. Any instance answers an identical request from there (``cache``),
+  rebuilding the answer from the stream. An outcome no request may take (a
+  cancelled flight, or an answer that is not ``reusable``) deletes ``lead``
+  instead, and the flight's other keys then stay only for the lease, for the
+  mirrors still reading the log; nothing answers from it, as in one process.
 - **Leader loss.** A mirror whose stream stays quiet looks at ``lead`` every
   quarter lease; once it no longer holds the leader's token and the stream has
   no end, the leader is gone: the mirror's clients get a retryable
@@ -64,7 +67,7 @@ Redis Cluster slot; the scripts touch only keys of that slot)::
     Pstops             channel "I S token org": a Stop call instance I got for a listener it does not hold
 
 Every key expires: the flight's after the lease plus the longer TTL, renewed
-while it runs.
+while it runs (after the lease alone once it ended with ``lead`` deleted).
 
 Who writes what: ``lead``, ``log`` and ``meta`` only the leader (through the
 scripts); ``holders`` each instance its own field; the local maps as in the
@@ -120,7 +123,8 @@ EARLY_CTL = 64
 
 # KEYS[1] lead. ARGV: base "P{k}:", value "running|S|I", lease ms, no_cache, turn JSON, instance,
 # ctl prefix, keep ms. Returns {value} when this call leads, else {current value, its turn, its log
-# entries when it has ended}. A running flight found here is held by the caller's instance at once.
+# entries when it has ended}. A running flight found here is held by the caller's instance at once (the
+# holders hash, made here, expires even if the leader never renews it).
 _LEAD = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -128,6 +132,7 @@ if cur then
   local base = ARGV[1] .. s
   if state == 'running' then
     redis.call('HSET', base .. ':holders', ARGV[6], '1')
+    redis.call('PEXPIRE', base .. ':holders', ARGV[8], 'NX')
     redis.call('PUBLISH', ARGV[7] .. inst, s .. ' ' .. ARGV[6] .. ' 1')
     return {cur, redis.call('HGET', base .. ':meta', 'turn')}
   end
@@ -145,14 +150,15 @@ redis.call('PEXPIRE', ARGV[1] .. s .. ':meta', ARGV[8])
 return {ARGV[2]}
 """
 
-# KEYS[1] lead, KEYS[2] log. ARGV: fence, keep ms, end value ('' none, '-' delete), end ms, then
-# kind, data pairs. 0 (nothing written) when the lead is no longer the fence's.
+# KEYS[1] lead, KEYS[2] log, and with the end the flight's other keys (meta, holders). ARGV: fence,
+# keep ms (of every key after the lead), end value ('' none, '-' delete), end ms, then kind, data
+# pairs. 0 (nothing written) when the lead is no longer the fence's.
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 for i = 5, #ARGV, 2 do
   redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'd', ARGV[i + 1])
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
 if ARGV[3] == '-' then
   redis.call('DEL', KEYS[1])
 elseif ARGV[3] ~= '' then
@@ -489,7 +495,7 @@ class RedisHub(Hub):
         fence = f"running|{s_id}|{self.instance}"
         described = orjson.dumps({
             "org_id": turn.org_id, "thread_id": turn.thread_id, "content": turn.content,
-            "provider": turn.provider.name, "model": turn.model, "key": turn.key,
+            "provider": turn.provider.name, "model": turn.model, "key": turn.key, "reusable": turn.reusable,
             "user": candidate.user_message, "assistant": candidate.draft,
         })
         # a provider slot asked for in the same round trip: a new leader needs no other before its call
@@ -550,6 +556,8 @@ class RedisHub(Hub):
         mirror = self._mirror(base, base + "lead", current, described, entries, held=False)
         if entries is not None and not mirror.finished.is_set():
             await self._lost(mirror)  # its leader went without an end
+        if mirror.state is FlightState.DONE and not mirror.turn.reusable:
+            return None  # an answer no request may take: its log is left only for the mirrors reading it
         return mirror
 
     # -- leading -------------------------------------------------------------
@@ -609,8 +617,11 @@ class RedisHub(Hub):
                     value, ms, kind, data = led.end
                     batch += (kind, data)
                     end, led.end = (value, ms), None
-                written = await self._append_script(
-                    keys=[led.lead, led.base + ":log"], args=[led.fence, self.keep_ms, end[0], end[1], *batch])
+                if end[0]:
+                    written = await self._append_end(led, end, batch)
+                else:
+                    written = await self._append_script(
+                        keys=[led.lead, led.base + ":log"], args=[led.fence, self.keep_ms, "", 0, *batch])
                 if not written:
                     led.queue.clear()
                     led.end = None
@@ -623,6 +634,17 @@ class RedisHub(Hub):
                 f"the flight registry (Redis) stopped answering mid-answer ({exc.__class__.__name__})"))
         finally:
             led.flushing = None
+
+    async def _append_end(self, led: _Led, end: tuple[str, int], batch: list[str]) -> Any:
+        """The last append: the outcome under ``lead``, and every key of the flight kept for the
+        longer TTL; when the lead is deleted (no request may take the outcome), only for the
+        lease: the time the mirrors still reading the log take to read its end."""
+        keep = self.lease_ms if end[0] == "-" else self.keep_ms
+        keys = [led.lead, led.base + ":log", led.base + ":meta", led.base + ":holders"]
+        written, _ = await self._piped(lambda pipe: (
+            pipe.evalsha(self._append_script.sha, len(keys), *keys, led.fence, keep, *end, *batch),
+            pipe.pexpire(f"{self.prefix}stream:{led.flight.stream_id}", keep)))
+        return written
 
     async def _renew(self, led: _Led) -> None:
         """Renew the lease every quarter lease while the flight runs, and count the other holders."""
@@ -677,8 +699,8 @@ class RedisHub(Hub):
         if flight.state is FlightState.DONE:
             kind, data = "d", orjson.dumps(flight.message).decode()
             value, ms = (f"done|{s_id}|{self.instance}", int(s.result_ttl_s * 1000))
-            if flight.forgotten or s.result_ttl_s <= 0:
-                value = "-"
+            if flight.forgotten or s.result_ttl_s <= 0 or not flight.turn.reusable:
+                value = "-"  # nothing answers from it (as in one process)
         else:
             error = flight.error or GatewayError("the answer ended")
             outcome = MessageStatus.ERROR if flight.state is FlightState.FAILED else MessageStatus.CANCELLED
@@ -704,7 +726,8 @@ class RedisHub(Hub):
         about = orjson.loads(described)
         s_id = about["assistant"]["message_id"]
         turn = TurnRequest(org_id=about["org_id"], thread_id=about["thread_id"], content=about["content"],
-                           provider=self._providers(about["provider"]), model=about["model"], key=about["key"])
+                           provider=self._providers(about["provider"]), model=about["model"], key=about["key"],
+                           reusable=about.get("reusable", True))
         mirror = MirrorFlight(turn, hub=self, drafts=(about["user"], about["assistant"]), base=base + s_id,
                               lead=lead, fence=current, held=held)
         if entries is not None:
@@ -785,6 +808,7 @@ class RedisHub(Hub):
                 flag = "1" if held else "0"
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.hset(mirror.base + ":holders", self.instance, flag)
+                    pipe.pexpire(mirror.base + ":holders", self.keep_ms, nx=True)  # made by this HSET
                     pipe.publish(self._ctl(leader),
                                  f"{mirror.stream_id} {self.instance} {flag}{' stop' if stopped else ''}")
                     await pipe.execute()

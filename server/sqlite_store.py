@@ -53,6 +53,7 @@ from .store import (
     ApiKey,
     ChatMessage,
     Message,
+    StoreClosed,
     StoredAnswer,
     StoreOpenError,
     StoreUnwritable,
@@ -195,11 +196,14 @@ class SQLiteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[_Write] = []  # the writes asked for since the batch with the thread
         self._busy = False  # a batch is with the writer thread
+        self._closing = False  # close() began: no write is taken any more
         self._drained: asyncio.Future[None] | None = None  # for close(): resolved once no batch is left
         self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
         self._history_chars = 0  # characters held by ``_histories``
-        self._versions: dict[tuple[str, str], int] = {}  # bumped by every write a history depends on
+        #: the cold history reads under way, per thread: [how many, the writes to its history since
+        #: the first began]; a read that a write overtook keeps nothing (it may have missed it)
+        self._reading: dict[tuple[str, str], list[int]] = {}
         self._pending: dict[str, tuple[str, str, int, str]] = {}  # assistant id -> org, thread, user seq, question
         self._writable = True
 
@@ -251,7 +255,9 @@ class SQLiteStore:
         return conn
 
     async def close(self) -> None:
-        """Wait for the writes under way, then close; a closed store cannot be opened again."""
+        """Wait for the writes asked for so far, then close; a write asked for once this began
+        fails with :class:`StoreClosed`. A closed store cannot be opened again."""
+        self._closing = True
         if self._busy:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
@@ -283,7 +289,7 @@ class SQLiteStore:
     async def _call(self, run: Callable[[], T]) -> T:
         """``run()`` on the writer thread, outside any batch's transaction."""
         if self._writer is None:
-            raise RuntimeError("store is not open")
+            raise StoreClosed("the store is not open")
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
 
         def then(outcome: _Outcome) -> None:
@@ -305,7 +311,7 @@ class SQLiteStore:
     @property
     def _r(self) -> aiosqlite.Connection:
         if self._reader is None:
-            raise RuntimeError("store is not open")
+            raise StoreClosed("the store is not open")
         return self._reader
 
     # -- group commit ---------------------------------------------------------
@@ -317,10 +323,13 @@ class SQLiteStore:
         raises only before it or when it changed nothing; SQLite undoes a failed statement
         by itself, so it needs no savepoint of its own.
         A caller that leaves does not undo its write: the write is in the batch already,
-        and only its answer is dropped.
+        and only its answer is dropped. Once :meth:`close` began, :class:`StoreClosed`: the
+        close waits only for the writes asked for before it.
         """
+        if self._closing:
+            raise StoreClosed("the store is closing")
         if self._conn is None or self._loop is None:
-            raise RuntimeError("store is not open")
+            raise StoreClosed("the store is not open")
         done: asyncio.Future[T] = self._loop.create_future()
         self._queue.append((op, one_statement, done))
         if not self._busy:
@@ -512,9 +521,20 @@ class SQLiteStore:
         key = (org_id, thread_id)
         cached = self._histories.get(key)
         if cached is None:
-            version = self._versions.get(key, 0)
-            cached = _History(await self._completed_pairs(org_id, thread_id))
-            if not self.cache or self._versions.get(key, 0) != version:  # a write landed meanwhile
+            if not self.cache:
+                return _History(await self._completed_pairs(org_id, thread_id)).conversation()
+            reading = self._reading.setdefault(key, [0, 0])
+            reading[0] += 1
+            written = reading[1]
+            try:
+                cached = _History(await self._completed_pairs(org_id, thread_id))
+            finally:
+                reading[0] -= 1
+                if not reading[0]:
+                    del self._reading[key]
+            # a write landed meanwhile (this read may have missed it), or another read kept the
+            # thread already (kept and counted once)
+            if reading[1] != written or key in self._histories:
                 return cached.conversation()
             self._histories[key] = cached
             self._history_chars += cached.chars
@@ -547,7 +567,10 @@ class SQLiteStore:
             self._history_chars -= dropped.chars
 
     def _bump(self, key: tuple[str, str]) -> None:
-        self._versions[key] = self._versions.get(key, 0) + 1
+        """A write changed the thread's history: the cold reads under way may have missed it."""
+        reading = self._reading.get(key)
+        if reading is not None:
+            reading[1] += 1
 
     async def get_message(self, org_id: str, message_id: str) -> Message | None:
         async with self._r.execute(

@@ -46,6 +46,7 @@ __all__ = [
     "ChatMessage",
     "Message",
     "Store",
+    "StoreClosed",
     "StoreOpenError",
     "StoreUnwritable",
     "StoredAnswer",
@@ -114,6 +115,10 @@ class StoreUnwritable(StoreOpenError):
     """:meth:`Store.open` can read the database but not write it (a read-only file)."""
 
 
+class StoreClosed(RuntimeError):
+    """A call on a store that is not open: before :meth:`Store.open`, or once :meth:`Store.close` began."""
+
+
 class Store(Protocol):
     """Threads and messages. Each method states what it promises beyond the module's rules."""
 
@@ -133,7 +138,8 @@ class Store(Protocol):
         """
 
     async def close(self) -> None:
-        """Release connections. Writes that returned are durable."""
+        """Release connections. Writes that returned are durable; a call made once this
+        began fails with :class:`StoreClosed`."""
 
     async def create_thread(self, org_id: str, title: str) -> Thread: ...
 

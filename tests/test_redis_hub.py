@@ -172,6 +172,85 @@ async def test_a_leader_shutting_down_tells_the_listeners_on_other_instances(pai
     assert [(m["status"], m["content"]) for m in messages][1] == ("interrupted", "some ")
 
 
+async def test_a_v1_answer_no_request_may_take_is_not_kept_on_redis(pair: Pair, redis_server: RedisServer) -> None:
+    """A /v1 answer the result-cache policy leaves out (temperature 1) reaches its listeners on
+    both instances; then, as in one process, nothing answers from it: its lead is gone, its
+    log and keys expire within the lease (not the result TTL), and its stream id is unknown
+    on either instance. A deterministic one (temperature 0) is kept and answers from Redis."""
+    provider = ScriptedProvider()
+    a, b = await pair(provider, result_ttl_s=60.0)
+    hub = a.hub
+    assert isinstance(hub, RedisHub)
+
+    async def ask(gw: Gateway, temperature: float) -> tuple[str, str, str]:
+        body = {"model": "scripted/scripted", "messages": [{"role": "user", "content": "a fresh sample"}],
+                "temperature": temperature}
+        async with gw.session.post(f"{gw.url}/v1/chat/completions", json=body, headers=gw.h()) as resp:
+            assert resp.status == 200, await resp.text()
+            answer = await resp.json()
+            return resp.headers["x-dac-coalesce"], answer["id"], answer["choices"][0]["message"]["content"]
+
+    for temperature, kept in ((1.0, False), (0.0, True)):
+        leading = asyncio.ensure_future(ask(a, temperature))
+        call = await provider.next_call()
+        following = asyncio.ensure_future(ask(b, temperature))
+        await wait_until(lambda: sum(f.listeners for f in b.hub._streams.values()) == 1, "the follower on B")
+        call.send("heads")
+        call.finish()
+        answers = await within(asyncio.gather(leading, following), what="both answers")
+        assert [(role, text) for role, _, text in answers] == [("leader", "heads"), ("follower", "heads")]
+        stream_id = "msg_" + answers[0][1].removeprefix("chatcmpl-")
+        keys = [k.decode() for k in await redis_server.keys(hub.prefix) if stream_id in k.decode()
+                or k.decode().endswith(":lead")]
+        client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+        try:
+            ttls = {k.removeprefix(hub.prefix): await client.pttl(k) for k in keys}
+        finally:
+            await client.aclose()
+        found = []
+        for gw in (a, b):
+            async with gw.session.get(f"{gw.url}/api/streams/{stream_id}", headers=gw.h()) as resp:
+                found.append(resp.status)
+        if kept:
+            assert any(k.endswith(":lead") for k in ttls) and max(ttls.values()) > hub.lease_ms, ttls
+            assert found == [200, 200]
+            assert (await ask(b, temperature))[0] == "cache"
+            assert len(provider.calls) == 2
+        else:
+            assert not any(k.endswith(":lead") for k in ttls), ttls  # no request can take it
+            assert ttls and all(0 < ttl <= hub.lease_ms for ttl in ttls.values()), ttls  # for the mirrors only
+            assert found == [404, 404]
+
+
+async def test_the_holders_hash_expires_from_its_first_field_on(pair: Pair, redis_server: RedisServer) -> None:
+    """An instance that starts holding a flight, or says it stopped, writes the flight's holders
+    hash: the hash expires even when the leader never renews it (it died first, or the hash had
+    lapsed and is written again)."""
+    provider = ScriptedProvider()
+    a, b = await pair(provider, redis_lease_s=30.0)  # no renewal within the test
+    tid = await a.new_thread()
+    body = {"content": "who holds it", "provider": "scripted"}
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    try:
+        async with a.open_stream(tid, body) as on_a:
+            call = await provider.next_call()
+            call.send("first ")
+            holders = a.hub._led[call_stream(a)].base + ":holders"
+            async with b.open_stream(tid, body) as on_b:
+                await within(on_b.content.readuntil(b"first"), what="B to see the first delta")
+                assert await client.hget(holders, b.hub.instance) == b"1"
+                assert await client.pttl(holders) > 0  # written as B joined
+                await client.delete(holders)  # as when it lapsed
+            (mirror,) = b.hub._streams.values()
+            await wait_until(lambda: not mirror.held and mirror.reporting is None, "B to say it let go")
+            assert await client.hget(holders, b.hub.instance) == b"0"
+            assert await client.pttl(holders) > 0
+            call.finish()
+            await within(collect(on_a), what="A's stream to end")
+    finally:
+        await client.aclose()
+
+
 async def test_a_stale_leaders_last_write_is_refused_and_counted(pair: Pair) -> None:
     provider = ScriptedProvider()
     a, b = await pair(provider, redis_lease_s=0.4)

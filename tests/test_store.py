@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from server.app import build_store
 from server.config import Settings
 from server.sqlite_store import SCHEMA, SQLiteStore
 from server.states import MessageStatus
-from server.store import Message, Store, StoreOpenError, conversation, draft_turn
+from server.store import Message, Store, StoreClosed, StoreOpenError, conversation, draft_turn
 
 from .engines import ENGINES
 from .helpers import within
@@ -331,6 +332,106 @@ async def test_the_single_instance_sqlite_store_answers_history_from_memory(tmp_
         await store.close()
 
 
+def _per_thread_entries(store: SQLiteStore) -> list[tuple[str, tuple[str, str]]]:
+    """Every entry the store holds per conversation: the keys (org, thread) of its maps."""
+    return [(name, key) for name, value in vars(store).items() if isinstance(value, dict)
+            for key in value if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+async def test_the_store_keeps_per_thread_state_only_as_long_as_the_history_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: bool) -> None:
+    """What the store keeps per conversation is bounded like the history cache, however many
+    threads have had turns, and a deleted thread leaves nothing behind."""
+    monkeypatch.setattr(sqlite_store, "HISTORY_CACHE_THREADS", 4)
+    store = SQLiteStore(str(tmp_path / "bounded.db"), cache=cache)
+    await within(store.open())
+    try:
+        threads = [(await store.create_thread("org_a", f"t{i}"))["thread_id"] for i in range(12)]
+        for i, thread in enumerate(threads):
+            _, assistant = await begin(store, org_id="org_a", thread_id=thread, content=f"q{i}")
+            await finish(store, assistant, MessageStatus.COMPLETE, f"a{i}")
+            assert len(await store.history("org_a", thread)) == 2
+            by_map: dict[str, int] = {}
+            for name, _ in _per_thread_entries(store):
+                by_map[name] = by_map.get(name, 0) + 1
+            assert all(n <= 4 for n in by_map.values()), by_map
+        for thread in threads:
+            assert await store.delete_thread("org_a", thread)
+            store.forget_thread("org_a", thread)  # as a deletion announced by another process is
+        assert _per_thread_entries(store) == []
+    finally:
+        await store.close()
+
+
+async def test_a_turn_that_ends_during_a_cold_history_read_is_not_missed(tmp_path: Path) -> None:
+    """A history read from disk that a turn's end overtakes is not kept: the next read has the turn."""
+    path = str(tmp_path / "cold.db")
+    store, other = SQLiteStore(path, cache=True), SQLiteStore(path, recover=False)
+    await within(store.open())
+    await within(other.open())
+    try:
+        thread = (await other.create_thread("org_a", "made elsewhere"))["thread_id"]  # not in the cache
+        read, release = asyncio.Event(), asyncio.Event()
+        real = store._completed_pairs
+
+        async def overtaken(org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
+            pairs = await real(org_id, thread_id)
+            read.set()
+            await release.wait()
+            return pairs
+
+        store._completed_pairs = overtaken  # type: ignore[method-assign]
+        reading = asyncio.ensure_future(store.history("org_a", thread))
+        await within(read.wait(), what="the cold read")
+        store._completed_pairs = real  # type: ignore[method-assign]
+        _, assistant = await begin(store, org_id="org_a", thread_id=thread, content="q")
+        await finish(store, assistant, MessageStatus.COMPLETE, "a")
+        release.set()
+        assert await within(reading, what="the overtaken read") == []  # read before the turn
+        expected = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        assert await store.history("org_a", thread) == expected
+        assert await store.history("org_a", thread) == expected
+    finally:
+        await other.close()
+        await store.close()
+
+
+async def test_cold_history_reads_of_one_thread_at_once_count_its_characters_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests on a thread not in the cache read its history at once: it is kept once, and
+    counted once against the cache's characters, so it stays cached."""
+    path = str(tmp_path / "twice.db")
+    store, other = SQLiteStore(path, cache=True), SQLiteStore(path, recover=False)
+    await within(store.open())
+    await within(other.open())
+    try:
+        thread = (await other.create_thread("org_a", "made elsewhere"))["thread_id"]  # not in the cache
+        _, assistant = await begin(other, org_id="org_a", thread_id=thread, content="q" * 100)
+        await finish(other, assistant, MessageStatus.COMPLETE, "a" * 100)
+        monkeypatch.setattr(sqlite_store, "HISTORY_CACHE_CHARS", 300)  # room for it once, not twice
+        reads, both = 0, asyncio.Event()
+        real = store._completed_pairs
+
+        async def together(org_id: str, thread_id: str) -> list[tuple[int, str, str]]:
+            nonlocal reads
+            reads += 1
+            if reads == 2:
+                both.set()
+            await both.wait()
+            return await real(org_id, thread_id)
+
+        store._completed_pairs = together  # type: ignore[method-assign]
+        first, second = await within(asyncio.gather(store.history("org_a", thread),
+                                                     store.history("org_a", thread)), what="both reads")
+        assert first == second and len(first) == 2
+        assert await store.history("org_a", thread) == first
+        assert reads == 2  # the third came from the cache
+    finally:
+        await other.close()
+        await store.close()
+
+
 async def test_deleting_a_thread_removes_its_messages(store: Store) -> None:
     t = await store.create_thread("org_a", "t")
     _, assistant = await begin(store, org_id="org_a", thread_id=t["thread_id"])
@@ -546,6 +647,76 @@ async def test_group_commit_a_turn_refused_at_its_second_row_keeps_neither_and_f
             for role, p in (("user", "q"), ("assistant", "a"))]
     finally:
         await store.close()
+
+
+def _hold_transactions(store: SQLiteStore) -> tuple[asyncio.Event, threading.Event]:
+    """Make the store's writer thread wait, at the start of each transaction, until the
+    returned gate opens; the event is set (on the loop) once a transaction waits there."""
+    loop = asyncio.get_running_loop()
+    entered, gate = asyncio.Event(), threading.Event()
+    run = store._transaction
+
+    def held(ops: list[Any]) -> list[tuple[bool, Any]]:
+        loop.call_soon_threadsafe(entered.set)
+        gate.wait(10)
+        return run(ops)
+
+    store._transaction = held  # type: ignore[method-assign]
+    return entered, gate
+
+
+async def test_writes_asked_for_before_close_are_kept_and_later_ones_refused(tmp_path: Path) -> None:
+    """close() waits for the writes asked for before it began: they commit and stay. A
+    write asked for once it has begun fails at once with StoreClosed."""
+    path = str(tmp_path / "closing.db")
+    store = SQLiteStore(path, cache=True)
+    await within(store.open())
+    entered, gate = _hold_transactions(store)
+    first = asyncio.ensure_future(store.create_thread("org_a", "on the writer thread"))
+    await within(entered.wait(), what="the first write on the writer thread")
+    queued = asyncio.ensure_future(store.create_thread("org_a", "queued behind it"))
+    await asyncio.sleep(0)  # asked for: it waits for the next transaction
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)  # the close has begun: it waits for those two
+    with pytest.raises(StoreClosed):
+        await within(store.create_thread("org_a", "too late"))
+    gate.set()
+    kept = await within(asyncio.gather(first, queued), what="the writes asked for before the close")
+    await within(closing, what="the close")
+    assert not store.is_open
+    again = SQLiteStore(path)
+    await within(again.open())
+    try:
+        assert sorted(t["thread_id"] for t in await again.list_threads("org_a")) == sorted(
+            t["thread_id"] for t in kept)
+    finally:
+        await again.close()
+
+
+async def test_a_write_asked_for_while_the_connections_close_fails_with_store_closed(tmp_path: Path) -> None:
+    """A write asked for after the drain, while the connections are being closed, fails with
+    StoreClosed: it never runs on the writer thread against a connection already let go."""
+    store = SQLiteStore(str(tmp_path / "closing.db"), cache=True)
+    await within(store.open())
+    entered, gate = _hold_transactions(store)
+    reader = store._r
+    close_reader = reader.close
+    late: list[asyncio.Future[Any]] = []
+
+    async def closed_with_a_write_asked_for_meanwhile() -> None:
+        late.append(asyncio.ensure_future(store.create_thread("org_a", "late")))
+        reached = asyncio.ensure_future(entered.wait())
+        await within(asyncio.wait([late[0], reached], return_when=asyncio.FIRST_COMPLETED),
+                     what="the late write to be refused or to reach the writer thread")
+        reached.cancel()
+        await close_reader()
+        asyncio.get_running_loop().call_soon(gate.set)  # once close() let go of the writer's connection
+
+    reader.close = closed_with_a_write_asked_for_meanwhile  # type: ignore[method-assign]
+    await within(store.close(), what="the close")
+    with pytest.raises(StoreClosed):
+        await within(late[0], what="the late write")
+    assert not store.is_open
 
 
 async def test_checkpoints_pages_and_thread_counts(store: Store) -> None:
