@@ -198,6 +198,7 @@ class SQLiteStore:
         self._busy = False  # a batch is with the writer thread
         self._closing = False  # close() began: no write is taken any more
         self._drained: asyncio.Future[None] | None = None  # for close(): resolved once no batch is left
+        self._close_task: asyncio.Future[None] | None = None
         self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
         self._history_chars = 0  # characters held by ``_histories``
@@ -256,8 +257,14 @@ class SQLiteStore:
 
     async def close(self) -> None:
         """Wait for the writes asked for so far, then close; a write asked for once this began
-        fails with :class:`StoreClosed`. A closed store cannot be opened again."""
-        self._closing = True
+        fails with :class:`StoreClosed`. A closed store cannot be opened again. Callers that
+        close it at the same time all return once it is closed."""
+        if self._close_task is None:
+            self._closing = True  # from this call on, not from the task's first step
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
         if self._busy:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained

@@ -693,6 +693,20 @@ async def test_writes_asked_for_before_close_are_kept_and_later_ones_refused(tmp
         await again.close()
 
 
+async def test_two_closes_at_once_both_return_once_the_writes_are_kept(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "closing.db"), cache=True)
+    await within(store.open())
+    entered, gate = _hold_transactions(store)
+    first = asyncio.ensure_future(store.create_thread("org_a", "on the writer thread"))
+    await within(entered.wait(), what="the write on the writer thread")
+    closes = [asyncio.ensure_future(store.close()) for _ in range(2)]
+    await asyncio.sleep(0)  # both wait for the write
+    gate.set()
+    await within(first, what="the write asked for before the closes")
+    await within(asyncio.gather(*closes), what="both closes")  # the first one used to wait for good
+    assert not store.is_open
+
+
 async def test_a_write_asked_for_while_the_connections_close_fails_with_store_closed(tmp_path: Path) -> None:
     """A write asked for after the drain, while the connections are being closed, fails with
     StoreClosed: it never runs on the writer thread against a connection already let go."""
