@@ -32,7 +32,8 @@ and this registry adds what makes the instances act as one:
   turns ``lead`` into ``done|S|I`` for the result TTL or ``failed|S|I`` for the
   error TTL. Any instance answers an identical request from there (``cache``),
   rebuilding the answer from the stream. An outcome no request may take (a
-  cancelled flight, or an answer that is not ``reusable``) deletes ``lead``
+  cancelled flight, an answer that is not ``reusable`` or larger than
+  ``DAC_CACHE_MAX_BYTES``, a failure to save the answer) deletes ``lead``
   instead, and the flight's other keys then stay only for the lease, for the
   mirrors still reading the log; nothing answers from it, as in one process.
 - **Leader loss.** A mirror whose stream stays quiet looks at ``lead`` every
@@ -93,7 +94,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from .config import Settings
-from .errors import GatewayError, LeaderLost, RegistryUnavailable, ShuttingDown, UpstreamError
+from .errors import GatewayError, LeaderLost, RegistryUnavailable, ShuttingDown, StoreError, UpstreamError
 from .eventlog import DeltaExtra, EventLog
 from .flight import Clock, Flight, TurnRequest
 from .hub import Hub
@@ -699,8 +700,8 @@ class RedisHub(Hub):
         if flight.state is FlightState.DONE:
             kind, data = "d", orjson.dumps(flight.message).decode()
             value, ms = (f"done|{s_id}|{self.instance}", int(s.result_ttl_s * 1000))
-            if flight.forgotten or s.result_ttl_s <= 0 or not flight.turn.reusable:
-                value = "-"  # nothing answers from it (as in one process)
+            if flight.forgotten or s.result_ttl_s <= 0 or not flight.turn.reusable or len(data) > s.cache_max_bytes:
+                value = "-"  # nothing answers from it (as in one process, where one too large is not kept)
         else:
             error = flight.error or GatewayError("the answer ended")
             outcome = MessageStatus.ERROR if flight.state is FlightState.FAILED else MessageStatus.CANCELLED
@@ -711,8 +712,8 @@ class RedisHub(Hub):
                                  "upstream": isinstance(error, UpstreamError), "message": flight.message}).decode()
             failed = flight.state is FlightState.FAILED or flight.message is None
             value, ms = (f"failed|{s_id}|{self.instance}", int(s.error_ttl_s * 1000))
-            if not failed or flight.forgotten or s.error_ttl_s <= 0:
-                value = "-"
+            if not failed or flight.forgotten or s.error_ttl_s <= 0 or isinstance(error, StoreError):
+                value = "-"  # an answer that could not be saved answers nobody: a repeat starts afresh
         led.end = (value, max(ms, 1), kind, data)
         led.ended = True
         self._schedule(led, now=True)

@@ -477,3 +477,47 @@ async def test_a_slot_given_back_here_goes_to_the_waiter_here_at_once(
         assert await client.zcard(pacer.key("p")) == 0
     finally:
         await client.aclose()
+
+
+async def test_an_answer_too_large_for_the_cache_is_not_kept_on_redis(pair: Pair) -> None:
+    """As in one process, an answer larger than DAC_CACHE_MAX_BYTES is not kept: the same
+    deterministic request on the other instance asks the upstream again."""
+    provider = ScriptedProvider()
+    a, b = await pair(provider, cache_max_bytes=100)
+    body = {"model": "scripted/scripted", "messages": [{"role": "user", "content": "a long one"}], "temperature": 0}
+    roles = []
+    for gw in (a, b):
+        asking = asyncio.ensure_future(gw.session.post(f"{gw.url}/v1/chat/completions", json=body, headers=gw.h()))
+        call = await provider.next_call()
+        call.send("x" * 300)
+        call.finish()
+        async with await within(asking, what="the answer") as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["choices"][0]["message"]["content"] == "x" * 300
+            roles.append(resp.headers["x-dac-coalesce"])
+    assert roles == ["leader", "leader"] and len(provider.calls) == 2
+
+
+async def test_an_answer_that_could_not_be_saved_is_not_replayed_by_another_instance(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in one process, a failure to save answers nobody: the same question asked again on
+    the other instance within the error TTL goes to the upstream afresh."""
+    provider = ScriptedProvider()
+    a, b = await pair(provider, error_ttl_s=60.0)
+    tid = await a.new_thread()
+
+    async def broken(**_: object) -> bool:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(a.store, "finish_turn", broken)
+    body = {"content": "save me", "provider": "scripted", "model": "scripted"}
+    statuses = []
+    for gw in (a, b):
+        asking = asyncio.ensure_future(gw.session.post(f"{gw.url}/api/threads/{tid}/messages", json=body,
+                                                       headers=gw.h()))
+        call = await provider.next_call()
+        call.send("kept?")
+        call.finish()
+        async with await within(asking, what="the answer") as resp:
+            statuses.append((resp.status, (await resp.json()).get("error", {}).get("type")))
+    assert statuses == [(503, "store_error"), (200, None)] and len(provider.calls) == 2
