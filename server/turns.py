@@ -28,7 +28,6 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -272,6 +271,35 @@ class _Leasing:
         self._service._released(self._lease, route=self._route, mode=self._mode, exc=exc)
 
 
+class _Attaching:
+    """The ``async with`` of :meth:`TurnService.attach` (a class, not a generator: a
+    subscriber holds it for as long as its stream lasts, ten thousand of them on one flight)."""
+
+    __slots__ = ("_lease", "_org", "_service", "_started", "_stream_id", "_token")
+
+    def __init__(self, service: TurnService, org_id: str, stream_id: str, *, token: str | None,
+                 started: float) -> None:
+        self._service = service
+        self._org = org_id
+        self._stream_id = stream_id
+        self._token = token
+        self._started = started
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease | None:
+        service = self._service
+        flight = await service.registry.stream(self._stream_id)
+        if flight is None or flight.turn.org_id != self._org:
+            return None
+        self._lease = service._attached(flight, self._token, self._started)
+        return self._lease
+
+    async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            self._service._released(lease, route="streams", mode="sse", exc=exc)
+
+
 #: Idempotency-Keys remembered at most (the oldest forgotten first)
 IDEMPOTENCY_KEYS = 100_000
 
@@ -378,15 +406,13 @@ class TurnService:
         """
         return _Leasing(self, turn, route=route, mode=mode, started=started)
 
-    @asynccontextmanager
-    async def attach(self, org_id: str, stream_id: str, *, token: str | None,
-                     started: float) -> AsyncIterator[Lease | None]:
-        """Listen to a running or kept flight (``GET /api/streams``); None when this
-        process holds no flight of that id for the org."""
-        flight = await self.registry.stream(stream_id)
-        if flight is None or flight.turn.org_id != org_id:
-            yield None
-            return
+    def attach(self, org_id: str, stream_id: str, *, token: str | None, started: float) -> _Attaching:
+        """Listen to a running or kept flight (``GET /api/streams``) for the ``async with``
+        block: it gives None when this process holds no flight of that id for the org."""
+        return _Attaching(self, org_id, stream_id, token=token, started=started)
+
+    def _attached(self, flight: Flight, token: str | None, started: float) -> Lease:
+        """A new listener to ``flight``, counted and held until :meth:`_released`."""
         role = Role.CACHE if not flight.running else (Role.LEADER if flight.listeners == 0 else Role.FOLLOWER)
         # the first attach of a stream_url hands its 202's answer over: that is the chat answer
         answer = token is not None and flight.promised(token)
@@ -395,19 +421,8 @@ class TurnService:
             token = None  # a second connection with one stream_url gets its own token
         lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started, token=token,
                       answer=answer)
-        async with self._recorded(lease, route="streams", mode="sse"):
-            yield lease
-
-    @asynccontextmanager
-    async def _recorded(self, lease: Lease, *, route: str, mode: str) -> AsyncIterator[None]:
-        """Uncount the listener and record the request however the block ends."""
         self._held(lease)
-        try:
-            yield
-        except BaseException as exc:
-            self._released(lease, route=route, mode=mode, exc=exc)
-            raise
-        self._released(lease, route=route, mode=mode, exc=None)
+        return lease
 
     def _held(self, lease: Lease) -> None:
         self._leases[lease.token] = lease
