@@ -54,6 +54,7 @@ __all__ = [
     "last_event_id",
     "open_event_stream",
     "PingedSSE",
+    "Preflight",
     "open_sse",
     "read_json",
     "require_org",
@@ -416,11 +417,15 @@ def _to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | No
 
 
 Render = Callable[[GatewayError], web.Response]
+#: the answer to a request that is a CORS preflight, None for any other request
+Preflight = Callable[[web.Request], web.StreamResponse | None]
 
 
-def error_middleware(render: Render, *, under: Mapping[str, Render] | None = None) -> Middleware:
+def error_middleware(render: Render, *, under: Mapping[str, Render] | None = None,
+                     preflight: Preflight | None = None) -> Middleware:
     """A middleware answering every error with ``render(error)``, its status and headers;
     ``under`` maps a path prefix (``/v1``) to the renderer of the paths below it.
+    ``preflight`` answers CORS preflights first, outside the error handling.
 
     It counts the error in ``dac_errors_total`` by the gateway's type, once per
     request: a chat request whose record already counted its error is skipped.
@@ -435,6 +440,8 @@ def error_middleware(render: Render, *, under: Mapping[str, Render] | None = Non
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if preflight is not None and (answer := preflight(request)) is not None:
+            return answer
         metrics = request.config_dict[METRICS]
         with metrics.request_scope():
             try:
