@@ -99,6 +99,9 @@ class Lease:
     write its request record when the ``async with`` block ends.
     """
 
+    # one per listener, ten thousand on a flight: no dict
+    __slots__ = ("_hold_s", "_out", "answer", "flight", "role", "started", "stopped", "token", "ttft_s")
+
     def __init__(self, flight: Flight, role: Role, *, hold_s: float, started: float,
                  token: str | None = None, answer: bool = True) -> None:
         self.flight = flight
