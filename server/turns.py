@@ -278,7 +278,7 @@ class _Attaching:
     """The ``async with`` of :meth:`TurnService.attach` (a class, not a generator: a
     subscriber holds it for as long as its stream lasts, ten thousand of them on one flight)."""
 
-    __slots__ = ("_lease", "_org", "_service", "_started", "_stream_id", "_token")
+    __slots__ = ("_handed_over", "_lease", "_org", "_service", "_started", "_stream_id", "_token")
 
     def __init__(self, service: TurnService, org_id: str, stream_id: str, *, token: str | None,
                  started: float) -> None:
@@ -288,16 +288,34 @@ class _Attaching:
         self._token = token
         self._started = started
         self._lease: Lease | None = None
+        self._handed_over = False
 
-    async def __aenter__(self) -> Lease | None:
-        service = self._service
-        flight = await service.registry.stream(self._stream_id)
-        if flight is None or flight.turn.org_id != self._org:
-            return None
-        self._lease = service._attached(flight, self._token, self._started)
+    @property
+    def lease(self) -> Lease | None:
+        """The listener's lease; None when this process holds no such flight for the org
+        (or once it was released)."""
         return self._lease
 
+    async def __aenter__(self) -> _Attaching:
+        service = self._service
+        flight = await service.registry.stream(self._stream_id)
+        if flight is not None and flight.turn.org_id == self._org:
+            self._lease = service._attached(flight, self._token, self._started)
+        return self
+
     async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if exc is not None or not self._handed_over:
+            self.release(exc)
+
+    def hand_over(self) -> Callable[[BaseException | None], None]:
+        """Let the block end without releasing the lease (unless it ends by an exception):
+        the caller calls what this returns once its stream has ended, with how it ended
+        (the exception, or None)."""
+        self._handed_over = True
+        return self.release
+
+    def release(self, exc: BaseException | None) -> None:
+        """Uncount the listener and record its request, once."""
         if self._lease is not None:
             lease, self._lease = self._lease, None
             self._service._released(lease, route="streams", mode="sse", exc=exc)
@@ -411,7 +429,8 @@ class TurnService:
 
     def attach(self, org_id: str, stream_id: str, *, token: str | None, started: float) -> _Attaching:
         """Listen to a running or kept flight (``GET /api/streams``) for the ``async with``
-        block: it gives None when this process holds no flight of that id for the org."""
+        block; its ``lease`` is None when this process holds no flight of that id for the org.
+        The block may hand the lease over (``hand_over``) to be released when its stream ends."""
         return _Attaching(self, org_id, stream_id, token=token, started=started)
 
     def _attached(self, flight: Flight, token: str | None, started: float) -> Lease:

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -367,12 +367,42 @@ class SSEStream:
         transport.write(data)
         return True
 
+    def then(self, rest: Coroutine[Any, Any, None], done: Callable[[BaseException | None], None]) -> web.StreamResponse:
+        """The response, for its handler to return at once, with the rest of the stream
+        handed to it: aiohttp awaits ``rest`` where it ends the response, after the handler
+        and its middlewares have returned, so none of their coroutines stays in memory
+        while the stream lasts; then ``done`` is called with how ``rest`` ended (None:
+        it returned). Call it as the handler returns: nothing may fail between."""
+        response = self.response
+        assert isinstance(response, _EventStreamResponse)
+        response.rest = (rest, done)
+        return response
+
 
 class _EventStreamResponse(web.StreamResponse):
     """An SSE response whose status line and headers go out with its first frame, in one
-    write (as aiohttp's ``Response`` sends them with its body)."""
+    write (as aiohttp's ``Response`` sends them with its body); what its handler handed
+    it (:meth:`SSEStream.then`) runs before its end is written."""
 
     _send_headers_immediately = False
+    rest: tuple[Coroutine[Any, Any, None], Callable[[BaseException | None], None]] | None = None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        rest, self.rest = self.rest, None
+        if rest is not None:
+            stream, done = rest
+            del rest
+            try:
+                await stream
+            except BaseException as exc:
+                done(exc)
+                if isinstance(exc, TimeoutError):
+                    # a client that took nothing for the send timeout was dropped (its connection
+                    # is closed): for aiohttp a client that left, as from a handler
+                    raise ConnectionResetError("the client took nothing for the send timeout") from exc
+                raise
+            done(None)
+        await super().write_eof(data)
 
 
 async def open_event_stream(request: web.Request) -> SSEStream:

@@ -224,11 +224,12 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     org, listener = await stream_caller(request, stream_id)
     after = last_event_id(request)
     turns = request.app[TURNS]
-    async with turns.attach(org, stream_id, token=listener, started=started) as lease:
-        if lease is not None:
+    async with turns.attach(org, stream_id, token=listener, started=started) as attached:
+        if (lease := attached.lease) is not None:
             out = await open_event_stream(request)
-            await lease.stream(out, cursor=after + 1, meta=_meta(request, lease, org))
-            return out.response
+            # the rest of the stream runs once this handler and its middlewares have returned
+            return out.then(lease.stream(out, cursor=after + 1, meta=_meta(request, lease, org)),
+                            attached.hand_over())
     frames = await turns.stored_frames(org, stream_id)
     if frames is None:
         raise NotFound("stream not found")
