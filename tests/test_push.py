@@ -215,6 +215,26 @@ async def test_a_close_during_a_pass_ends_the_sinks_it_reached_even_when_the_oth
     assert all(sink.events() == [delta(1, "a"), ("done", 2, "{}")] for sink in sinks[PASS_STEP:])
 
 
+async def test_the_subscriptions_the_end_reached_end_a_pass_step_a_loop_turn_after_the_last_pass() -> None:
+    """Every sink is written the end in the last pass; their subscriptions then end PASS_STEP
+    a loop turn, in the pass's order, so their handlers finish a step at a time."""
+    log = EventLog(capacity=8, ping_interval_s=None)
+    sinks = [FakeSink() for _ in range(2 * PASS_STEP + 10)]
+    ended = [log.subscribe(sink, 1) for sink in sinks]
+    log.close(encode_event("done", {}, 1))  # one pass of three steps
+    ended_by_turn: list[list[bool]] = []
+    written = []
+    while len(ended_by_turn) < 20 and not all(f.done() for f in ended):
+        await asyncio.sleep(0)
+        ended_by_turn.append([f.done() for f in ended])
+        written.append(all(sink.events() == [("done", 1, "{}")] for sink in sinks))
+    turns = [(turn, all_written) for turn, all_written in zip(ended_by_turn, written, strict=True) if any(turn)]
+    assert [turn for turn, _ in turns] == [[True] * n + [False] * (len(sinks) - n)
+                                           for n in (PASS_STEP, 2 * PASS_STEP, len(sinks))]
+    assert all(all_written for _, all_written in turns)  # none ended before the last pass was over
+    assert await within(asyncio.gather(*ended), 1, "every subscription to end") == [None] * len(sinks)
+
+
 async def test_subscribers_that_come_and_go_while_nothing_is_appended_leave_nothing_behind() -> None:
     log = EventLog(capacity=8)
     staying = FakeSink()
