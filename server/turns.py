@@ -100,7 +100,7 @@ class Lease:
     """
 
     # one per listener, ten thousand on a flight: no dict
-    __slots__ = ("_hold_s", "_out", "answer", "flight", "role", "started", "stopped", "token", "ttft_s")
+    __slots__ = ("_hold_s", "_out", "_service", "answer", "flight", "role", "started", "stopped", "token", "ttft_s")
 
     def __init__(self, flight: Flight, role: Role, *, hold_s: float, started: float,
                  token: str | None = None, answer: bool = True) -> None:
@@ -118,6 +118,16 @@ class Lease:
         #: the client said it stops: its stream ends and it no longer holds the flight
         self.stopped = False
         self._out: Sink | None = None
+        #: the service that releases it (:meth:`release`): a lease of :meth:`TurnService.attach`'s
+        self._service: TurnService | None = None
+
+    def release(self, exc: BaseException | None) -> None:
+        """Uncount this listener and record its request, once (a lease of
+        :meth:`TurnService.attach`, whose block handed it over or ended); ``exc``: how its
+        stream ended (None: it was written to its end)."""
+        service, self._service = self._service, None
+        if service is not None:
+            service._released(self, route="streams", mode="sse", exc=exc)
 
     async def hold(self, until: Until) -> None:
         """Hold the status line until ``until`` or the flight's end, for at most one
@@ -292,8 +302,7 @@ class _Attaching:
 
     @property
     def lease(self) -> Lease | None:
-        """The listener's lease; None when this process holds no such flight for the org
-        (or once it was released)."""
+        """The listener's lease; None when this process holds no such flight for the org."""
         return self._lease
 
     async def __aenter__(self) -> _Attaching:
@@ -304,21 +313,17 @@ class _Attaching:
         return self
 
     async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
-        if exc is not None or not self._handed_over:
-            self.release(exc)
+        lease, self._lease = self._lease, None
+        if lease is not None and (exc is not None or not self._handed_over):
+            lease.release(exc)
 
     def hand_over(self) -> Callable[[BaseException | None], None]:
         """Let the block end without releasing the lease (unless it ends by an exception):
-        the caller calls what this returns once its stream has ended, with how it ended
-        (the exception, or None)."""
+        the caller calls what this returns (:meth:`Lease.release`) once its stream has
+        ended, with how it ended. Nothing of this object is held meanwhile."""
+        assert self._lease is not None
         self._handed_over = True
-        return self.release
-
-    def release(self, exc: BaseException | None) -> None:
-        """Uncount the listener and record its request, once."""
-        if self._lease is not None:
-            lease, self._lease = self._lease, None
-            self._service._released(lease, route="streams", mode="sse", exc=exc)
+        return self._lease.release
 
 
 #: Idempotency-Keys remembered at most (the oldest forgotten first)
@@ -443,6 +448,7 @@ class TurnService:
             token = None  # a second connection with one stream_url gets its own token
         lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started, token=token,
                       answer=answer)
+        lease._service = self
         self._held(lease)
         return lease
 
