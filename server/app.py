@@ -132,8 +132,9 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
     app = web.Application(client_max_size=settings.max_body_bytes)
     # every error leaves as JSON with its status: ``{"error": {"type", "message", ...}}``, and in
     # OpenAI's shape under /v1
-    errors = error_middleware(api.error_response, under={openai_compat.PREFIX: openai_compat.error_response})
-    app.middlewares.extend([cors.setup(app, settings.cors_origins), errors])
+    # (CORS preflights are answered first, outside the error handling)
+    app.middlewares.append(error_middleware(api.error_response, under={openai_compat.PREFIX: openai_compat.error_response},
+                                            preflight=cors.setup(app, settings.cors_origins)))
     app[SETTINGS] = settings
     app[METRICS] = Metrics(window=settings.perf_window)
     app[CLOCK] = clock

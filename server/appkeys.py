@@ -19,7 +19,7 @@ from .store import Store
 from .turns import TurnService
 
 __all__ = ["AUTH", "CLOSE_AFTER", "LIMITS", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE",
-           "STREAM_STARTED", "TURNS"]
+           "TURNS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -31,7 +31,5 @@ TURNS = web.AppKey("turns", TurnService)
 AUTH = web.AppKey("auth", Auth)
 LIMITS = web.AppKey("limits", OrgLimits)
 
-#: set on a request once its streaming response has been prepared
-STREAM_STARTED = web.RequestKey("stream_started", bool)
 #: set on a request whose connection must close after its answer (its body was broken)
 CLOSE_AFTER = web.RequestKey("close_after", bool)

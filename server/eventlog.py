@@ -26,7 +26,7 @@ the others nothing:
   one ends. Under load a write so carries several deltas, and no delta waits
   much longer than one pass. The subscriptions that the final frame ends
   end once the last pass is over: their handlers wake up after it, not
-  between its steps. A sink whose transport is paused (over its
+  between its steps, and :data:`PASS_STEP` of them a loop turn. A sink whose transport is paused (over its
   high-water mark) is written nothing: it leaves the push set and its
   subscriber falls back to its cursor and replays. While nothing is appended
   for ``ping_interval_s``, the log pushes a ``: ping`` comment to every sink.
@@ -520,11 +520,17 @@ class EventLog:
         self._end_done()
 
     def _end_done(self) -> None:
-        """After the last pass of the log: every subscription it ended ends now."""
+        """After the last pass of the log: the subscriptions it ended end now, :data:`PASS_STEP`
+        a loop turn, as a pass writes them. Their handlers then finish their responses, and
+        their clients, which have it all, close their connections: a step at a time, what
+        the ones before held is freed while the next ones finish, rather than every
+        subscriber's end being held at once."""
         if self._done:
-            done, self._done = self._done, []
+            done, self._done = self._done[:PASS_STEP], self._done[PASS_STEP:]
             for ended in done:
                 _end(ended, None)
+            if self._done:
+                asyncio.get_running_loop().call_soon(self._end_done)
 
     def _fall_back(self, fallen: list[_Pushed]) -> None:
         """End the pushed subscriptions of sinks that took nothing: each replays from its cursor."""

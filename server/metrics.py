@@ -126,13 +126,15 @@ class RequestRecord:
 
 class RequestScope:
     """Marks whether the current HTTP request's outcome is counted already: its
-    error, or the client's leaving (whose exception is then no error of ours).
-    Use as ``with``: the scope is the current one inside the block."""
+    error, or the client's leaving (whose exception is then no error of ours); and
+    whether its response has started (``started``: an error after that can no longer
+    change its status). Use as ``with``: the scope is the current one inside the block."""
 
-    __slots__ = ("settled", "_token")
+    __slots__ = ("settled", "started", "_token")
 
     def __init__(self) -> None:
         self.settled = False
+        self.started = False
         self._token: Token[RequestScope | None] | None = None
 
     def __enter__(self) -> RequestScope:
@@ -346,6 +348,12 @@ class Metrics:
     def request_scope(self) -> RequestScope:
         """Wrap one HTTP request (``with``), so that its error is counted once."""
         return RequestScope()
+
+    def response_started(self) -> None:
+        """The current request's streamed response has started (:attr:`RequestScope.started`)."""
+        scope = _SCOPE.get()
+        if scope is not None:
+            scope.started = True
 
     def count_error(self, error_type: str, scope: RequestScope | None = None) -> None:
         """Count an error answer, unless this request's error was counted already."""

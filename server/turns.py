@@ -28,7 +28,6 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -100,6 +99,9 @@ class Lease:
     write its request record when the ``async with`` block ends.
     """
 
+    # one per listener, ten thousand on a flight: no dict
+    __slots__ = ("_hold_s", "_out", "_service", "answer", "flight", "role", "started", "stopped", "token", "ttft_s")
+
     def __init__(self, flight: Flight, role: Role, *, hold_s: float, started: float,
                  token: str | None = None, answer: bool = True) -> None:
         self.flight = flight
@@ -116,6 +118,16 @@ class Lease:
         #: the client said it stops: its stream ends and it no longer holds the flight
         self.stopped = False
         self._out: Sink | None = None
+        #: the service that releases it (:meth:`release`): a lease of :meth:`TurnService.attach`'s
+        self._service: TurnService | None = None
+
+    def release(self, exc: BaseException | None) -> None:
+        """Uncount this listener and record its request, once (a lease of
+        :meth:`TurnService.attach`, whose block handed it over or ended); ``exc``: how its
+        stream ended (None: it was written to its end)."""
+        service, self._service = self._service, None
+        if service is not None:
+            service._released(self, route="streams", mode="sse", exc=exc)
 
     async def hold(self, until: Until) -> None:
         """Hold the status line until ``until`` or the flight's end, for at most one
@@ -272,6 +284,48 @@ class _Leasing:
         self._service._released(self._lease, route=self._route, mode=self._mode, exc=exc)
 
 
+class _Attaching:
+    """The ``async with`` of :meth:`TurnService.attach` (a class, not a generator: a
+    subscriber holds it for as long as its stream lasts, ten thousand of them on one flight)."""
+
+    __slots__ = ("_handed_over", "_lease", "_org", "_service", "_started", "_stream_id", "_token")
+
+    def __init__(self, service: TurnService, org_id: str, stream_id: str, *, token: str | None,
+                 started: float) -> None:
+        self._service = service
+        self._org = org_id
+        self._stream_id = stream_id
+        self._token = token
+        self._started = started
+        self._lease: Lease | None = None
+        self._handed_over = False
+
+    @property
+    def lease(self) -> Lease | None:
+        """The listener's lease; None when this process holds no such flight for the org."""
+        return self._lease
+
+    async def __aenter__(self) -> _Attaching:
+        service = self._service
+        flight = await service.registry.stream(self._stream_id)
+        if flight is not None and flight.turn.org_id == self._org:
+            self._lease = service._attached(flight, self._token, self._started)
+        return self
+
+    async def __aexit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None and (exc is not None or not self._handed_over):
+            lease.release(exc)
+
+    def hand_over(self) -> Callable[[BaseException | None], None]:
+        """Let the block end without releasing the lease (unless it ends by an exception):
+        the caller calls what this returns (:meth:`Lease.release`) once its stream has
+        ended, with how it ended. Nothing of this object is held meanwhile."""
+        assert self._lease is not None
+        self._handed_over = True
+        return self._lease.release
+
+
 #: Idempotency-Keys remembered at most (the oldest forgotten first)
 IDEMPOTENCY_KEYS = 100_000
 
@@ -378,15 +432,14 @@ class TurnService:
         """
         return _Leasing(self, turn, route=route, mode=mode, started=started)
 
-    @asynccontextmanager
-    async def attach(self, org_id: str, stream_id: str, *, token: str | None,
-                     started: float) -> AsyncIterator[Lease | None]:
-        """Listen to a running or kept flight (``GET /api/streams``); None when this
-        process holds no flight of that id for the org."""
-        flight = await self.registry.stream(stream_id)
-        if flight is None or flight.turn.org_id != org_id:
-            yield None
-            return
+    def attach(self, org_id: str, stream_id: str, *, token: str | None, started: float) -> _Attaching:
+        """Listen to a running or kept flight (``GET /api/streams``) for the ``async with``
+        block; its ``lease`` is None when this process holds no flight of that id for the org.
+        The block may hand the lease over (``hand_over``) to be released when its stream ends."""
+        return _Attaching(self, org_id, stream_id, token=token, started=started)
+
+    def _attached(self, flight: Flight, token: str | None, started: float) -> Lease:
+        """A new listener to ``flight``, counted and held until :meth:`_released`."""
         role = Role.CACHE if not flight.running else (Role.LEADER if flight.listeners == 0 else Role.FOLLOWER)
         # the first attach of a stream_url hands its 202's answer over: that is the chat answer
         answer = token is not None and flight.promised(token)
@@ -395,19 +448,9 @@ class TurnService:
             token = None  # a second connection with one stream_url gets its own token
         lease = Lease(flight, role, hold_s=self.settings.ping_interval_s, started=started, token=token,
                       answer=answer)
-        async with self._recorded(lease, route="streams", mode="sse"):
-            yield lease
-
-    @asynccontextmanager
-    async def _recorded(self, lease: Lease, *, route: str, mode: str) -> AsyncIterator[None]:
-        """Uncount the listener and record the request however the block ends."""
+        lease._service = self
         self._held(lease)
-        try:
-            yield
-        except BaseException as exc:
-            self._released(lease, route=route, mode=mode, exc=exc)
-            raise
-        self._released(lease, route=route, mode=mode, exc=None)
+        return lease
 
     def _held(self, lease: Lease) -> None:
         self._leases[lease.token] = lease

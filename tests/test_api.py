@@ -7,7 +7,16 @@ import sqlite3
 import threading
 from typing import Any
 
+import aiohttp
+import pytest
+from aiohttp import web
+
+from server.appkeys import METRICS, SETTINGS
+from server.config import Settings
+from server.metrics import Metrics
 from server.providers import MockProvider
+from server.routes import api
+from server.routes._http import error_middleware, open_event_stream
 
 from .engines import on_every_engine
 from .helpers import ManualClock, ScriptedProvider, collect, registry, within
@@ -307,3 +316,30 @@ async def test_an_unexpected_failure_is_a_json_500(gateway, monkeypatch) -> None
         body = await resp.json()
     assert body["error"]["type"] == "internal_error"
     assert "disk on fire" not in body["error"]["message"]  # internals stay in the log
+
+
+async def test_an_error_before_a_stream_starts_is_a_json_500_and_one_after_closes_the_stream(
+        aiohttp_client: Any) -> None:
+    """The error middleware renders what fails before a streamed response has started; once
+    it has, the failure goes through to aiohttp, which closes the connection mid-stream."""
+    async def before(request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("before the stream")
+
+    async def after(request: web.Request) -> web.StreamResponse:
+        out = await open_event_stream(request)
+        await out.write(b"data: 1\n\n")
+        raise RuntimeError("after the stream started")
+
+    app = web.Application(middlewares=[error_middleware(api.error_response)])
+    app[SETTINGS] = Settings.from_env()
+    app[METRICS] = Metrics()
+    app.router.add_get("/before", before)
+    app.router.add_get("/after", after)
+    client = await aiohttp_client(app)
+    resp = await within(client.get("/before"))
+    assert resp.status == 500
+    assert (await resp.json())["error"]["message"].startswith("internal server error")
+    resp = await within(client.get("/after"))
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await within(resp.read())

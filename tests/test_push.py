@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from contextlib import AsyncExitStack
 from typing import Any
@@ -214,6 +215,26 @@ async def test_a_close_during_a_pass_ends_the_sinks_it_reached_even_when_the_oth
     assert all(sink.events() == [delta(1, "a"), ("done", 2, "{}")] for sink in sinks[PASS_STEP:])
 
 
+async def test_the_subscriptions_the_end_reached_end_a_pass_step_a_loop_turn_after_the_last_pass() -> None:
+    """Every sink is written the end in the last pass; their subscriptions then end PASS_STEP
+    a loop turn, in the pass's order, so their handlers finish a step at a time."""
+    log = EventLog(capacity=8, ping_interval_s=None)
+    sinks = [FakeSink() for _ in range(2 * PASS_STEP + 10)]
+    ended = [log.subscribe(sink, 1) for sink in sinks]
+    log.close(encode_event("done", {}, 1))  # one pass of three steps
+    ended_by_turn: list[list[bool]] = []
+    written = []
+    while len(ended_by_turn) < 20 and not all(f.done() for f in ended):
+        await asyncio.sleep(0)
+        ended_by_turn.append([f.done() for f in ended])
+        written.append(all(sink.events() == [("done", 1, "{}")] for sink in sinks))
+    turns = [(turn, all_written) for turn, all_written in zip(ended_by_turn, written, strict=True) if any(turn)]
+    assert [turn for turn, _ in turns] == [[True] * n + [False] * (len(sinks) - n)
+                                           for n in (PASS_STEP, 2 * PASS_STEP, len(sinks))]
+    assert all(all_written for _, all_written in turns)  # none ended before the last pass was over
+    assert await within(asyncio.gather(*ended), 1, "every subscription to end") == [None] * len(sinks)
+
+
 async def test_subscribers_that_come_and_go_while_nothing_is_appended_leave_nothing_behind() -> None:
     log = EventLog(capacity=8)
     staying = FakeSink()
@@ -289,6 +310,56 @@ async def test_a_client_that_stops_reading_is_dropped_and_never_buffers_without_
     assert events[-1].event == "done"
     assert biggest[0] <= 2 * _http.HIGH_WATER_BYTES
     assert len(scripted.calls) == 1 and call.yielded == sent + 1
+
+
+async def test_a_stream_url_subscriber_that_stops_reading_is_dropped_released_and_logs_no_error(
+        gateway_factory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The stream of ``GET /api/streams`` runs after its handler has returned (where aiohttp
+    ends the response): a subscriber that takes nothing is still dropped after the send
+    timeout, counted as a slow client, no longer a listener, and its connection closes as
+    a client's that left, with no error logged."""
+    caplog.set_level(logging.WARNING)
+    push = _http.SSEStream.push
+    fell_back = [0]
+
+    def spy(self: _http.SSEStream, data: bytes) -> bool:
+        transport = self._transport
+        assert transport is not None
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ok = push(self, data)
+        fell_back[0] += not ok
+        return ok
+
+    monkeypatch.setattr(_http.SSEStream, "push", spy)
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), send_timeout_s=0.5)
+    tid = await gw.new_thread()
+    status, accept = await gw.post(tid, {"content": "flood", "provider": "scripted", "model": "scripted",
+                                         "stream": True})
+    assert status == 202
+    call = await scripted.next_call()
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(tuple(gw.runner.addresses[0][:2]))
+    slow.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=slow)
+    writer.write(f"GET {accept['stream_url']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    listeners = gw.metrics.registry.get_sample_value
+    await within(_until(lambda: (listeners("dac_active_listeners") or 0) >= 1), 5, "the subscriber to join")
+    sent = 0
+    while not fell_back[0] and sent < 2000:
+        call.send("x" * 2000)
+        sent += 1
+        await asyncio.sleep(0.001)
+    await within(_until(lambda: listeners("dac_listeners_dropped_total", {"reason": "slow_client"}) == 1.0),
+                 5, "the slow subscriber to be dropped")
+    await within(_until(lambda: listeners("dac_active_listeners") == 0), 5, "its listener released")
+    assert 0 < sent < 2000
+    reader.feed_eof()  # what it never read is of no interest
+    writer.close()
+    call.finish()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 async def test_real_subscribers_written_in_passes_of_several_steps_get_every_delta_once_in_order(

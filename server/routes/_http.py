@@ -24,7 +24,7 @@ import contextlib
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -33,7 +33,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Middleware
 
-from ..appkeys import AUTH, CLOSE_AFTER, METRICS, SETTINGS, STREAM_STARTED
+from ..appkeys import AUTH, CLOSE_AFTER, METRICS, SETTINGS
 from ..auth import AuthMode
 from ..config import Settings
 from ..errors import (
@@ -54,6 +54,7 @@ __all__ = [
     "last_event_id",
     "open_event_stream",
     "PingedSSE",
+    "Preflight",
     "open_sse",
     "read_json",
     "require_org",
@@ -301,7 +302,7 @@ async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = 
     settings = request.config_dict[SETTINGS]
     response = _HeldHeaders(headers={**SSE_HEADERS, **(headers or {})})
     await response.prepare(request)
-    request[STREAM_STARTED] = True
+    request.config_dict[METRICS].response_started()
     return PingedSSE(request, response, ping_interval=settings.ping_interval_s,
                      send_timeout=settings.send_timeout_s)
 
@@ -327,7 +328,7 @@ class SSEStream:
     awaited one: it carries the status line and headers.
     """
 
-    __slots__ = ("_chunked", "_timeout", "_transport", "_writer", "response")
+    __slots__ = ("_chunked", "_done", "_rest", "_timeout", "_transport", "_writer", "response")
 
     #: the last payload framed, and its framing: a flush pushes one payload to every sink
     _memo: tuple[bytes, bytes] = (b"", b"")
@@ -338,6 +339,9 @@ class SSEStream:
         self._transport = request.transport
         self._chunked = request.version >= HttpVersion11
         self._timeout = request.config_dict[SETTINGS].send_timeout_s
+        #: what :meth:`then` handed to the response: the rest of the stream, and its end
+        self._rest: Coroutine[Any, Any, None] | None = None
+        self._done: Callable[[BaseException | None], None] | None = None
 
     async def write(self, data: bytes) -> None:
         """Write in slices of at most ``HIGH_WATER_BYTES``, each time waiting while the
@@ -366,12 +370,45 @@ class SSEStream:
         transport.write(data)
         return True
 
+    def then(self, rest: Coroutine[Any, Any, None], done: Callable[[BaseException | None], None]) -> web.StreamResponse:
+        """The response, for its handler to return at once, with the rest of the stream
+        handed to it: aiohttp awaits ``rest`` where it ends the response, after the handler
+        and its middlewares have returned, so none of their coroutines stays in memory
+        while the stream lasts; then ``done`` is called with how ``rest`` ended (None:
+        it returned). Call it as the handler returns: nothing may fail between."""
+        response = self.response
+        assert isinstance(response, _EventStreamResponse)
+        self._rest, self._done = rest, done
+        response.stream = self
+        return response
+
 
 class _EventStreamResponse(web.StreamResponse):
     """An SSE response whose status line and headers go out with its first frame, in one
-    write (as aiohttp's ``Response`` sends them with its body)."""
+    write (as aiohttp's ``Response`` sends them with its body); what its handler handed
+    it (:meth:`SSEStream.then`) runs before its end is written."""
 
     _send_headers_immediately = False
+    #: the stream whose rest was handed over (:meth:`SSEStream.then`)
+    stream: SSEStream | None = None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if (stream := self.stream) is not None:  # run here, not in a coroutine of its own: one frame less
+            rest, done = stream._rest, stream._done
+            stream._rest = stream._done = self.stream = None
+            del stream
+            assert rest is not None and done is not None
+            try:
+                await rest
+            except BaseException as exc:
+                done(exc)
+                if isinstance(exc, TimeoutError):
+                    # a client that took nothing for the send timeout was dropped (its connection
+                    # is closed): for aiohttp a client that left, as from a handler
+                    raise ConnectionResetError("the client took nothing for the send timeout") from exc
+                raise
+            done(None)
+        await super().write_eof(data)
 
 
 async def open_event_stream(request: web.Request) -> SSEStream:
@@ -387,7 +424,7 @@ async def open_event_stream(request: web.Request) -> SSEStream:
         response.enable_chunked_encoding()
     writer = await response.prepare(request)
     assert writer is not None
-    request[STREAM_STARTED] = True
+    request.config_dict[METRICS].response_started()
     response.headers.clear()  # serialized already; nothing reads them again
     # aiohttp's idle keep-alive timer only reschedules itself while a response is under way:
     # drop it for the stream (it is armed again when the response ends), one timer less a stream
@@ -395,7 +432,7 @@ async def open_event_stream(request: web.Request) -> SSEStream:
     return SSEStream(request, response, writer)
 
 
-def _to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | None:
+def _to_gateway_error(request: web.Request, exc: Exception, *, started: bool) -> GatewayError | None:
     """The error an exception stands for, or None when it must propagate as it is
     (a redirect; a failure after a stream's status line went out)."""
     if isinstance(exc, GatewayError):
@@ -409,18 +446,22 @@ def _to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | No
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         message = exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
         return GatewayError(message, type=kind, status=exc.status)
-    if request.get(STREAM_STARTED):
+    if started:
         return None  # the status line is gone: aiohttp closes the connection
     log.exception("unexpected error on %s %s", request.method, request.path)
     return GatewayError("internal server error; the failure was logged")
 
 
 Render = Callable[[GatewayError], web.Response]
+#: the answer to a request that is a CORS preflight, None for any other request
+Preflight = Callable[[web.Request], web.StreamResponse | None]
 
 
-def error_middleware(render: Render, *, under: Mapping[str, Render] | None = None) -> Middleware:
+def error_middleware(render: Render, *, under: Mapping[str, Render] | None = None,
+                     preflight: Preflight | None = None) -> Middleware:
     """A middleware answering every error with ``render(error)``, its status and headers;
     ``under`` maps a path prefix (``/v1``) to the renderer of the paths below it.
+    ``preflight`` answers CORS preflights first, outside the error handling.
 
     It counts the error in ``dac_errors_total`` by the gateway's type, once per
     request: a chat request whose record already counted its error is skipped.
@@ -435,12 +476,14 @@ def error_middleware(render: Render, *, under: Mapping[str, Render] | None = Non
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if preflight is not None and (answer := preflight(request)) is not None:
+            return answer
         metrics = request.config_dict[METRICS]
-        with metrics.request_scope():
+        with metrics.request_scope() as scope:
             try:
                 return await handler(request)
             except Exception as exc:
-                error = _to_gateway_error(request, exc)
+                error = _to_gateway_error(request, exc, started=scope.started)
                 if error is None:
                     raise
                 metrics.count_error(error.type)

@@ -183,7 +183,10 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     if sse:  # mode 2: the response is the stream
         async with turns.lease(turn, route="messages", mode="sse", started=started) as lease:
             await lease.hold(Until.ACCEPTED)
-            return await _stream(request, lease, org)
+            out = await open_event_stream(request)
+            # no local holds the meta frame while the stream lasts: Lease.stream drops it once sent
+            await lease.stream(out, meta=_meta(request, lease, org))
+            return out.response
     if stream:  # mode 3: 202 at once, then the stream_url
         flight, role, attach = await turns.accept(turn)
         stream_url = _stream_path(request, org, flight.stream_id, attach)
@@ -206,14 +209,13 @@ def _stream_path(request: web.Request, org: str, stream_id: str, listener: str |
     return f"/api/streams/{stream_id}?token={token}"
 
 
-async def _stream(request: web.Request, lease: Lease, org: str, cursor: int = 1) -> web.StreamResponse:
-    """The flight as ``/api`` SSE: ``meta`` (with this listener's ``stop_url``), then
-    deltas from ``cursor``, then done/error."""
-    out = await open_event_stream(request)
-    # no local holds the frame or its url while the stream lasts: Lease.stream drops it once sent
-    await lease.stream(out, cursor=cursor, meta=lease.meta_frame(
-        stop_url=_stream_path(request, org, lease.flight.stream_id, lease.token)))
-    return out.response
+def _meta(request: web.Request, lease: Lease, org: str) -> bytes:
+    """The ``meta`` event of an ``/api`` stream, with this listener's ``stop_url``.
+
+    A stream is the flight as ``/api`` SSE: this, then deltas from its cursor, then
+    done/error (:meth:`Lease.stream`). Its handler awaits that itself, with no helper
+    coroutine between: each frame of the chain stays in memory while the stream lasts."""
+    return lease.meta_frame(stop_url=_stream_path(request, org, lease.flight.stream_id, lease.token))
 
 
 async def get_stream(request: web.Request) -> web.StreamResponse:
@@ -222,9 +224,12 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
     org, listener = await stream_caller(request, stream_id)
     after = last_event_id(request)
     turns = request.app[TURNS]
-    async with turns.attach(org, stream_id, token=listener, started=started) as lease:
-        if lease is not None:
-            return await _stream(request, lease, org, after + 1)
+    async with turns.attach(org, stream_id, token=listener, started=started) as attached:
+        if (lease := attached.lease) is not None:
+            out = await open_event_stream(request)
+            # the rest of the stream runs once this handler and its middlewares have returned
+            return out.then(lease.stream(out, cursor=after + 1, meta=_meta(request, lease, org)),
+                            attached.hand_over())
     frames = await turns.stored_frames(org, stream_id)
     if frames is None:
         raise NotFound("stream not found")
