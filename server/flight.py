@@ -706,13 +706,15 @@ class Flight:
         self.error = error
         self.finished_at = self._clock()
         try:
+            # the final frame is encoded when a reader of frames first asks (/v1 never does)
             if error is None:
                 self.state = FlightState.DONE
-                self.log.close(encode_event("done", {"message": self.message}, self.log.last_seq + 1))
+                message, seq = self.message, self.log.last_seq + 1
+                self.log.close(lambda: encode_event("done", {"message": message}, seq))
             else:
                 cancelled = status in (MessageStatus.CANCELLED, MessageStatus.INTERRUPTED)
                 self.state = FlightState.CANCELLED if cancelled else FlightState.FAILED
-                self.log.close(encode_event("error", {"error": error.to_dict()}))
+                self.log.close(lambda: encode_event("error", {"error": error.to_dict()}))
         finally:
             self.finished.set()
             self._accepted.set()
