@@ -235,7 +235,7 @@ class Flight:
         if attach is not None:
             self._promised.pop(attach, None)
         self.listeners += 1
-        self._metrics.active_listeners.inc()
+        self._metrics.listeners_attached += 1
         self.zero_since = None
         if self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -246,7 +246,7 @@ class Flight:
         self.listeners -= 1
         if stopped:
             self.stopping -= 1
-        self._metrics.active_listeners.dec()
+        self._metrics.listeners_attached -= 1
         if self.listeners == 0 and self.running:
             now = self._clock()
             self._promised = {t: d for t, d in self._promised.items() if d > now}
@@ -412,7 +412,7 @@ class Flight:
         status = MessageStatus.ERROR
         error: GatewayError | None = None
         cancelled = False
-        self._metrics.active_flights.inc()
+        self._metrics.flights_running += 1
         try:
             try:
                 # The slot before the rows: a request the full queue turns away (503) or
@@ -449,7 +449,7 @@ class Flight:
                     await closing
                     raise
         finally:
-            self._metrics.active_flights.dec()
+            self._metrics.flights_running -= 1
         if cancelled:
             raise asyncio.CancelledError
 
@@ -548,7 +548,7 @@ class Flight:
         provider = turn.provider
         metrics = self._metrics
         gap = metrics.inter_chunk.labels(provider.name)
-        deltas = metrics.deltas.labels(provider.name)
+        pulled = 0  # output chunks, counted in dac_stream_deltas_total once the call ends
         request = ProviderRequest(model=turn.model, messages=messages, params=dict(turn.params), stream=turn.stream)
         started = last = self.upstream_started = time.perf_counter()
         stream = provider.stream(request)
@@ -573,7 +573,7 @@ class Flight:
                                 gap.observe(now - last)
                             last = now
                         cut = self._append(chunk.text, answer.add(chunk))
-                        deltas.inc()
+                        pulled += 1
                         if cut:
                             answer.finish_reason = "length"
                             break
@@ -585,6 +585,8 @@ class Flight:
                         self.extra_meta.update(chunk.meta)
         finally:
             self._pulling = False
+            if pulled:
+                metrics.deltas.labels(provider.name).inc(pulled)
             if self.cancel_reason is not None and self.zero_since is not None:
                 metrics.cancel_latency.labels(provider.name).observe(time.perf_counter() - self.zero_since)
 

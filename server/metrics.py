@@ -243,7 +243,8 @@ class Metrics:
                 self.answers.labels(route, outcome)
         self.deltas = _memo(Counter(
             "dac_stream_deltas_total",
-            "Output chunks streamed from upstream (answer text, reasoning, refusal or tool-call pieces).",
+            "Output chunks streamed from upstream (answer text, reasoning, refusal or tool-call pieces), "
+            "counted as each upstream call ends.",
             ["provider"], registry=r))
         # the sums of dac_token_usage_tokens, by provider and type
         self.tokens = _memo(Counter(
@@ -271,10 +272,16 @@ class Metrics:
             registry=r)
 
         # -- gauges --------------------------------------------------------
+        #: flights whose leader task runs, and clients attached to flights: plain counts the
+        #: request path moves (a gauge's inc takes a lock), read at each scrape
+        self.flights_running = 0
+        self.listeners_attached = 0
         self.active_flights = Gauge(
             "dac_active_flights", "Flights whose leader task is running.", registry=r)
+        self.active_flights.set_function(lambda: self.flights_running)
         self.active_listeners = Gauge(
             "dac_active_listeners", "Clients attached to flights.", registry=r)
+        self.active_listeners.set_function(lambda: self.listeners_attached)
         self.cache_entries = Gauge(
             "dac_cache_entries", "Finished flights kept to answer identical requests.", registry=r)
         self.cache_bytes = Gauge(
