@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -57,7 +56,7 @@ from .metrics import Metrics, Outcome
 from .pacer import Slots
 from .providers import Chunk, FinishReason, Provider, ProviderRequest, ToolCallDelta, assemble_tool_calls
 from .states import DropReason, FlightState, MessageStatus
-from .store import ChatMessage, Message, Store, draft_turn
+from .store import ChatMessage, Message, Store, draft_turn, random_token
 
 __all__ = ["Answer", "Clock", "Flight", "TurnRequest", "context_budget", "message_chars"]
 
@@ -318,7 +317,7 @@ class Flight:
         """Promise a client (mode 3) its stream for a while; returns the token its
         stream_url carries, so its attach (and no other) settles the promise."""
         timeout = self._settings.attach_timeout_s
-        token = secrets.token_urlsafe(9)
+        token = random_token(9)
         self._issued.add(token)
         self._promised[token] = self._clock() + timeout
         if self.listeners == 0 and self.running:
