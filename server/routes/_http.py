@@ -33,7 +33,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Middleware
 
-from ..appkeys import AUTH, CLOSE_AFTER, METRICS, SETTINGS, STREAM_STARTED
+from ..appkeys import AUTH, CLOSE_AFTER, SETTINGS, STREAM_STARTED
 from ..auth import AuthMode
 from ..config import Settings
 from ..errors import (
@@ -45,6 +45,7 @@ from ..errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from ..metrics import Metrics
 from ._input import check_depth, read_body
 
 __all__ = [
@@ -76,7 +77,7 @@ PING = b": ping\n\n"
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: ``request.config_dict``: a handler that reads several keys reads it once and passes it on
+#: the app's keys (``request.app``, or ``request.config_dict``): a handler that reads several passes it on
 Config = Mapping[Any, Any]
 
 
@@ -298,7 +299,7 @@ async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = 
     From here on an error can no longer change the status: the error
     middleware lets it through and aiohttp closes the connection.
     """
-    settings = request.config_dict[SETTINGS]
+    settings = request.app[SETTINGS]
     response = _HeldHeaders(headers={**SSE_HEADERS, **(headers or {})})
     await response.prepare(request)
     request[STREAM_STARTED] = True
@@ -418,9 +419,12 @@ def _to_gateway_error(request: web.Request, exc: Exception) -> GatewayError | No
 Render = Callable[[GatewayError], web.Response]
 
 
-def error_middleware(render: Render, *, under: Mapping[str, Render] | None = None) -> Middleware:
-    """A middleware answering every error with ``render(error)``, its status and headers;
-    ``under`` maps a path prefix (``/v1``) to the renderer of the paths below it.
+def error_middleware(render: Render, *, metrics: Metrics, under: Mapping[str, Render] | None = None,
+                     preflight: Callable[[web.Request], web.Response | None] | None = None) -> Middleware:
+    """The app's one middleware (each layer costs every request a call): it answers every
+    error with ``render(error)``, its status and headers; ``under`` maps a path prefix
+    (``/v1``) to the renderer of the paths below it. An ``OPTIONS`` request is first put to
+    ``preflight`` (CORS), whose answer, if any, is the response.
 
     It counts the error in ``dac_errors_total`` by the gateway's type, once per
     request: a chat request whose record already counted its error is skipped.
@@ -435,7 +439,8 @@ def error_middleware(render: Render, *, under: Mapping[str, Render] | None = Non
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        metrics = request.config_dict[METRICS]
+        if preflight is not None and request.method == "OPTIONS" and (answer := preflight(request)) is not None:
+            return answer
         with metrics.request_scope():
             try:
                 return await handler(request)

@@ -14,10 +14,11 @@ preflight.
 
 from __future__ import annotations
 
-from aiohttp import web
-from aiohttp.typedefs import Middleware
+from collections.abc import Callable
 
-from ._http import Handler, json_response
+from aiohttp import web
+
+from ._http import json_response
 
 __all__ = ["setup"]
 
@@ -28,16 +29,15 @@ EXPOSE_HEADERS = "x-dac-coalesce, Retry-After, x-should-retry, WWW-Authenticate"
 MAX_AGE_S = 600
 
 
-def setup(app: web.Application, origins: tuple[str, ...]) -> Middleware:
-    """Answer preflights and mark responses for ``origins``; returns the middleware,
-    which the app puts first (outside its error middleware)."""
+def setup(app: web.Application, origins: tuple[str, ...]) -> Callable[[web.Request], web.Response | None]:
+    """Mark responses for ``origins``; returns what answers an ``OPTIONS`` request that is a
+    preflight (None for any other), which the app's one middleware asks first."""
     allowed = frozenset(origins)
 
-    @web.middleware
-    async def preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def preflight(request: web.Request) -> web.Response | None:
         origin = request.headers.get("Origin")
-        if request.method != "OPTIONS" or origin is None or "Access-Control-Request-Method" not in request.headers:
-            return await handler(request)
+        if origin is None or "Access-Control-Request-Method" not in request.headers:
+            return None
         if origin not in allowed:
             return json_response({"error": {
                 "type": "cors_refused", "retryable": False,
