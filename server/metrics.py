@@ -424,10 +424,13 @@ OUTPUT_NAMES = ("completion_tokens", "output_tokens")
 
 def _tokens(usage: dict[str, Any], names: tuple[str, ...]) -> float | None:
     for name in names:
-        value = usage.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        value: Any = usage.get(name)
+        if type(value) in _NUMBERS and value >= 0:  # not a bool: its type is neither
             return float(value)
     return None
+
+
+_NUMBERS = (int, float)
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:

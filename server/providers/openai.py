@@ -119,7 +119,7 @@ class OpenAIProvider(HTTPProvider):
                     if isinstance(calls, list):  # whole calls: each its own index
                         message = {**message, "tool_calls": [
                             {"index": i, **c} for i, c in enumerate(calls) if isinstance(c, dict)]}
-                    _read_delta(message, chunk, _ToolCalls())
+                    _read_delta(message, chunk, None)
                 raw_finish = choice.get("finish_reason")
                 if raw_finish == "error":
                     raise _inband_error(self, choice, "an answer that ended in error")
@@ -183,8 +183,9 @@ class _ToolCalls:
         return out
 
 
-def _read_delta(delta: dict[str, Any], chunk: Chunk, tools: _ToolCalls) -> None:
-    """Append a delta's (or a whole message's) fields to ``chunk``."""
+def _read_delta(delta: dict[str, Any], chunk: Chunk, tools: _ToolCalls | None) -> None:
+    """Append a delta's (or a whole message's) fields to ``chunk``; ``tools`` reads the
+    tool-call pieces of a stream (None: a whole message's, read afresh)."""
     content = delta.get("content")
     if isinstance(content, str):
         chunk.text += content
@@ -196,7 +197,9 @@ def _read_delta(delta: dict[str, Any], chunk: Chunk, tools: _ToolCalls) -> None:
     refusal = delta.get("refusal")
     if isinstance(refusal, str):
         chunk.refusal += refusal
-    chunk.tool_calls += tools.feed(delta.get("tool_calls"))
+    calls = delta.get("tool_calls")
+    if calls is not None:
+        chunk.tool_calls += (tools or _ToolCalls()).feed(calls)
 
 
 def _finish(raw: str, meta: dict[str, Any]) -> FinishReason:

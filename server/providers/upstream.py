@@ -195,7 +195,7 @@ class Deadlines:
             return await self._run_late(aw, kind)
         if when < self._timer_at:
             self._arm(when)
-        task = self._task = asyncio.current_task()
+        task = self._task = asyncio.current_task(self._loop)
         assert task is not None
         self._cancelling = task.cancelling()
         try:
