@@ -189,6 +189,8 @@ def _read_delta(delta: dict[str, Any], chunk: Chunk, tools: _ToolCalls | None) -
     content = delta.get("content")
     if isinstance(content, str):
         chunk.text += content
+        if len(delta) == 1 or (len(delta) == 2 and "role" in delta):
+            return  # the common delta: its text, nothing beside it
     for key in _REASONING_KEYS:
         reasoning = delta.get(key)
         if isinstance(reasoning, str) and reasoning:
@@ -226,9 +228,15 @@ class _ChunkParser(StreamParser):
             self.done = True
             return None
         p = self._provider
-        obj = self.json_object(p.name, data)
-        if _error_of(obj) is not None:
-            raise _inband_error(p, obj, "an error event mid-stream")
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is not dict:
+            obj = self.json_object(p.name, data)  # raises the protocol error that fits
+        error = obj.get("error")
+        if (error is not None and (error or isinstance(error, dict))) or obj.get("object") == "error":
+            raise _inband_error(p, obj, "an error event mid-stream")  # what _error_of finds
         chunk = Chunk()
         raw_finish = None
         for choice in obj.get("choices") or ():
