@@ -304,8 +304,7 @@ class EventLog:
         if self.closed:
             raise RuntimeError("append after the log was closed")
         seq = self.last_seq + 1
-        extra = _present(extra)
-        if extra is not None:
+        if extra is not None and (extra := _present(extra)) is not None:
             self._extras[seq] = extra
         # its frame is encoded when first read: a surface that frames deltas its own way
         # (/v1) never reads one

@@ -571,7 +571,8 @@ class Flight:
                             else:
                                 gap.observe(now - last)
                             last = now
-                        cut = self._append(chunk.text, answer.add(chunk))
+                        extra = answer.add(chunk) if chunk.reasoning or chunk.refusal or chunk.tool_calls else None
+                        cut = self._append(chunk.text, extra)
                         pulled += 1
                         if cut:
                             answer.finish_reason = "length"
@@ -600,7 +601,8 @@ class Flight:
         if text or extra:
             self.log.append(text, extra)
             self._chars += len(text)
-        self._checkpoint()
+        if self.turn.thread_id is not None:  # a stateless turn has no row to checkpoint
+            self._checkpoint()
         return cut
 
     def _checkpoint(self) -> None:
