@@ -623,6 +623,8 @@ class HTTPProvider(Provider):
 
 async def _drain(resp: aiohttp.ClientResponse) -> bool:
     """Read what follows the end marker, briefly, so the connection can be reused."""
+    if resp.content.at_eof():
+        return True  # the body ended with the marker (the usual case): nothing to wait for
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             while await resp.content.readany():
