@@ -558,22 +558,24 @@ class Flight:
                 async for chunk in stream:
                     if chunk.has_output():
                         now = time.perf_counter()
+                        first_output = first_text = False
                         if self.ttfb_s is None:
-                            provider.answered = True
+                            provider.answered = first_output = True
                             self.ttfb_s = now - started
-                            metrics.first_byte(provider.name, turn.model, self.ttfb_s)
                         if chunk.text:
                             if self.ttft_s is None:
+                                first_text = True
                                 self.first_text_at = now
                                 self.first_text_seq = self.log.last_seq + 1
                                 self.ttft_s = now - started
-                                metrics.first_token(provider.name, turn.model, self.ttft_s)
                             else:
                                 gap.observe(now - last)
                             last = now
                         extra = answer.add(chunk) if chunk.reasoning or chunk.refusal or chunk.tool_calls else None
                         cut = self._append(chunk.text, extra)
                         pulled += 1
+                        if first_output or first_text:
+                            await self._first_output(first_output, first_text)
                         if cut:
                             answer.finish_reason = "length"
                             break
@@ -589,6 +591,20 @@ class Flight:
                 metrics.deltas.labels(provider.name).inc(pulled)
             if self.cancel_reason is not None and self.zero_since is not None:
                 metrics.cancel_latency.labels(provider.name).observe(time.perf_counter() - self.zero_since)
+
+    async def _first_output(self, output: bool, text: bool) -> None:
+        """Count the time to the first output and the first text, just appended. A streamed
+        answer's first text is written to the clients waiting for it (woken by the append)
+        first: this task yields once before it counts, or parses the rest of what it read."""
+        turn = self.turn
+        try:
+            if text and turn.stream:
+                await asyncio.sleep(0)
+        finally:
+            if output:
+                self._metrics.first_byte(turn.provider.name, turn.model, self.ttfb_s or 0.0)
+            if text:
+                self._metrics.first_token(turn.provider.name, turn.model, self.ttft_s or 0.0)
 
     def _append(self, text: str, extra: DeltaExtra | None) -> bool:
         """Append a delta, cut at ``DAC_MAX_ANSWER_CHARS``: True when the answer reached it
