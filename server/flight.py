@@ -574,8 +574,10 @@ class Flight:
                         extra = answer.add(chunk) if chunk.reasoning or chunk.refusal or chunk.tool_calls else None
                         cut = self._append(chunk.text, extra)
                         pulled += 1
-                        if first_output or first_text:
-                            await self._first_output(first_output, first_text)
+                        if first_text and turn.stream:
+                            await self._first_text_out(first_output)
+                        elif first_output or first_text:
+                            self._count_first(first_output, first_text)
                         if cut:
                             answer.finish_reason = "length"
                             break
@@ -592,19 +594,21 @@ class Flight:
             if self.cancel_reason is not None and self.zero_since is not None:
                 metrics.cancel_latency.labels(provider.name).observe(time.perf_counter() - self.zero_since)
 
-    async def _first_output(self, output: bool, text: bool) -> None:
-        """Count the time to the first output and the first text, just appended. A streamed
-        answer's first text is written to the clients waiting for it (woken by the append)
-        first: this task yields once before it counts, or parses the rest of what it read."""
-        turn = self.turn
+    async def _first_text_out(self, output: bool) -> None:
+        """A streamed answer's first text was just appended: the clients waiting for it (woken
+        by the append) write it before this task counts it or parses the rest of what it read."""
         try:
-            if text and turn.stream:
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)
         finally:
-            if output:
-                self._metrics.first_byte(turn.provider.name, turn.model, self.ttfb_s or 0.0)
-            if text:
-                self._metrics.first_token(turn.provider.name, turn.model, self.ttft_s or 0.0)
+            self._count_first(output, True)
+
+    def _count_first(self, output: bool, text: bool) -> None:
+        """Count the time to the first output, and to the first text."""
+        turn = self.turn
+        if output:
+            self._metrics.first_byte(turn.provider.name, turn.model, self.ttfb_s or 0.0)
+        if text:
+            self._metrics.first_token(turn.provider.name, turn.model, self.ttft_s or 0.0)
 
     def _append(self, text: str, extra: DeltaExtra | None) -> bool:
         """Append a delta, cut at ``DAC_MAX_ANSWER_CHARS``: True when the answer reached it
