@@ -201,8 +201,8 @@ class PingedSSE:
     buffers. A short stream never needs it, and saves the system calls.
     """
 
-    __slots__ = ("_chunked", "_due", "_interval", "_pinging", "_request", "_saved_user_timeout", "_socket",
-                 "_timeout", "response")
+    __slots__ = ("_armed", "_chunked", "_due", "_interval", "_pinging", "_request", "_saved_user_timeout",
+                 "_socket", "_timeout", "response")
 
     def __init__(self, request: web.Request, response: web.StreamResponse, *, ping_interval: float,
                  send_timeout: float) -> None:
@@ -213,9 +213,11 @@ class PingedSSE:
         self._timeout = send_timeout
         self._socket: Any = None
         self._saved_user_timeout: int | None = None
-        # a timer until the first ping is due: most streams end before it, and need no task
+        # a timer until the first ping is due, armed once the first frames are written (they
+        # go first): most streams end before it, and need no task
         self._pinging: asyncio.Future[None] | None = None
-        self._due: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(ping_interval, self._start)
+        self._due: asyncio.TimerHandle | None = None
+        self._armed = False
 
     def _start(self) -> None:
         self._due = None
@@ -231,8 +233,11 @@ class PingedSSE:
         if transport is not None and (transport.get_write_buffer_size() + len(frames) + WRITE_OVERHEAD
                                       < transport.get_write_buffer_limits()[1]):
             await self.response.write(frames)
-            return
-        await send(self.response, frames, self._timeout)
+        else:
+            await send(self.response, frames, self._timeout)
+        if not self._armed:
+            self._armed = True
+            self._due = asyncio.get_running_loop().call_later(self._interval, self._start)
 
     def push(self, data: bytes) -> bool:
         """Write ``data`` straight to the transport, framed as an HTTP/1.1 chunk, without
