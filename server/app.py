@@ -130,13 +130,13 @@ def make_app(settings: Settings | None = None, *, providers: ProviderRegistry | 
     monotonic clock of result and error TTLs (tests use both)."""
     settings = settings or Settings.from_env()
     app = web.Application(client_max_size=settings.max_body_bytes)
+    metrics = app[METRICS] = Metrics(window=settings.perf_window)
     # every error leaves as JSON with its status: ``{"error": {"type", "message", ...}}``, and in
-    # OpenAI's shape under /v1
-    # (CORS preflights are answered first, outside the error handling)
-    app.middlewares.append(error_middleware(api.error_response, under={openai_compat.PREFIX: openai_compat.error_response},
-                                            preflight=cors.setup(app, settings.cors_origins)))
+    # OpenAI's shape under /v1; CORS preflights are answered in the same (one) middleware
+    app.middlewares.append(error_middleware(
+        api.error_response, metrics=metrics, under={openai_compat.PREFIX: openai_compat.error_response},
+        preflight=cors.setup(app, settings.cors_origins)))
     app[SETTINGS] = settings
-    app[METRICS] = Metrics(window=settings.perf_window)
     app[CLOCK] = clock
     app[LIMITS] = OrgLimits(settings)
     if providers is not None:

@@ -44,7 +44,9 @@ Invariants (the leader task is the only writer):
 - delta ``s`` is in the ring iff ``first_seq <= s <= last_seq``; it lives in
   ``_slots[(s - 1) % capacity]``. The ring grows to ``capacity`` only as deltas
   arrive, so a short answer kept for the result TTL holds only its own frames.
-- once ``final`` is set (a ``done`` or ``error`` frame) nothing is appended.
+- once ``closed`` (its ``final`` frame a ``done`` or ``error``) nothing is appended.
+- a delta's frame, and the final frame, are encoded when first read: a reader
+  that frames deltas its own way (``/v1``) costs no SSE encoding.
 - a pushed sink's ``cursor`` is the next sequence number it has not been
   written; every frame before it was written to it exactly once, in order.
 """
@@ -160,7 +162,7 @@ class FlightLog(Protocol):
 
     def append(self, text: str, extra: DeltaExtra | None = None) -> int: ...
 
-    def close(self, frame: bytes) -> None: ...
+    def close(self, frame: bytes | Callable[[], bytes]) -> None: ...
 
     def text(self, upto: int | None = None) -> str: ...
 
@@ -268,13 +270,17 @@ class EventLog:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.ping_interval_s = ping_interval_s
-        self._slots: list[bytes] = []
+        #: the ring of delta frames, each encoded when first read (None until then)
+        self._slots: list[bytes | None] = []
         self._parts = _Texts()
         #: what deltas carry beside the text, by seq (only those that carry something)
         self._extras: dict[int, DeltaExtra] = {}
         self.last_seq = 0
-        self.final: bytes | None = None
-        self._wakeup = asyncio.Event()
+        self.closed = False
+        self._final: bytes | None = None
+        self._make_final: Callable[[], bytes] | None = None
+        #: woken at each append and at the end; made only while a reader waits
+        self._wakeup: asyncio.Event | None = None
         #: the pushed subscriptions by sink, and in the order passes write them (with some
         #: that ended, ``sink`` None, until the next pass leaves them out)
         self._pushed: dict[Sink, _Pushed] = {}
@@ -295,33 +301,55 @@ class EventLog:
 
     def append(self, text: str, extra: DeltaExtra | None = None) -> int:
         """Add one delta: answer ``text`` (maybe empty) and what it carries beside it."""
-        if self.final is not None:
+        if self.closed:
             raise RuntimeError("append after the log was closed")
         seq = self.last_seq + 1
-        extra = _present(extra)
-        if extra is None:
-            frame = encode_event("delta", {"text": text}, seq)
-        else:
+        if extra is not None and (extra := _present(extra)) is not None:
             self._extras[seq] = extra
-            frame = encode_event("delta", {"text": text, **extra}, seq)
+        # its frame is encoded when first read: a surface that frames deltas its own way
+        # (/v1) never reads one
         if len(self._slots) < self.capacity:
-            self._slots.append(frame)
+            self._slots.append(None)
         else:
-            self._slots[(seq - 1) % self.capacity] = frame
+            self._slots[(seq - 1) % self.capacity] = None
         self._parts.append(text)
         self.last_seq = seq
-        self._notify()
+        if self._wakeup is not None:
+            self._notify()
         if self._pushed:
             self._push_soon()
         return seq
 
-    def close(self, frame: bytes) -> None:
-        """End the log with a ``done`` or ``error`` frame; later calls change nothing.
+    def _frame(self, seq: int) -> bytes:
+        """The ``delta`` frame of ``seq`` (in the ring), encoded once."""
+        index = (seq - 1) % self.capacity
+        frame = self._slots[index]
+        if frame is None:
+            text = self._parts.each(seq, seq)[0]
+            extra = self._extras.get(seq)
+            frame = self._slots[index] = encode_event(
+                "delta", {"text": text} if extra is None else {"text": text, **extra}, seq)
+        return frame
+
+    @property
+    def final(self) -> bytes | None:
+        """The ``done`` or ``error`` frame once the log is closed (None before)."""
+        if self._final is None and self._make_final is not None:
+            self._final, self._make_final = self._make_final(), None
+        return self._final
+
+    def close(self, frame: bytes | Callable[[], bytes]) -> None:
+        """End the log with a ``done`` or ``error`` frame, or what makes it when first read
+        (a surface with its own framing never reads it); later calls change nothing.
 
         The frame is pushed at once, and every pushed subscription ends.
         """
-        if self.final is None:
-            self.final = frame
+        if not self.closed:
+            self.closed = True
+            if isinstance(frame, bytes):
+                self._final = frame
+            else:
+                self._make_final = frame
             self._notify()
             if self._pass_next is None:
                 if self._flush_handle is not None:
@@ -331,22 +359,20 @@ class EventLog:
                 self._again = True
 
     def _notify(self) -> None:
-        wakeup, self._wakeup = self._wakeup, asyncio.Event()
-        wakeup.set()
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.set()
 
     def finished(self, text: str | None = None) -> FinishedLog:
         """This closed log in the least memory (see :class:`FinishedLog`); ``text``: the
         whole text if the caller holds it already, so the two share one string."""
-        assert self.final is not None, "only a closed log can be compacted"
+        final = self.final
+        assert final is not None, "only a closed log can be compacted"
         whole = self.text() if text is None else text
-        return FinishedLog(text=whole, ends=self._parts.ends, extras=self._extras, final=self.final,
+        return FinishedLog(text=whole, ends=self._parts.ends, extras=self._extras, final=final,
                            capacity=self.capacity)
 
     # -- reader side (subscribers) ---------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self.final is not None
 
     @property
     def first_seq(self) -> int:
@@ -372,11 +398,10 @@ class EventLog:
             if cursor < self.first_seq:
                 frames.append(encode_event("snapshot", {"text": self.text(last), **self.extra(last)}, last))
             else:
-                slots, cap = self._slots, self.capacity
-                frames.extend(slots[(s - 1) % cap] for s in range(cursor, last + 1))
+                frames.extend(map(self._frame, range(cursor, last + 1)))
             cursor = last + 1
-        if self.final is not None:
-            frames.append(self.final)
+        if self.closed:
+            frames.append(self.final)  # type: ignore[arg-type]  # set once closed
             return frames, cursor, True
         return frames, cursor, False
 
@@ -389,7 +414,7 @@ class EventLog:
         """
         last = self.last_seq
         texts = self._parts.since(cursor, last) if cursor <= last else []
-        return texts, max(cursor, last + 1), self.final is not None
+        return texts, max(cursor, last + 1), self.closed
 
     def deltas(self, cursor: int) -> tuple[list[Delta], int, bool]:
         """Deltas from ``cursor`` on, as :meth:`texts` gives texts, each with what it carries
@@ -397,12 +422,15 @@ class EventLog:
         last = self.last_seq
         extras = self._extras
         deltas = [Delta(text, extras.get(seq)) for seq, text in enumerate(self._parts.each(cursor, last), cursor)]
-        return deltas, max(cursor, last + 1), self.final is not None
+        return deltas, max(cursor, last + 1), self.closed
 
     async def wait(self, cursor: int) -> None:
         """Return once there is something at ``cursor`` or the log is closed."""
-        while cursor > self.last_seq and self.final is None:
-            await self._wakeup.wait()
+        while cursor > self.last_seq and not self.closed:
+            wakeup = self._wakeup
+            if wakeup is None:
+                wakeup = self._wakeup = asyncio.Event()
+            await wakeup.wait()
 
     # -- pushed subscribers -------------------------------------------------
 
@@ -422,7 +450,7 @@ class EventLog:
         self._drop(self._pushed.get(sink))
         self._pushed[sink] = sub
         self._order.append(sub)  # a pass under way reaches it too: it joins the end
-        if (self.last_seq >= cursor or self.final is not None) and self._pass_next is None:
+        if (self.last_seq >= cursor or self.closed) and self._pass_next is None:
             self._push_soon()
         if self._ping_handle is None and self.ping_interval_s:
             self._pushed_at = loop.time()
@@ -480,7 +508,7 @@ class EventLog:
         self._pass_next = begin  # a pass is under way: nothing compacts ``_order`` meanwhile
         order = self._order
         stop = min(len(order), begin + PASS_STEP)
-        last, final = self.last_seq, self.final
+        last, closed = self.last_seq, self.closed
         common, data = -1, b""
         fallen: list[_Pushed] = []
         for sub in order[begin:stop]:
@@ -498,7 +526,7 @@ class EventLog:
                     continue
                 if cursor <= last:  # a cursor ahead of the log stays where it is
                     sub.cursor = last + 1
-            if final is not None:
+            if closed:
                 self._drop(sub)
                 self._done.append(sub.ended)
         self._fall_back(fallen)
@@ -514,7 +542,7 @@ class EventLog:
         if self._again and self._pushed:
             self._flush_handle = loop.call_soon(self._flush)
             return
-        if self._ping_handle is not None and (final is not None or not self._pushed):
+        if self._ping_handle is not None and (closed or not self._pushed):
             self._ping_handle.cancel()
             self._ping_handle = None
         self._end_done()
@@ -541,7 +569,7 @@ class EventLog:
     def _ping(self) -> None:
         """Push a keep-alive comment to every sink if nothing was written for a while."""
         self._ping_handle = None
-        if not self._pushed or self.final is not None or self.ping_interval_s is None:
+        if not self._pushed or self.closed or self.ping_interval_s is None:
             return
         loop = asyncio.get_running_loop()
         idle = loop.time() - self._pushed_at
@@ -584,7 +612,7 @@ class FinishedLog:
     def append(self, text: str, extra: DeltaExtra | None = None) -> int:
         raise RuntimeError("append after the log was closed")
 
-    def close(self, frame: bytes) -> None:
+    def close(self, frame: bytes | Callable[[], bytes]) -> None:
         """Already closed: nothing changes."""
 
     def _start(self, seq: int) -> int:

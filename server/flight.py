@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -57,7 +56,7 @@ from .metrics import Metrics, Outcome
 from .pacer import Slots
 from .providers import Chunk, FinishReason, Provider, ProviderRequest, ToolCallDelta, assemble_tool_calls
 from .states import DropReason, FlightState, MessageStatus
-from .store import ChatMessage, Message, Store, draft_turn
+from .store import ChatMessage, Message, Store, draft_turn, random_token
 
 __all__ = ["Answer", "Clock", "Flight", "TurnRequest", "context_budget", "message_chars"]
 
@@ -235,7 +234,7 @@ class Flight:
         if attach is not None:
             self._promised.pop(attach, None)
         self.listeners += 1
-        self._metrics.active_listeners.inc()
+        self._metrics.listeners_attached += 1
         self.zero_since = None
         if self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -246,7 +245,7 @@ class Flight:
         self.listeners -= 1
         if stopped:
             self.stopping -= 1
-        self._metrics.active_listeners.dec()
+        self._metrics.listeners_attached -= 1
         if self.listeners == 0 and self.running:
             now = self._clock()
             self._promised = {t: d for t, d in self._promised.items() if d > now}
@@ -322,7 +321,7 @@ class Flight:
         """Promise a client (mode 3) its stream for a while; returns the token its
         stream_url carries, so its attach (and no other) settles the promise."""
         timeout = self._settings.attach_timeout_s
-        token = secrets.token_urlsafe(9)
+        token = random_token(9)
         self._issued.add(token)
         self._promised[token] = self._clock() + timeout
         if self.listeners == 0 and self.running:
@@ -416,7 +415,7 @@ class Flight:
         status = MessageStatus.ERROR
         error: GatewayError | None = None
         cancelled = False
-        self._metrics.active_flights.inc()
+        self._metrics.flights_running += 1
         try:
             try:
                 # The slot before the rows: a request the full queue turns away (503) or
@@ -453,7 +452,7 @@ class Flight:
                     await closing
                     raise
         finally:
-            self._metrics.active_flights.dec()
+            self._metrics.flights_running -= 1
         if cancelled:
             raise asyncio.CancelledError
 
@@ -552,7 +551,7 @@ class Flight:
         provider = turn.provider
         metrics = self._metrics
         gap = metrics.inter_chunk.labels(provider.name)
-        deltas = metrics.deltas.labels(provider.name)
+        pulled = 0  # output chunks, counted in dac_stream_deltas_total once the call ends
         request = ProviderRequest(model=turn.model, messages=messages, params=dict(turn.params), stream=turn.stream)
         started = last = self.upstream_started = time.perf_counter()
         stream = provider.stream(request)
@@ -563,21 +562,26 @@ class Flight:
                 async for chunk in stream:
                     if chunk.has_output():
                         now = time.perf_counter()
+                        first_output = first_text = False
                         if self.ttfb_s is None:
-                            provider.answered = True
+                            provider.answered = first_output = True
                             self.ttfb_s = now - started
-                            metrics.first_byte(provider.name, turn.model, self.ttfb_s)
                         if chunk.text:
                             if self.ttft_s is None:
+                                first_text = True
                                 self.first_text_at = now
                                 self.first_text_seq = self.log.last_seq + 1
                                 self.ttft_s = now - started
-                                metrics.first_token(provider.name, turn.model, self.ttft_s)
                             else:
                                 gap.observe(now - last)
                             last = now
-                        cut = self._append(chunk.text, answer.add(chunk))
-                        deltas.inc()
+                        extra = answer.add(chunk) if chunk.reasoning or chunk.refusal or chunk.tool_calls else None
+                        cut = self._append(chunk.text, extra)
+                        pulled += 1
+                        if first_text and turn.stream:
+                            await self._first_text_out(first_output)
+                        elif first_output or first_text:
+                            self._count_first(first_output, first_text)
                         if cut:
                             answer.finish_reason = "length"
                             break
@@ -589,8 +593,26 @@ class Flight:
                         self.extra_meta.update(chunk.meta)
         finally:
             self._pulling = False
+            if pulled:
+                metrics.deltas.labels(provider.name).inc(pulled)
             if self.cancel_reason is not None and self.zero_since is not None:
                 metrics.cancel_latency.labels(provider.name).observe(time.perf_counter() - self.zero_since)
+
+    async def _first_text_out(self, output: bool) -> None:
+        """A streamed answer's first text was just appended: the clients waiting for it (woken
+        by the append) write it before this task counts it or parses the rest of what it read."""
+        try:
+            await asyncio.sleep(0)
+        finally:
+            self._count_first(output, True)
+
+    def _count_first(self, output: bool, text: bool) -> None:
+        """Count the time to the first output, and to the first text."""
+        turn = self.turn
+        if output:
+            self._metrics.first_byte(turn.provider.name, turn.model, self.ttfb_s or 0.0)
+        if text:
+            self._metrics.first_token(turn.provider.name, turn.model, self.ttft_s or 0.0)
 
     def _append(self, text: str, extra: DeltaExtra | None) -> bool:
         """Append a delta, cut at ``DAC_MAX_ANSWER_CHARS``: True when the answer reached it
@@ -603,7 +625,8 @@ class Flight:
         if text or extra:
             self.log.append(text, extra)
             self._chars += len(text)
-        self._checkpoint()
+        if self.turn.thread_id is not None:  # a stateless turn has no row to checkpoint
+            self._checkpoint()
         return cut
 
     def _checkpoint(self) -> None:
@@ -710,13 +733,15 @@ class Flight:
         self.error = error
         self.finished_at = self._clock()
         try:
+            # the final frame is encoded when a reader of frames first asks (/v1 never does)
             if error is None:
                 self.state = FlightState.DONE
-                self.log.close(encode_event("done", {"message": self.message}, self.log.last_seq + 1))
+                message, seq = self.message, self.log.last_seq + 1
+                self.log.close(lambda: encode_event("done", {"message": message}, seq))
             else:
                 cancelled = status in (MessageStatus.CANCELLED, MessageStatus.INTERRUPTED)
                 self.state = FlightState.CANCELLED if cancelled else FlightState.FAILED
-                self.log.close(encode_event("error", {"error": error.to_dict()}))
+                self.log.close(lambda: encode_event("error", {"error": error.to_dict()}))
         finally:
             self.finished.set()
             self._accepted.set()

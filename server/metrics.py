@@ -245,7 +245,8 @@ class Metrics:
                 self.answers.labels(route, outcome)
         self.deltas = _memo(Counter(
             "dac_stream_deltas_total",
-            "Output chunks streamed from upstream (answer text, reasoning, refusal or tool-call pieces).",
+            "Output chunks streamed from upstream (answer text, reasoning, refusal or tool-call pieces), "
+            "counted as each upstream call ends.",
             ["provider"], registry=r))
         # the sums of dac_token_usage_tokens, by provider and type
         self.tokens = _memo(Counter(
@@ -273,10 +274,16 @@ class Metrics:
             registry=r)
 
         # -- gauges --------------------------------------------------------
+        #: flights whose leader task runs, and clients attached to flights: plain counts the
+        #: request path moves (a gauge's inc takes a lock), read at each scrape
+        self.flights_running = 0
+        self.listeners_attached = 0
         self.active_flights = Gauge(
             "dac_active_flights", "Flights whose leader task is running.", registry=r)
+        self.active_flights.set_function(lambda: self.flights_running)
         self.active_listeners = Gauge(
             "dac_active_listeners", "Clients attached to flights.", registry=r)
+        self.active_listeners.set_function(lambda: self.listeners_attached)
         self.cache_entries = Gauge(
             "dac_cache_entries", "Finished flights kept to answer identical requests.", registry=r)
         self.cache_bytes = Gauge(
@@ -425,10 +432,13 @@ OUTPUT_NAMES = ("completion_tokens", "output_tokens")
 
 def _tokens(usage: dict[str, Any], names: tuple[str, ...]) -> float | None:
     for name in names:
-        value = usage.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        value: Any = usage.get(name)
+        if type(value) in _NUMBERS and value >= 0:  # not a bool: its type is neither
             return float(value)
     return None
+
+
+_NUMBERS = (int, float)
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:

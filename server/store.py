@@ -30,6 +30,7 @@ The guarantees every implementation gives, and one behavioural suite checks:
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from collections.abc import Iterable
@@ -53,9 +54,12 @@ __all__ = [
     "Thread",
     "conversation",
     "draft_turn",
+    "epoch_seconds",
     "iso_time",
     "message_from_row",
     "new_id",
+    "random_bytes",
+    "random_token",
     "now_iso",
 ]
 
@@ -235,11 +239,41 @@ class Store(Protocol):
         A revoked key is kept (listed with its ``revoked_at``) and never found again."""
 
 
+#: random bytes read from the system at once, then handed out in small pieces
+_POOL_BYTES = 4096
+_pool = b""
+_pool_at = 0
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_at
+    _pool, _pool_at = b"", 0
+
+
+# a worker forked from a process that read the pool must never hand out the same bytes
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def random_bytes(n: int) -> bytes:
+    """``n`` bytes from the system's CSPRNG (``os.urandom``), read 4 KiB at a time: every
+    id and token of a request costs no system call of its own."""
+    global _pool, _pool_at
+    if _pool_at + n > len(_pool):
+        _pool, _pool_at = os.urandom(max(_POOL_BYTES, n)), 0
+    start, _pool_at = _pool_at, _pool_at + n
+    return _pool[start:_pool_at]
+
+
+def random_token(nbytes: int) -> str:
+    """URL-safe text of ``nbytes`` random bytes, as ``secrets.token_urlsafe`` makes it."""
+    return base64.urlsafe_b64encode(random_bytes(nbytes)).rstrip(b"=").decode("ascii")
+
+
 def new_id(prefix: str) -> str:
     """``prefix_`` and 32 hex digits: the milliseconds since 1970 (12 digits), then 80
     random bits. Ids made later sort later, so a database index takes new ids at its end
     rather than all over it."""
-    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{random_bytes(10).hex()}"
 
 
 def iso_time(moment: datetime) -> str:
@@ -259,6 +293,15 @@ def now_iso() -> str:
     if whole != _second[0]:
         _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
     return f"{_second[1]}.{nanos // 1_000_000:03d}Z"
+
+
+def epoch_seconds(moment: str) -> int:
+    """The whole seconds since 1970 of a time as :func:`iso_time` writes it (one that
+    :func:`now_iso` wrote this second is not parsed again)."""
+    whole, text = _second
+    if moment[:19] == text and moment[19:20] == ".":
+        return whole
+    return int(datetime.fromisoformat(moment).timestamp())
 
 
 #: the columns :func:`message_from_row` reads, in its order

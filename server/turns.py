@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -41,7 +40,7 @@ from .metrics import Metrics, RequestRecord
 from .providers import Provider
 from .registry import FlightRegistry
 from .states import DropReason, MessageStatus, Role
-from .store import ChatMessage, Message, Store
+from .store import ChatMessage, Message, Store, random_token
 
 #: the token a Stop call handed to other instances carries when the org stops the whole answer
 #: (a listener's token is URL-safe base64: never this)
@@ -110,7 +109,7 @@ class Lease:
         #: perf_counter when the request arrived
         self.started = started
         #: names this listener for its Stop call (a mode-3 client's attach token, or a new one)
-        self.token = token or secrets.token_urlsafe(9)
+        self.token = token or random_token(9)
         #: from the request's arrival to the first answer text handed to the client
         self.ttft_s: float | None = None
         #: this lease hands a chat answer to its client (counted by outcome when it ends)

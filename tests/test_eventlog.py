@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from server import eventlog
 from server.eventlog import EventLog, encode_event
 from tools.sse import EventDecoder
 
@@ -38,6 +39,32 @@ def test_each_event_is_encoded_once_and_shared() -> None:
     a, _, _ = log.read(1)
     b, _, _ = log.read(1)
     assert a[0] is b[0]  # the same bytes object for every subscriber
+
+
+def test_a_reader_of_deltas_costs_no_sse_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v1 frames deltas its own way: neither a delta's frame nor the final one is encoded
+    unless a reader of frames asks, and then each once."""
+    encoded: list[str | None] = []
+    real = eventlog.encode_event
+
+    def counting(event: str | None, data: object, id: int | None = None) -> bytes:
+        encoded.append(event)
+        return real(event, data, id)
+
+    monkeypatch.setattr(eventlog, "encode_event", counting)
+    log = EventLog(capacity=4)
+    for t in "abc":
+        log.append(t, {"reasoning": "r"} if t == "b" else None)
+    log.close(lambda: counting("done", {"message": {}}, 4))
+    deltas, _, finished = log.deltas(1)
+    assert [d.text for d in deltas] == ["a", "b", "c"] and finished
+    assert encoded == []
+    frames, _, _ = log.read(2)
+    assert parse(frames) == [("delta", 2, {"text": "b", "reasoning": "r"}), ("delta", 3, {"text": "c"}),
+                             ("done", 4, {"message": {}})]
+    again, _, _ = log.read(2)
+    assert all(a is b for a, b in zip(again, frames, strict=True))
+    assert encoded == ["delta", "delta", "done"]
 
 
 def test_laggard_gets_snapshot_then_continues() -> None:

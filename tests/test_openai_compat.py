@@ -768,3 +768,28 @@ def test_a_chunk_from_its_shared_head_is_the_whole_object_encoded() -> None:
                      "model": model, "system_fingerprint": None,
                      "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
             assert answer.chunk(delta) == frame(whole)
+
+
+async def test_nesting_is_refused_past_64_levels_and_a_shallow_body_of_many_brackets_is_not(gateway) -> None:
+    """Bodies of few brackets are not walked for their depth; the limit holds either way."""
+    import aiohttp
+
+    def nested(levels: int) -> str:  # ``levels`` objects, one inside the other
+        return '{"a":' * levels + "1" + "}" * levels
+
+    def body(extra: str, messages: int = 1) -> bytes:
+        said = ",".join([json.dumps({"role": "user", "content": "[{x}] deep"})] * messages)
+        return f'{{"model": "mock/{FAST}", "messages": [{said}], "metadata": {extra}}}'.encode()
+
+    async with aiohttp.ClientSession() as s:
+        async def post(raw: bytes) -> tuple[int, Any]:
+            async with s.post(gateway.url + "/v1/chat/completions", data=raw,
+                              headers={"x-org-id": "org_a", "Content-Type": "application/json"}) as resp:
+                return resp.status, await resp.json()
+
+        status, answer = await within(post(body(nested(63))), what="64 levels")  # the body is the first
+        assert status == 200, answer
+        status, answer = await within(post(body(nested(64))), what="65 levels")
+        assert status == 400 and "deeper than 64" in answer["error"]["message"]
+        status, answer = await within(post(body(nested(2), messages=80)), what="many shallow brackets")
+        assert status == 200, answer

@@ -771,3 +771,39 @@ def test_a_turn_the_history_cache_read_from_disk_is_not_added_again() -> None:
     history.add(3, "q2", "a2")
     assert history.conversation() == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                                       {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+
+
+def test_ids_and_tokens_from_the_random_pool_differ_in_a_forked_worker() -> None:
+    """Ids and tokens come from a pool of random bytes read 4 KiB at a time; a worker forked
+    after the pool was read (``DAC_WORKERS``) must not hand out the parent's next bytes."""
+    import os
+
+    from server.store import new_id, random_bytes, random_token
+
+    random_bytes(1)  # the parent has a pool now
+    token = random_token(9)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{12}", token)
+    assert re.fullmatch(r"msg_[0-9a-f]{32}", new_id("msg"))
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only writes and leaves
+        os.write(write, random_bytes(64))
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(child, 0)
+    theirs = os.read(read, 64)
+    os.close(read)
+    assert status == 0 and len(theirs) == 64
+    assert theirs != random_bytes(64)
+    assert len({random_token(9) for _ in range(1000)}) == 1000
+
+
+def test_epoch_seconds_reads_any_stored_time_and_this_second_without_parsing() -> None:
+    from datetime import datetime
+
+    from server.store import epoch_seconds, iso_time, now_iso
+
+    now = now_iso()
+    assert epoch_seconds(now) == int(datetime.fromisoformat(now).timestamp())
+    older = iso_time(datetime(2024, 2, 29, 23, 59, 59, 999_000).astimezone())
+    assert epoch_seconds(older) == int(datetime.fromisoformat(older).timestamp())

@@ -192,3 +192,46 @@ async def test_a_leader_that_waits_for_the_whole_answer_asks_the_upstream_for_it
         streamed.release()
         assert text_of(await collect(streaming)) == "".join(mock_answer("stream please", 4))
     assert len(fake.calls) == 2
+
+
+async def test_a_streamed_first_text_reaches_its_waiting_client_before_the_leader_reads_on() -> None:
+    """The first text of a streamed answer wakes the clients waiting for it, and they run
+    before the leader counts it or parses the rest of what it read (their time to first token)."""
+    import time
+    from collections.abc import AsyncGenerator
+
+    from server.config import Settings
+    from server.flight import Flight, TurnRequest
+    from server.metrics import Metrics
+    from server.pacer import Pacer
+    from server.providers import Chunk, Provider, ProviderRequest
+
+    order: list[str] = []
+
+    class TwoAtOnce(Provider):  # both chunks in one read, as an upstream's buffer may hold them
+        name, kind = "two", "mock"
+
+        async def stream(self, request: ProviderRequest) -> AsyncGenerator[Chunk, None]:
+            yield Chunk(text="a")
+            order.append("the leader reads on")
+            yield Chunk(text="b", finish_reason="stop")
+
+    for streamed in (True, False):
+        order.clear()
+        turn = TurnRequest(org_id="o", thread_id=None, content="q", provider=TwoAtOnce(), model="m",
+                           stream=streamed)
+        flight = Flight(turn, settings=Settings.from_env({}), store=None, pacer=Pacer(),  # type: ignore[arg-type]
+                        metrics=Metrics(), clock=time.monotonic, on_end=lambda _: None)
+
+        async def client(log: Any = flight.log) -> None:
+            await log.wait(1)
+            order.append("the client has the first text")
+
+        waiting = asyncio.ensure_future(client())
+        await asyncio.sleep(0)
+        flight.start()
+        await within(flight.finished.wait(), what="the flight")
+        await within(waiting, what="the client")
+        # a flight that waits for the whole answer does not yield: its client waits for the end
+        first = "the client has the first text" if streamed else "the leader reads on"
+        assert order[0] == first, (streamed, order)

@@ -119,7 +119,7 @@ class OpenAIProvider(HTTPProvider):
                     if isinstance(calls, list):  # whole calls: each its own index
                         message = {**message, "tool_calls": [
                             {"index": i, **c} for i, c in enumerate(calls) if isinstance(c, dict)]}
-                    _read_delta(message, chunk, _ToolCalls())
+                    _read_delta(message, chunk, None)
                 raw_finish = choice.get("finish_reason")
                 if raw_finish == "error":
                     raise _inband_error(self, choice, "an answer that ended in error")
@@ -183,11 +183,14 @@ class _ToolCalls:
         return out
 
 
-def _read_delta(delta: dict[str, Any], chunk: Chunk, tools: _ToolCalls) -> None:
-    """Append a delta's (or a whole message's) fields to ``chunk``."""
+def _read_delta(delta: dict[str, Any], chunk: Chunk, tools: _ToolCalls | None) -> None:
+    """Append a delta's (or a whole message's) fields to ``chunk``; ``tools`` reads the
+    tool-call pieces of a stream (None: a whole message's, read afresh)."""
     content = delta.get("content")
     if isinstance(content, str):
         chunk.text += content
+        if len(delta) == 1 or (len(delta) == 2 and "role" in delta):
+            return  # the common delta: its text, nothing beside it
     for key in _REASONING_KEYS:
         reasoning = delta.get(key)
         if isinstance(reasoning, str) and reasoning:
@@ -196,7 +199,9 @@ def _read_delta(delta: dict[str, Any], chunk: Chunk, tools: _ToolCalls) -> None:
     refusal = delta.get("refusal")
     if isinstance(refusal, str):
         chunk.refusal += refusal
-    chunk.tool_calls += tools.feed(delta.get("tool_calls"))
+    calls = delta.get("tool_calls")
+    if calls is not None:
+        chunk.tool_calls += (tools or _ToolCalls()).feed(calls)
 
 
 def _finish(raw: str, meta: dict[str, Any]) -> FinishReason:
@@ -223,9 +228,15 @@ class _ChunkParser(StreamParser):
             self.done = True
             return None
         p = self._provider
-        obj = self.json_object(p.name, data)
-        if _error_of(obj) is not None:
-            raise _inband_error(p, obj, "an error event mid-stream")
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is not dict:
+            obj = self.json_object(p.name, data)  # raises the protocol error that fits
+        error = obj.get("error")
+        if (error is not None and (error or isinstance(error, dict))) or obj.get("object") == "error":
+            raise _inband_error(p, obj, "an error event mid-stream")  # what _error_of finds
         chunk = Chunk()
         raw_finish = None
         for choice in obj.get("choices") or ():

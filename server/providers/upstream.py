@@ -41,6 +41,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+import yarl
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..errors import (
     BadRequest,
@@ -193,7 +195,7 @@ class Deadlines:
             return await self._run_late(aw, kind)
         if when < self._timer_at:
             self._arm(when)
-        task = self._task = asyncio.current_task()
+        task = self._task = asyncio.current_task(self._loop)
         assert task is not None
         self._cancelling = task.cancelling()
         try:
@@ -475,6 +477,9 @@ class HTTPProvider(Provider):
         #: a temperature above this is sent as this (servers that refuse OpenAI's 0-2 range)
         self.max_temperature = max_temperature
         self._client_timeout = timeouts.client_timeout()
+        #: :attr:`url` and :meth:`headers` in the forms the client takes without converting
+        #: them, made at the first call (the address and the credentials do not change)
+        self._target: tuple[yarl.URL, CIMultiDictProxy[str]] | None = None
         #: ``timeouts`` and its form for a call that waits for the whole answer (see :meth:`_timeouts_for`)
         self._whole_timeouts: tuple[Timeouts, Timeouts] | None = None
 
@@ -554,8 +559,11 @@ class HTTPProvider(Provider):
         finished = False  # the body was read to its end: the connection may be reused
         try:
             payload = orjson.dumps(self.body(request))
+            target = self._target
+            if target is None:
+                target = self._target = (yarl.URL(self.url), CIMultiDictProxy(CIMultiDict(self.headers())))
             resp = await deadlines.run(self._session.post(
-                self.url, data=payload, headers=self.headers(), timeout=self._client_timeout))
+                target[0], data=payload, headers=target[1], timeout=self._client_timeout))
             if resp.status >= 300:
                 raise status_error(provider=self.name, status=resp.status,
                                    body=await deadlines.run(read_error_body(resp)), headers=resp.headers,
@@ -615,6 +623,8 @@ class HTTPProvider(Provider):
 
 async def _drain(resp: aiohttp.ClientResponse) -> bool:
     """Read what follows the end marker, briefly, so the connection can be reused."""
+    if resp.content.at_eof():
+        return True  # the body ended with the marker (the usual case): nothing to wait for
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             while await resp.content.readany():

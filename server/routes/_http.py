@@ -45,7 +45,8 @@ from ..errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from ._input import check_depth, read_body
+from ..metrics import Metrics
+from ._input import MAX_DEPTH, check_depth, read_body
 
 __all__ = [
     "ORG_RE",
@@ -77,7 +78,7 @@ PING = b": ping\n\n"
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: ``request.config_dict``: a handler that reads several keys reads it once and passes it on
+#: the app's keys (``request.app``, or ``request.config_dict``): a handler that reads several passes it on
 Config = Mapping[Any, Any]
 
 
@@ -92,7 +93,7 @@ async def read_json(request: web.Request, settings: Settings | None = None) -> d
     a browser sends no other type from another site without asking first (CORS).
     """
     raw = await read_body(request, settings)
-    if not raw.strip():
+    if not raw or raw.isspace():
         return {}
     mime = request.content_type
     if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
@@ -103,7 +104,10 @@ async def read_json(request: web.Request, settings: Settings | None = None) -> d
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    check_depth(body)
+    # every level of nesting opens with a bracket: a body with no more of them than the limit
+    # (most bodies) cannot nest deeper, and is not walked
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
+        check_depth(body)
     return body
 
 
@@ -198,8 +202,8 @@ class PingedSSE:
     buffers. A short stream never needs it, and saves the system calls.
     """
 
-    __slots__ = ("_chunked", "_due", "_interval", "_pinging", "_request", "_saved_user_timeout", "_socket",
-                 "_timeout", "response")
+    __slots__ = ("_armed", "_chunked", "_due", "_interval", "_pinging", "_request", "_saved_user_timeout",
+                 "_socket", "_timeout", "response")
 
     def __init__(self, request: web.Request, response: web.StreamResponse, *, ping_interval: float,
                  send_timeout: float) -> None:
@@ -210,9 +214,11 @@ class PingedSSE:
         self._timeout = send_timeout
         self._socket: Any = None
         self._saved_user_timeout: int | None = None
-        # a timer until the first ping is due: most streams end before it, and need no task
+        # a timer until the first ping is due, armed once the first frames are written (they
+        # go first): most streams end before it, and need no task
         self._pinging: asyncio.Future[None] | None = None
-        self._due: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(ping_interval, self._start)
+        self._due: asyncio.TimerHandle | None = None
+        self._armed = False
 
     def _start(self) -> None:
         self._due = None
@@ -228,8 +234,11 @@ class PingedSSE:
         if transport is not None and (transport.get_write_buffer_size() + len(frames) + WRITE_OVERHEAD
                                       < transport.get_write_buffer_limits()[1]):
             await self.response.write(frames)
-            return
-        await send(self.response, frames, self._timeout)
+        else:
+            await send(self.response, frames, self._timeout)
+        if not self._armed:
+            self._armed = True
+            self._due = asyncio.get_running_loop().call_later(self._interval, self._start)
 
     def push(self, data: bytes) -> bool:
         """Write ``data`` straight to the transport, framed as an HTTP/1.1 chunk, without
@@ -299,10 +308,10 @@ async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = 
     From here on an error can no longer change the status: the error
     middleware lets it through and aiohttp closes the connection.
     """
-    settings = request.config_dict[SETTINGS]
+    settings = request.app[SETTINGS]
     response = _HeldHeaders(headers={**SSE_HEADERS, **(headers or {})})
     await response.prepare(request)
-    request.config_dict[METRICS].response_started()
+    request.app[METRICS].response_started()
     return PingedSSE(request, response, ping_interval=settings.ping_interval_s,
                      send_timeout=settings.send_timeout_s)
 
@@ -424,7 +433,7 @@ async def open_event_stream(request: web.Request) -> SSEStream:
         response.enable_chunked_encoding()
     writer = await response.prepare(request)
     assert writer is not None
-    request.config_dict[METRICS].response_started()
+    request.app[METRICS].response_started()
     response.headers.clear()  # serialized already; nothing reads them again
     # aiohttp's idle keep-alive timer only reschedules itself while a response is under way:
     # drop it for the stream (it is armed again when the response ends), one timer less a stream
@@ -457,11 +466,12 @@ Render = Callable[[GatewayError], web.Response]
 Preflight = Callable[[web.Request], web.StreamResponse | None]
 
 
-def error_middleware(render: Render, *, under: Mapping[str, Render] | None = None,
+def error_middleware(render: Render, *, metrics: Metrics, under: Mapping[str, Render] | None = None,
                      preflight: Preflight | None = None) -> Middleware:
-    """A middleware answering every error with ``render(error)``, its status and headers;
-    ``under`` maps a path prefix (``/v1``) to the renderer of the paths below it.
-    ``preflight`` answers CORS preflights first, outside the error handling.
+    """The app's one middleware (each layer costs every request a call): it answers every
+    error with ``render(error)``, its status and headers; ``under`` maps a path prefix
+    (``/v1``) to the renderer of the paths below it. An ``OPTIONS`` request is first put to
+    ``preflight`` (CORS), whose answer, if any, is the response, outside the error handling.
 
     It counts the error in ``dac_errors_total`` by the gateway's type, once per
     request: a chat request whose record already counted its error is skipped.
@@ -476,9 +486,8 @@ def error_middleware(render: Render, *, under: Mapping[str, Render] | None = Non
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if preflight is not None and (answer := preflight(request)) is not None:
+        if preflight is not None and request.method == "OPTIONS" and (answer := preflight(request)) is not None:
             return answer
-        metrics = request.config_dict[METRICS]
         with metrics.request_scope() as scope:
             try:
                 return await handler(request)

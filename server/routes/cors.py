@@ -28,15 +28,15 @@ MAX_AGE_S = 600
 
 
 def setup(app: web.Application, origins: tuple[str, ...]) -> Preflight:
-    """Answer preflights and mark responses for ``origins``; returns the preflight answer,
-    which the app's error middleware asks first, before its own handling (a function, not
-    a middleware of its own: a middleware is one more coroutine on every request, held for
-    as long as a stream lasts)."""
+    """Mark responses for ``origins``; returns what answers an ``OPTIONS`` request that is a
+    preflight (None for any other), which the app's one middleware asks first, before its
+    own handling (a function, not a middleware of its own: a middleware is one more
+    coroutine on every request, held for as long as a stream lasts)."""
     allowed = frozenset(origins)
 
     def preflight(request: web.Request) -> web.StreamResponse | None:
         origin = request.headers.get("Origin")
-        if request.method != "OPTIONS" or origin is None or "Access-Control-Request-Method" not in request.headers:
+        if origin is None or "Access-Control-Request-Method" not in request.headers:
             return None
         if origin not in allowed:
             return json_response({"error": {

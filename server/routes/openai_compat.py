@@ -156,6 +156,11 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         raise BadRequest("'messages' is required: a non-empty array of messages", param="messages")
     out: list[dict[str, Any]] = []
     for i, message in enumerate(raw):
+        if type(message) is dict and len(message) == 2 and type(message.get("content")) is str:
+            role = message.get("role")
+            if role in ROLES and role != "tool":  # the common message: a role and its text, nothing else
+                out.append({"role": ROLES[role], "content": message["content"]})
+                continue
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise BadRequest(f"{where} must be an object with 'role' and 'content'", param=where)
@@ -189,6 +194,8 @@ def _is_number(value: Any) -> bool:
 def _params(body: dict[str, Any]) -> dict[str, Any]:
     """What goes upstream beside the messages; absent and null are the same."""
     params = {k: v for k, v in body.items() if k not in OWN_FIELDS and v is not None}
+    if not params:
+        return params
     for name, (low, high) in RANGES.items():
         if name in params:
             value = params[name]
@@ -348,7 +355,9 @@ def _ending(answer: Completion, flight: Flight, call: _Call) -> list[bytes]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    cfg = request.config_dict  # each read of it builds a new view: read it once
+    # the app's own mapping: every route is on the one app (no sub-application), where
+    # ``request.config_dict`` would build a chained view to read through
+    cfg = request.app
     org = await _org(request, cfg)
     cfg[LIMITS].admit(org)
     call = await _parse(request, org, cfg)

@@ -8,7 +8,6 @@ these objects. ``chat.completion`` (a whole answer), ``chat.completion.chunk``
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -16,6 +15,7 @@ import orjson
 from ..errors import GatewayError
 from ..eventlog import Delta
 from ..flight import Flight
+from ..store import epoch_seconds
 
 __all__ = ["DONE", "Completion", "answer_extras", "answer_finish_reason", "answer_usage", "delta_object",
            "error_body", "frame"]
@@ -112,7 +112,7 @@ class Completion:
 
     def __init__(self, *, flight: Flight, model: str) -> None:
         self.id = "chatcmpl-" + flight.stream_id.removeprefix("msg_")
-        self.created = int(datetime.fromisoformat(flight.created_at).timestamp())
+        self.created = epoch_seconds(flight.created_at)
         self.model = model
         self._head: bytes | None = None
 
