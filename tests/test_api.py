@@ -330,9 +330,10 @@ async def test_an_error_before_a_stream_starts_is_a_json_500_and_one_after_close
         await out.write(b"data: 1\n\n")
         raise RuntimeError("after the stream started")
 
-    app = web.Application(middlewares=[error_middleware(api.error_response)])
+    metrics = Metrics()
+    app = web.Application(middlewares=[error_middleware(api.error_response, metrics=metrics)])
     app[SETTINGS] = Settings.from_env()
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
     app.router.add_get("/before", before)
     app.router.add_get("/after", after)
     client = await aiohttp_client(app)
