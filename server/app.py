@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -187,7 +188,9 @@ async def serve(settings: Settings, *, announce: bool = True,
     if announce:
         for address in runner.addresses:
             host, port = address[0], address[1]
-            print(f"DAC gateway listening on http://{host}:{port} (db {settings.database})", flush=True)
+            # one write with its newline: workers share the output, and print() writes the end apart
+            sys.stdout.write(f"DAC gateway listening on http://{host}:{port} (db {settings.database})\n")
+            sys.stdout.flush()
     if greet is not None and runner.addresses:
         host, port = runner.addresses[0][:2]
         await greet(app, f"http://{f'[{host}]' if ':' in host else host}:{port}")

@@ -8,10 +8,12 @@ stop Redis come last and put things back). Every await is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -503,21 +505,32 @@ async def test_two_workers_on_one_port_make_one_call(
     env = {**os.environ, **fake.env("openai"), "DAC_REDIS_URL": redis_server.url,
            "DAC_REDIS_PREFIX": redis_server.new_prefix(), "DAC_DATABASE_URL": postgres.new_url(),
            "DAC_DEFAULT_PROVIDER": "openai", "DAC_AUTH": "header"}
+    # a session of its own: whatever happens, the supervisor and its workers are killed together
+    # (an orphaned worker would hold the output pipe, and the wait for the supervisor with it)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server", "--workers", "2", "--port", "0", cwd=Path(__file__).resolve().parent.parent, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     assert proc.stdout is not None
+    drain: asyncio.Future[None] | None = None
     try:
         lines: list[str] = []
-        async with asyncio.timeout(30):
-            while sum("listening on" in line for line in lines) < 2:
-                line = (await proc.stdout.readline()).decode()
-                assert line, "".join(lines)
-                lines.append(line)
+        try:
+            async with asyncio.timeout(30):
+                while sum("listening on" in line for line in lines) < 2:
+                    line = (await proc.stdout.readline()).decode()
+                    assert line, "".join(lines)
+                    lines.append(line)
+        except TimeoutError:
+            raise AssertionError("two workers did not listen within 30 s:\n" + "".join(lines)) from None
         url = re.search(r"listening on (http://\S+)", "".join(lines)).group(1)  # type: ignore[union-attr]
-        drain = asyncio.ensure_future(proc.stdout.read())
+
+        async def keep_reading(out: asyncio.StreamReader) -> None:
+            while line := await out.readline():
+                lines.append(line.decode(errors="replace"))
+
+        drain = asyncio.ensure_future(keep_reading(proc.stdout))
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=10, force_close=True)) as s:
-            tid = await new_thread(s, url)
+            tid = await within(new_thread(s, url), 10, "a thread")
             fake.script(Script(n=8, interval_s=0.02), model="gpt-workers")
             before = len(fake.calls)
 
@@ -530,12 +543,17 @@ async def test_two_workers_on_one_port_make_one_call(
             texts = await within(asyncio.gather(*(ask() for _ in range(50))), 30, "50 requests")
         assert len(set(texts)) == 1 and len(fake.calls) - before == 1
         proc.terminate()
-        assert await within(proc.wait(), 20, "the workers to stop") == 0
-        drain.cancel()
+        try:
+            await within(proc.wait(), 20, "the workers to stop")
+        except AssertionError:
+            raise AssertionError("the workers did not stop within 20 s of SIGTERM:\n" + "".join(lines)) from None
+        assert proc.returncode == 0, "".join(lines)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        if drain is not None:
+            drain.cancel()
+        with contextlib.suppress(ProcessLookupError):  # nothing left of it, after a clean stop
+            os.killpg(proc.pid, signal.SIGKILL)
+        await within(proc.wait(), 20, "the killed workers to go")
 
 
 async def test_the_cluster_benchmark_runs_in_short(redis_server: RedisServer, postgres: PostgresServer,
