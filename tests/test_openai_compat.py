@@ -293,6 +293,8 @@ async def test_a_pushed_stream_that_falls_behind_catches_up_with_every_chunk_onc
 @pytest.mark.parametrize(("kwargs", "param", "says"), [
     ({"messages": []}, "messages", "'messages' is required"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "must be one of"),
+    ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role", "must be one of"),
+    ({"messages": [{"role": {"user": 1}, "content": "hi", "name": "n"}]}, "messages[0].role", "must be one of"),
     ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content", "string or an array"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0]", "data: or https:// URL"),
