@@ -235,7 +235,7 @@ class PingedSSE:
                                       < transport.get_write_buffer_limits()[1]):
             await self.response.write(frames)
         else:
-            await send(self.response, frames, self._timeout)
+            await send(self.response, frames, self._timeout, transport)
         if not self._armed:
             self._armed = True
             self._due = asyncio.get_running_loop().call_later(self._interval, self._start)
@@ -316,14 +316,18 @@ async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = 
                      send_timeout=settings.send_timeout_s)
 
 
-async def send(resp: web.StreamResponse, frames: bytes, timeout: float) -> None:
+async def send(resp: web.StreamResponse, frames: bytes, timeout: float,
+               transport: asyncio.Transport | None = None) -> None:
     """Write pre-encoded SSE bytes; a client that takes none for ``timeout`` seconds is
-    dropped (``TimeoutError``, and its connection is closed)."""
+    dropped (``TimeoutError``, and its connection, ``transport``, is aborted: a stalled
+    peer never drains, and a graceful close would keep the connection open for good)."""
     try:
         async with asyncio.timeout(timeout):
             await resp.write(frames)
     except TimeoutError:
         resp.force_close()
+        if transport is not None:
+            transport.abort()
         raise
 
 
@@ -364,6 +368,8 @@ class SSEStream:
                     await self._writer.drain()
         except TimeoutError:
             self.response.force_close()
+            if self._transport is not None:
+                self._transport.abort()  # a stalled peer never drains: a graceful close would hang
             raise
 
     def push(self, data: bytes) -> bool:
