@@ -700,7 +700,8 @@ class RedisHub(Hub):
         if flight.state is FlightState.DONE:
             kind, data = "d", orjson.dumps(flight.message).decode()
             value, ms = (f"done|{s_id}|{self.instance}", int(s.result_ttl_s * 1000))
-            if flight.forgotten or s.result_ttl_s <= 0 or not flight.turn.reusable or len(data) > s.cache_max_bytes:
+            # too large as one process counts it (what the kept flight holds, not its message's JSON alone)
+            if flight.forgotten or s.result_ttl_s <= 0 or not flight.turn.reusable or flight.keep() > s.cache_max_bytes:
                 value = "-"  # nothing answers from it (as in one process, where one too large is not kept)
         else:
             error = flight.error or GatewayError("the answer ended")

@@ -165,7 +165,7 @@ class _Lane:
     """One provider as this instance sees it: its waiters here and the poller that speaks for them."""
 
     __slots__ = ("limit", "keys", "queues", "running", "waiting", "mean_hold_s", "waiters", "fresh", "poller",
-                 "wake", "granted")
+                 "wake", "granted", "kept")
 
     def __init__(self, limit: int, keys: list[str], queues: str) -> None:
         self.limit = limit
@@ -181,6 +181,8 @@ class _Lane:
         self.wake = asyncio.Event()
         #: slots taken ahead (member, when) for the next ``slot`` calls
         self.granted: list[tuple[str, float]] = []
+        #: waiters that left the queue at their timeout holding a slot: their calls run with it
+        self.kept: set[str] = set()
 
 
 class RedisPacer:
@@ -223,6 +225,7 @@ class RedisPacer:
             lane.mean_hold_s = held_s if lane.mean_hold_s is None else (
                 (1 - HOLD_SMOOTHING) * lane.mean_hold_s + HOLD_SMOOTHING * held_s)
             lane.running -= 1
+            lane.kept.discard(member)
             await self._release(lane, member)
 
     def ahead(self, provider: str, limit: int) -> Ahead | None:
@@ -288,7 +291,8 @@ class RedisPacer:
                     "try again later",
                     retry_after=max(MIN_RETRY_AFTER_S, hold * rounds),
                 ) from None
-            # handed a slot in the same instant: keep it
+            # handed a slot in the same instant: keep it (a poll that answers late must not give it back)
+            lane.kept.add(member)
         except BaseException:
             held = granted.done() and granted.exception() is None
             if not held:
@@ -352,6 +356,8 @@ class RedisPacer:
                 for member in map(_decode, got):
                     found = lane.waiters.get(member)
                     if found is None:
+                        if member in lane.kept:
+                            continue  # it left at its timeout holding this slot, and runs with it
                         # It left while this call was on its way, and Redis heard of it first: its
                         # leaving found nothing to take back, then this call queued it anew and
                         # handed it a slot. Nobody holds that slot: give it back now, not after a lease.

@@ -293,6 +293,8 @@ async def test_a_pushed_stream_that_falls_behind_catches_up_with_every_chunk_onc
 @pytest.mark.parametrize(("kwargs", "param", "says"), [
     ({"messages": []}, "messages", "'messages' is required"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "must be one of"),
+    ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role", "must be one of"),
+    ({"messages": [{"role": {"user": 1}, "content": "hi", "name": "n"}]}, "messages[0].role", "must be one of"),
     ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content", "string or an array"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0]", "data: or https:// URL"),
@@ -752,6 +754,52 @@ async def test_a_stream_client_that_takes_nothing_is_dropped_after_the_send_time
     assert sent < 5000
     assert (await within(reader.read(100), 5, "the first bytes")).startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+async def test_a_stream_client_dropped_after_the_send_timeout_has_its_connection_closed(
+        gateway_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dropped client still reads nothing: its connection is closed all the same (a
+    graceful close waits for a peer that never drains), and it is counted as a slow client."""
+    write, shrunk = _http.PingedSSE.write, set()
+
+    async def small_buffers(self: _http.PingedSSE, frames: bytes) -> None:
+        transport = self._request.transport
+        if transport is not None and id(transport) not in shrunk:
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            shrunk.add(id(transport))
+        await write(self, frames)
+
+    monkeypatch.setattr(_http.PingedSSE, "write", small_buffers)
+    scripted = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(scripted), send_timeout_s=0.5)
+    guard = gw.runner.guard
+    before = guard.open
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(tuple(gw.runner.addresses[0][:2]))
+    slow.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=slow)
+    payload = json.dumps({"model": "scripted/scripted", "messages": user("flood"), "stream": True})
+    writer.write((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(payload)}\r\n\r\n{payload}").encode())
+    call = await scripted.next_call()
+    dropped = {"reason": "slow_client"}
+
+    def gone() -> bool:
+        return gw.metrics.registry.get_sample_value("dac_listeners_dropped_total", dropped) == 1.0
+
+    sent = 0
+    while not gone() and sent < 5000:
+        call.send("x" * 2000)
+        sent += 1
+        await asyncio.sleep(0.001)
+    await until(gone, "the slow client to be dropped")
+    try:
+        await until(lambda: guard.open == before, "the dropped client's connection to close", timeout=5)
+    finally:
+        reader.feed_eof()
+        writer.close()
+        call.finish()
 
 
 def test_a_chunk_from_its_shared_head_is_the_whole_object_encoded() -> None:

@@ -498,6 +498,25 @@ async def test_an_answer_too_large_for_the_cache_is_not_kept_on_redis(pair: Pair
     assert roles == ["leader", "leader"] and len(provider.calls) == 2
 
 
+async def test_an_answer_one_process_would_not_keep_for_its_size_is_not_kept_on_redis(pair: Pair) -> None:
+    """The cache's limit is on what a kept answer holds (its compacted log and the flight
+    around it, :meth:`Flight.keep`), not on its message's JSON alone: an answer whose JSON fits
+    under DAC_CACHE_MAX_BYTES but that one process would not keep is not kept on Redis either."""
+    provider = ScriptedProvider()
+    a, b = await pair(provider, cache_max_bytes=4200)
+    body = {"model": "scripted/scripted", "messages": [{"role": "user", "content": "a short one"}], "temperature": 0}
+    roles = []
+    for gw in (a, b):
+        asking = asyncio.ensure_future(gw.session.post(f"{gw.url}/v1/chat/completions", json=body, headers=gw.h()))
+        call = await provider.next_call()
+        call.send("x" * 300)
+        call.finish()
+        async with await within(asking, what="the answer") as resp:
+            assert resp.status == 200, await resp.text()
+            roles.append(resp.headers["x-dac-coalesce"])
+    assert roles == ["leader", "leader"] and len(provider.calls) == 2
+
+
 async def test_an_answer_that_could_not_be_saved_is_not_replayed_by_another_instance(
         pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
     """As in one process, a failure to save answers nobody: the same question asked again on

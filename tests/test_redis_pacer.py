@@ -253,3 +253,41 @@ async def test_a_slot_that_lapsed_while_its_call_ran_is_reported(
                    for r in caplog.records if "slot lapsed" in r.getMessage())
     finally:
         await pacer.redis.aclose()
+
+
+async def test_a_waiter_that_timed_out_but_kept_its_slot_is_not_robbed_of_it_by_its_poll(
+        pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    """The poll that hands the waiter its slot is answered after the waiter's queue timeout:
+    the waiter's leaving finds it holds the slot and keeps it (its call runs). The poll's late
+    answer then names a member no longer waiting: that is no ghost, and its slot stays held."""
+    one, two = pacers(queue_timeout_s=0.3)
+    client, prefix = redis
+    calls = Calls()
+    calls.start(two, "held", "x")
+    await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
+    real_queue, real_leave = one._queue, one._leave
+    left = asyncio.Event()
+
+    async def late_queue(**kwargs: object) -> object:
+        got = await real_queue(**kwargs)
+        if got:  # a slot handed over: its answer arrives after the waiter's leaving
+            await left.wait()
+        return got
+
+    async def leave(**kwargs: object) -> object:
+        try:
+            return await real_leave(**kwargs)
+        finally:
+            left.set()
+
+    one._queue, one._leave = late_queue, leave  # type: ignore[assignment]
+    calls.start(one, "kept", "y")
+    await queued(redis, 1)
+    calls.finish("held")  # the next poll hands the slot to "kept"; its answer is held back
+    await within(left.wait(), 5, "the waiter to time out and leave")
+    await wait_until(lambda: "kept" in calls.order, "the waiter to run with the slot it kept")
+    lane = one._lanes["prov"]
+    await wait_until(lambda: lane.poller is None, "the poll to finish")
+    assert await client.zcard(f"{prefix}{{slots:prov}}") == 1  # "kept" still holds its slot
+    calls.finish("kept")
+    await within(asyncio.gather(*calls.tasks), 5, "every call to end")

@@ -202,7 +202,7 @@ class PingedSSE:
     buffers. A short stream never needs it, and saves the system calls.
     """
 
-    __slots__ = ("_armed", "_chunked", "_due", "_interval", "_pinging", "_request", "_saved_user_timeout",
+    __slots__ = ("_armed", "_chunked", "_dropped", "_due", "_interval", "_pinging", "_request", "_saved_user_timeout",
                  "_socket", "_timeout", "response")
 
     def __init__(self, request: web.Request, response: web.StreamResponse, *, ping_interval: float,
@@ -219,6 +219,8 @@ class PingedSSE:
         self._pinging: asyncio.Future[None] | None = None
         self._due: asyncio.TimerHandle | None = None
         self._armed = False
+        #: the client took nothing for the send timeout: its connection is aborted at the end
+        self._dropped = False
 
     def _start(self) -> None:
         self._due = None
@@ -235,7 +237,11 @@ class PingedSSE:
                                       < transport.get_write_buffer_limits()[1]):
             await self.response.write(frames)
         else:
-            await send(self.response, frames, self._timeout)
+            try:
+                await send(self.response, frames, self._timeout)
+            except TimeoutError:
+                self._dropped = True  # its connection is aborted on the way out (``__aexit__``)
+                raise
         if not self._armed:
             self._armed = True
             self._due = asyncio.get_running_loop().call_later(self._interval, self._start)
@@ -286,6 +292,16 @@ class PingedSSE:
         if self._due is not None:
             self._due.cancel()
             self._due = None
+        try:
+            await self._stop_pinging()
+        finally:
+            if self._dropped and (transport := self._request.transport) is not None:
+                # a stalled peer never drains: a graceful close would keep the connection open
+                # for good. Aborted only now, as the stream's end (its TimeoutError) goes out
+                # with no step between for the connection's loss to cancel the handler.
+                transport.abort()
+
+    async def _stop_pinging(self) -> None:
         if self._pinging is None:
             return
         self._pinging.cancel()
@@ -318,7 +334,8 @@ async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = 
 
 async def send(resp: web.StreamResponse, frames: bytes, timeout: float) -> None:
     """Write pre-encoded SSE bytes; a client that takes none for ``timeout`` seconds is
-    dropped (``TimeoutError``, and its connection is closed)."""
+    dropped (``TimeoutError``; its connection is closed once the handler has let go of it:
+    see :meth:`PingedSSE.__aexit__`)."""
     try:
         async with asyncio.timeout(timeout):
             await resp.write(frames)
@@ -364,6 +381,8 @@ class SSEStream:
                     await self._writer.drain()
         except TimeoutError:
             self.response.force_close()
+            if self._transport is not None:
+                self._transport.abort()  # a stalled peer never drains: a graceful close would hang
             raise
 
     def push(self, data: bytes) -> bool:

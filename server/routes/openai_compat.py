@@ -158,14 +158,14 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
     for i, message in enumerate(raw):
         if type(message) is dict and len(message) == 2 and type(message.get("content")) is str:
             role = message.get("role")
-            if role in ROLES and role != "tool":  # the common message: a role and its text, nothing else
+            if type(role) is str and role in ROLES and role != "tool":  # the common message: a role and its text, nothing else
                 out.append({"role": ROLES[role], "content": message["content"]})
                 continue
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise BadRequest(f"{where} must be an object with 'role' and 'content'", param=where)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # (an array or object cannot be looked up)
             raise BadRequest(f"{where}.role must be one of {', '.join(ROLES)}, not {role!r}",
                              param=f"{where}.role")
         content = message.get("content")
