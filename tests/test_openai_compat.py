@@ -718,53 +718,14 @@ async def test_upstream_statuses_through_the_openai_provider_reach_the_sdk(gatew
 async def test_a_stream_client_that_takes_nothing_is_dropped_after_the_send_timeout(
         gateway_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes below the transport's high-water mark go without a timer; once the client stops
-    reading and the buffers fill, the send timeout still drops it (``slow_client``)."""
+    reading and the buffers fill, the send timeout still drops it (``slow_client``), and its
+    connection is closed although it still reads nothing (a graceful close waits for a peer
+    that never drains)."""
     write, shrunk = _http.PingedSSE.write, set()
 
     async def small_buffers(self: _http.PingedSSE, frames: bytes) -> None:
         transport = self._request.transport
         if transport is not None and id(transport) not in shrunk:  # the kernel's buffer fills soon
-            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            shrunk.add(id(transport))
-        await write(self, frames)
-
-    monkeypatch.setattr(_http.PingedSSE, "write", small_buffers)
-    scripted = ScriptedProvider()
-    gw = await gateway_factory(providers=registry(scripted), send_timeout_s=0.5)
-    slow = socket.socket()
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.connect(tuple(gw.runner.addresses[0][:2]))
-    slow.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=slow)
-    payload = json.dumps({"model": "scripted/scripted", "messages": user("flood"), "stream": True})
-    writer.write((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(payload)}\r\n\r\n{payload}").encode())
-    call = await scripted.next_call()
-    dropped = {"reason": "slow_client"}
-
-    def gone() -> bool:
-        return gw.metrics.registry.get_sample_value("dac_listeners_dropped_total", dropped) == 1.0
-
-    sent = 0
-    while not gone() and sent < 5000:
-        call.send("x" * 2000)
-        sent += 1
-        await asyncio.sleep(0.001)  # the leader appends, the writer writes
-    await until(gone, "the slow client to be dropped")
-    assert sent < 5000
-    assert (await within(reader.read(100), 5, "the first bytes")).startswith(b"HTTP/1.1 200")
-    writer.close()
-
-
-async def test_a_stream_client_dropped_after_the_send_timeout_has_its_connection_closed(
-        gateway_factory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The dropped client still reads nothing: its connection is closed all the same (a
-    graceful close waits for a peer that never drains), and it is counted as a slow client."""
-    write, shrunk = _http.PingedSSE.write, set()
-
-    async def small_buffers(self: _http.PingedSSE, frames: bytes) -> None:
-        transport = self._request.transport
-        if transport is not None and id(transport) not in shrunk:
             transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             shrunk.add(id(transport))
         await write(self, frames)
@@ -792,10 +753,12 @@ async def test_a_stream_client_dropped_after_the_send_timeout_has_its_connection
     while not gone() and sent < 5000:
         call.send("x" * 2000)
         sent += 1
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)  # the leader appends, the writer writes
     await until(gone, "the slow client to be dropped")
+    assert sent < 5000
     try:
         await until(lambda: guard.open == before, "the dropped client's connection to close", timeout=5)
+        assert (await within(reader.read(100), 5, "the first bytes")).startswith(b"HTTP/1.1 200")
     finally:
         reader.feed_eof()
         writer.close()
