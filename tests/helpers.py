@@ -230,5 +230,13 @@ async def start_gateway(settings: Settings, providers: ProviderRegistry | None =
     return Gateway(f"http://{host}:{port}", app, runner, session, settings)
 
 
-
-
+async def slow_reader(gw: Gateway, request: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client of ``gw`` with a small receive buffer (4 KiB), which sends ``request`` (raw
+    HTTP) and then reads only when the test says: its socket stops taking bytes soon."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(tuple(gw.runner.addresses[0][:2]))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(request.encode())
+    return reader, writer

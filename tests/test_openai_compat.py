@@ -21,7 +21,7 @@ from server.providers.mock import mock_answer
 from server.routes import _http
 
 from .fake_upstream import FakeUpstream, Script
-from .helpers import ScriptedProvider, registry, within
+from .helpers import ScriptedProvider, registry, slow_reader, within
 from .workload import scrape
 
 FAST = "mock:ttft=0,itl=0,n=6"
@@ -735,14 +735,10 @@ async def test_a_stream_client_that_takes_nothing_is_dropped_after_the_send_time
     gw = await gateway_factory(providers=registry(scripted), send_timeout_s=0.5)
     guard = gw.runner.guard
     before = guard.open
-    slow = socket.socket()
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.connect(tuple(gw.runner.addresses[0][:2]))
-    slow.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=slow)
     payload = json.dumps({"model": "scripted/scripted", "messages": user("flood"), "stream": True})
-    writer.write((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(payload)}\r\n\r\n{payload}").encode())
+    reader, writer = await slow_reader(gw, f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                           f"Content-Type: application/json\r\n"
+                                           f"Content-Length: {len(payload)}\r\n\r\n{payload}")
     call = await scripted.next_call()
     dropped = {"reason": "slow_client"}
 

@@ -15,7 +15,7 @@ from server import eventlog
 from server.eventlog import PASS_STEP, PING, EventLog, encode_event
 from server.routes import _http
 
-from .helpers import ScriptedProvider, collect, registry, text_of, within
+from .helpers import ScriptedProvider, collect, registry, slow_reader, text_of, within
 
 
 class FakeSink:
@@ -280,15 +280,11 @@ async def test_a_client_that_stops_reading_is_dropped_and_never_buffers_without_
     dropped = {"reason": "slow_client"}
     async with gw.open_stream(tid, body) as fast:
         call = await scripted.next_call()
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.connect(tuple(gw.runner.addresses[0][:2]))
-        slow.setblocking(False)
-        _, writer = await asyncio.open_connection(sock=slow)
         payload = json.dumps(body)
-        writer.write((f"POST /api/threads/{tid}/messages HTTP/1.1\r\nHost: x\r\nx-org-id: org_a\r\n"
-                      f"Accept: text/event-stream\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {len(payload)}\r\n\r\n{payload}").encode())
+        _, writer = await slow_reader(gw, f"POST /api/threads/{tid}/messages HTTP/1.1\r\nHost: x\r\n"
+                                          f"x-org-id: org_a\r\nAccept: text/event-stream\r\n"
+                                          f"Content-Type: application/json\r\n"
+                                          f"Content-Length: {len(payload)}\r\n\r\n{payload}")
         await within(_until(lambda: (gw.metrics.registry.get_sample_value("dac_active_listeners") or 0) >= 2),
                      5, "the slow client to join")
         chunk, sent = "x" * 2000, 0
@@ -342,12 +338,7 @@ async def test_a_stream_url_subscriber_that_stops_reading_is_dropped_released_an
     call = await scripted.next_call()
     guard = gw.runner.guard
     before = guard.open
-    slow = socket.socket()
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.connect(tuple(gw.runner.addresses[0][:2]))
-    slow.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=slow)
-    writer.write(f"GET {accept['stream_url']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    reader, writer = await slow_reader(gw, f"GET {accept['stream_url']} HTTP/1.1\r\nHost: x\r\n\r\n")
     listeners = gw.metrics.registry.get_sample_value
     await within(_until(lambda: (listeners("dac_active_listeners") or 0) >= 1), 5, "the subscriber to join")
     assert guard.open == before + 1
