@@ -196,9 +196,8 @@ class SQLiteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[_Write] = []  # the writes asked for since the batch with the thread
         self._busy = False  # a batch is with the writer thread
-        self._closing = False  # close() began: no write is taken any more
         self._drained: asyncio.Future[None] | None = None  # for close(): resolved once no batch is left
-        self._close_task: asyncio.Future[None] | None = None
+        self._close_task: asyncio.Future[None] | None = None  # close() began: no write is taken any more
         self._threads: OrderedDict[str, tuple[str, Thread]] = OrderedDict()
         self._histories: OrderedDict[tuple[str, str], _History] = OrderedDict()
         self._history_chars = 0  # characters held by ``_histories``
@@ -259,8 +258,7 @@ class SQLiteStore:
         """Wait for the writes asked for so far, then close; a write asked for once this began
         fails with :class:`StoreClosed`. A closed store cannot be opened again. Callers that
         close it at the same time all return once it is closed."""
-        if self._close_task is None:
-            self._closing = True  # from this call on, not from the task's first step
+        if self._close_task is None:  # set by this call, not by the task's first step
             self._close_task = asyncio.ensure_future(self._close())
         await asyncio.shield(self._close_task)
 
@@ -333,7 +331,7 @@ class SQLiteStore:
         and only its answer is dropped. Once :meth:`close` began, :class:`StoreClosed`: the
         close waits only for the writes asked for before it.
         """
-        if self._closing:
+        if self._close_task is not None:
             raise StoreClosed("the store is closing")
         if self._conn is None or self._loop is None:
             raise StoreClosed("the store is not open")
