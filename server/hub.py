@@ -148,33 +148,37 @@ class Hub:
 
     def _finished(self, flight: Flight) -> None:
         """A flight ended: keep it for its TTL, or forget it at once."""
-        s = self.settings
         started = self._counted.pop(flight, None)
         if started is not None and self.limits is not None:
             self.limits.release_flight(flight.turn.org_id, time.perf_counter() - started)
-        if flight.forgotten or isinstance(flight.error, StoreError):
-            ttl = 0.0  # nothing unsaved answers anyone: a repeat starts afresh
-        elif flight.state is FlightState.DONE and not flight.turn.reusable:
-            ttl = 0.0  # no request may take it from the cache
-        elif flight.state is FlightState.DONE:
-            size = flight.keep()  # what it really holds once compacted, not only its text
-            if size > s.cache_max_bytes:
-                ttl = 0.0  # too large to keep: it must not push out what the cache holds
-            else:
-                ttl = s.result_ttl_s
-                self._cache[flight] = size
-                self._cache_bytes += size
-                self._evict()
-        elif flight.state is FlightState.FAILED or flight.message is None:
-            # a failure answers joiners for the error TTL; so does a flight that ended
-            # before its rows existed, for a client still holding its stream_url
-            ttl = s.error_ttl_s
-        else:
-            ttl = 0.0
+        ttl = self._kept_for(flight)
+        if ttl > 0 and flight.state is FlightState.DONE:
+            self._cache[flight] = flight.held_bytes
+            self._cache_bytes += flight.held_bytes
+            self._evict()
         if ttl <= 0:
             self._remove(flight)
         else:
             self._expiry[flight] = asyncio.get_running_loop().call_later(ttl, self._remove, flight)
+
+    def _kept_for(self, flight: Flight) -> float:
+        """How long a flight that ended answers identical requests (0: none may take it), the
+        same rule for every registry."""
+        s = self.settings
+        if flight.forgotten or isinstance(flight.error, StoreError):
+            return 0.0  # nothing unsaved answers anyone: a repeat starts afresh
+        if flight.state is FlightState.DONE:
+            if not flight.turn.reusable:
+                return 0.0  # no request may take it from the cache
+            # what it really holds once compacted, not only its text (measured once)
+            if (flight.held_bytes or flight.keep()) > s.cache_max_bytes:
+                return 0.0  # too large to keep: it must not push out what the cache holds
+            return s.result_ttl_s
+        if flight.state is FlightState.FAILED or flight.message is None:
+            # a failure answers joiners for the error TTL; so does a flight that ended
+            # before its rows existed, for a client still holding its stream_url
+            return s.error_ttl_s
+        return 0.0
 
     def _evict(self) -> None:
         s = self.settings

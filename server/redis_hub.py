@@ -94,7 +94,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from .config import Settings
-from .errors import GatewayError, LeaderLost, RegistryUnavailable, ShuttingDown, StoreError, UpstreamError
+from .errors import GatewayError, LeaderLost, RegistryUnavailable, ShuttingDown, UpstreamError
 from .eventlog import DeltaExtra, EventLog
 from .flight import Clock, Flight, TurnRequest
 from .hub import Hub
@@ -696,13 +696,11 @@ class RedisHub(Hub):
             return
         if led.renewing is not None:
             led.renewing.cancel()
-        s_id, s = flight.stream_id, self.settings
+        s_id = flight.stream_id
+        ttl = self._kept_for(flight)  # as one process keeps it
         if flight.state is FlightState.DONE:
             kind, data = "d", orjson.dumps(flight.message).decode()
-            value, ms = (f"done|{s_id}|{self.instance}", int(s.result_ttl_s * 1000))
-            # too large as one process counts it (what the kept flight holds, not its message's JSON alone)
-            if flight.forgotten or s.result_ttl_s <= 0 or not flight.turn.reusable or flight.keep() > s.cache_max_bytes:
-                value = "-"  # nothing answers from it (as in one process, where one too large is not kept)
+            value = f"done|{s_id}|{self.instance}" if ttl > 0 else "-"  # "-": nothing answers from it
         else:
             error = flight.error or GatewayError("the answer ended")
             outcome = MessageStatus.ERROR if flight.state is FlightState.FAILED else MessageStatus.CANCELLED
@@ -711,11 +709,8 @@ class RedisHub(Hub):
             kind = "e"
             data = orjson.dumps({"error": error.to_dict(), "status": error.status, "outcome": outcome,
                                  "upstream": isinstance(error, UpstreamError), "message": flight.message}).decode()
-            failed = flight.state is FlightState.FAILED or flight.message is None
-            value, ms = (f"failed|{s_id}|{self.instance}", int(s.error_ttl_s * 1000))
-            if not failed or flight.forgotten or s.error_ttl_s <= 0 or isinstance(error, StoreError):
-                value = "-"  # an answer that could not be saved answers nobody: a repeat starts afresh
-        led.end = (value, max(ms, 1), kind, data)
+            value = f"failed|{s_id}|{self.instance}" if ttl > 0 else "-"
+        led.end = (value, max(int(ttl * 1000), 1), kind, data)
         led.ended = True
         self._schedule(led, now=True)
 
