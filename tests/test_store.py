@@ -13,6 +13,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -364,14 +365,23 @@ async def test_the_store_keeps_per_thread_state_only_as_long_as_the_history_cach
         await store.close()
 
 
-async def test_a_turn_that_ends_during_a_cold_history_read_is_not_missed(tmp_path: Path) -> None:
-    """A history read from disk that a turn's end overtakes is not kept: the next read has the turn."""
-    path = str(tmp_path / "cold.db")
+@asynccontextmanager
+async def caching_store_and_another_writer(path: str) -> AsyncIterator[tuple[SQLiteStore, SQLiteStore, str]]:
+    """A store that caches histories, another writer on its file, and a thread the second made
+    (so it is not in the first's cache)."""
     store, other = SQLiteStore(path, cache=True), SQLiteStore(path, recover=False)
     await within(store.open())
     await within(other.open())
     try:
-        thread = (await other.create_thread("org_a", "made elsewhere"))["thread_id"]  # not in the cache
+        yield store, other, (await other.create_thread("org_a", "made elsewhere"))["thread_id"]
+    finally:
+        await other.close()
+        await store.close()
+
+
+async def test_a_turn_that_ends_during_a_cold_history_read_is_not_missed(tmp_path: Path) -> None:
+    """A history read from disk that a turn's end overtakes is not kept: the next read has the turn."""
+    async with caching_store_and_another_writer(str(tmp_path / "cold.db")) as (store, _, thread):
         read, release = asyncio.Event(), asyncio.Event()
         real = store._completed_pairs
 
@@ -392,21 +402,13 @@ async def test_a_turn_that_ends_during_a_cold_history_read_is_not_missed(tmp_pat
         expected = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
         assert await store.history("org_a", thread) == expected
         assert await store.history("org_a", thread) == expected
-    finally:
-        await other.close()
-        await store.close()
 
 
 async def test_cold_history_reads_of_one_thread_at_once_count_its_characters_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two requests on a thread not in the cache read its history at once: it is kept once, and
     counted once against the cache's characters, so it stays cached."""
-    path = str(tmp_path / "twice.db")
-    store, other = SQLiteStore(path, cache=True), SQLiteStore(path, recover=False)
-    await within(store.open())
-    await within(other.open())
-    try:
-        thread = (await other.create_thread("org_a", "made elsewhere"))["thread_id"]  # not in the cache
+    async with caching_store_and_another_writer(str(tmp_path / "twice.db")) as (store, other, thread):
         _, assistant = await begin(other, org_id="org_a", thread_id=thread, content="q" * 100)
         await finish(other, assistant, MessageStatus.COMPLETE, "a" * 100)
         monkeypatch.setattr(sqlite_store, "HISTORY_CACHE_CHARS", 300)  # room for it once, not twice
@@ -427,9 +429,6 @@ async def test_cold_history_reads_of_one_thread_at_once_count_its_characters_onc
         assert first == second and len(first) == 2
         assert await store.history("org_a", thread) == first
         assert reads == 2  # the third came from the cache
-    finally:
-        await other.close()
-        await store.close()
 
 
 async def test_deleting_a_thread_removes_its_messages(store: Store) -> None:
