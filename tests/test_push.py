@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -252,27 +253,41 @@ async def test_subscribers_that_come_and_go_while_nothing_is_appended_leave_noth
 # -- over real sockets ------------------------------------------------------------
 
 
+@dataclass
+class _Pushes:
+    """What the pushes to subscribers met: how many fell back to awaited writes, and the
+    largest transport buffer one found."""
+
+    fell_back: int = 0
+    biggest: int = 0
+
+
+def _watch_pushes(monkeypatch: pytest.MonkeyPatch) -> _Pushes:
+    """Watch every push, each subscriber's socket given a small kernel send buffer at its first
+    (the transport's own buffer then fills soon when its client stops reading)."""
+    pushes, shrunk, push = _Pushes(), set(), _http.SSEStream.push
+
+    def watched(self: _http.SSEStream, data: bytes) -> bool:
+        transport = self._transport
+        assert transport is not None
+        if id(transport) not in shrunk:
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            shrunk.add(id(transport))
+        pushes.biggest = max(pushes.biggest, transport.get_write_buffer_size())
+        ok = push(self, data)
+        pushes.fell_back += not ok
+        return ok
+
+    monkeypatch.setattr(_http.SSEStream, "push", watched)
+    return pushes
+
+
 async def test_a_client_that_stops_reading_is_dropped_and_never_buffers_without_bound(
         gateway_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     """A subscriber whose socket stops taking bytes falls back from push to awaited writes
     (its transport buffer stays under twice the high-water mark), is dropped
     after the send timeout, and the others get every delta in order."""
-    biggest, fell_back, shrunk = [0], [0], set()
-    push = _http.SSEStream.push
-
-    def spy(self: _http.SSEStream, data: bytes) -> bool:
-        transport = self._transport
-        assert transport is not None
-        if id(transport) not in shrunk:  # small kernel buffers: the transport's own buffer fills soon
-            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            shrunk.add(id(transport))
-        before = transport.get_write_buffer_size()
-        ok = push(self, data)
-        biggest[0] = max(biggest[0], before)
-        fell_back[0] += not ok
-        return ok
-
-    monkeypatch.setattr(_http.SSEStream, "push", spy)
+    pushes = _watch_pushes(monkeypatch)
     scripted = ScriptedProvider()
     gw = await gateway_factory(providers=registry(scripted), send_timeout_s=0.5)
     tid = await gw.new_thread()
@@ -289,7 +304,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_never_buffers_without_
                      5, "the slow client to join")
         chunk, sent = "x" * 2000, 0
         reading = asyncio.create_task(collect(fast, timeout=30))  # the fast client reads all along
-        while not fell_back[0] and sent < 2000:
+        while not pushes.fell_back and sent < 2000:
             call.send(chunk)
             sent += 1
             await asyncio.sleep(0.001)
@@ -300,11 +315,11 @@ async def test_a_client_that_stops_reading_is_dropped_and_never_buffers_without_
         call.finish()
         events = await within(reading, 30, "the fast client's stream")
         writer.close()
-    assert 0 < sent < 2000 and fell_back[0] >= 1
+    assert 0 < sent < 2000 and pushes.fell_back >= 1
     assert text_of(events) == chunk * sent + "end"
     assert [e.id for e in events if e.event == "delta"] == list(range(1, sent + 2))
     assert events[-1].event == "done"
-    assert biggest[0] <= 2 * _http.HIGH_WATER_BYTES
+    assert pushes.biggest <= 2 * _http.HIGH_WATER_BYTES
     assert len(scripted.calls) == 1 and call.yielded == sent + 1
 
 
@@ -317,18 +332,7 @@ async def test_a_stream_url_subscriber_that_stops_reading_is_dropped_released_an
     still reads nothing (a graceful close would wait for a peer that never drains, and hold
     the connection, its buffer and its place under the cap for good)."""
     caplog.set_level(logging.WARNING)
-    push = _http.SSEStream.push
-    fell_back = [0]
-
-    def spy(self: _http.SSEStream, data: bytes) -> bool:
-        transport = self._transport
-        assert transport is not None
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        ok = push(self, data)
-        fell_back[0] += not ok
-        return ok
-
-    monkeypatch.setattr(_http.SSEStream, "push", spy)
+    pushes = _watch_pushes(monkeypatch)
     scripted = ScriptedProvider()
     gw = await gateway_factory(providers=registry(scripted), send_timeout_s=0.5)
     tid = await gw.new_thread()
@@ -343,7 +347,7 @@ async def test_a_stream_url_subscriber_that_stops_reading_is_dropped_released_an
     await within(_until(lambda: (listeners("dac_active_listeners") or 0) >= 1), 5, "the subscriber to join")
     assert guard.open == before + 1
     sent = 0
-    while not fell_back[0] and sent < 2000:
+    while not pushes.fell_back and sent < 2000:
         call.send("x" * 2000)
         sent += 1
         await asyncio.sleep(0.001)
