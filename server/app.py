@@ -22,12 +22,13 @@ from pathlib import Path
 from aiohttp import web
 
 from . import serving
-from .appkeys import AUTH, LIMITS, METRICS, PACER, PROVIDERS, REGISTRY, SETTINGS, STORE, TURNS
+from .appkeys import AUTH, HEAP_TRIM, LIMITS, METRICS, PACER, PROVIDERS, REGISTRY, SETTINGS, STORE, TURNS
 from .auth import Auth, load_secret
 from .config import Settings
 from .flight import Clock
 from .hub import Hub
 from .limits import OrgLimits
+from .memory import HeapTrim
 from .metrics import Metrics
 from .pacer import Pacer, Slots
 from .providers import ProviderRegistry, build_registry
@@ -110,9 +111,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[TURNS] = TurnService(settings=settings, registry=hub, store=store, metrics=app[METRICS],
                              clock=app[CLOCK])
     probing = asyncio.ensure_future(app[PROVIDERS].probe_local())
+    metrics = app[METRICS]
+    trim = app[HEAP_TRIM] = HeapTrim(every_s=settings.trim_idle_s, activity=lambda: hub.registered,
+                                     held=lambda: hub.held, running=lambda: metrics.flights_running)
+    trim.start()
     try:
         yield
     finally:
+        trim.stop()
         probing.cancel()
         await hub.shutdown()
         await hub.close()

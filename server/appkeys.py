@@ -11,6 +11,7 @@ from aiohttp import web
 from .auth import Auth
 from .config import Settings
 from .limits import OrgLimits
+from .memory import HeapTrim
 from .metrics import Metrics
 from .pacer import Slots
 from .providers import ProviderRegistry
@@ -18,7 +19,7 @@ from .registry import FlightRegistry
 from .store import Store
 from .turns import TurnService
 
-__all__ = ["AUTH", "CLOSE_AFTER", "LIMITS", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE",
+__all__ = ["AUTH", "CLOSE_AFTER", "HEAP_TRIM", "LIMITS", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE",
            "TURNS"]
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -30,6 +31,7 @@ REGISTRY = web.AppKey("registry", FlightRegistry)
 TURNS = web.AppKey("turns", TurnService)
 AUTH = web.AppKey("auth", Auth)
 LIMITS = web.AppKey("limits", OrgLimits)
+HEAP_TRIM = web.AppKey("heap_trim", HeapTrim)
 
 #: set on a request whose connection must close after its answer (its body was broken)
 CLOSE_AFTER = web.RequestKey("close_after", bool)

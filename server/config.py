@@ -155,6 +155,8 @@ class Settings:
     cache_max_entries: int = 1024
     #: ... and at most this many bytes of answer text
     cache_max_bytes: int = 64 * 1024 * 1024
+    #: every this many seconds, a quiet server hands the C heap's free memory back (0: never)
+    trim_idle_s: float = 0.5
     #: a flight nobody listens to (mode 3, before its EventSource opens) is cancelled after this
     attach_timeout_s: float = 10.0
     #: after the last listener leaves, wait this long for a new one before aborting upstream
@@ -235,6 +237,7 @@ class Settings:
             cache_max_entries=int(_number(env, "DAC_CACHE_MAX_ENTRIES", d.cache_max_entries)),
             cache_max_bytes=int(_number(env, "DAC_CACHE_MAX_BYTES", d.cache_max_bytes)),
             attach_timeout_s=_number(env, "DAC_ATTACH_TIMEOUT_S", d.attach_timeout_s),
+            trim_idle_s=_number(env, "DAC_TRIM_IDLE_S", d.trim_idle_s),
             cancel_grace_s=_number(env, "DAC_CANCEL_GRACE_MS", d.cancel_grace_s * 1000) / 1000,
             ring_size=int(_number(env, "DAC_RING_SIZE", d.ring_size, minimum=1)),
             ping_interval_s=_number(env, "DAC_PING_INTERVAL_S", d.ping_interval_s, minimum=0.01),

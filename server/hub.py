@@ -49,8 +49,15 @@ class Hub:
         self._cache_bytes = 0
         self._expiry: dict[Flight, asyncio.TimerHandle] = {}
         self._live: dict[asyncio.Task[None], Flight] = {}  # leader tasks not yet finished
+        #: flights registered since the start (started here, or mirrored from another instance)
+        self.registered = 0
         self._closing = False
         metrics.watch_cache(entries=lambda: len(self._cache), size_bytes=lambda: self._cache_bytes)
+
+    @property
+    def held(self) -> int:
+        """Flights this process holds: running, or kept for their TTL."""
+        return len(self._streams)
 
     @property
     def closing(self) -> bool:
@@ -113,6 +120,7 @@ class Hub:
 
     def _register(self, flight: Flight, task: asyncio.Task[None] | None) -> None:
         """Map ``flight`` by key and stream id; ``task`` (what drives it) is awaited at shutdown."""
+        self.registered += 1
         if flight.key is not None:
             self._flights[flight.key] = flight
         self._streams[flight.stream_id] = flight

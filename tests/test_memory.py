@@ -1,5 +1,5 @@
 """Bounded memory, measured on a real server process: RSS from /proc while the result
-cache is full of long answers.
+cache is full of long answers; and the C heap handed back once the server is quiet.
 
 The suite's short form: a 6 MiB cache and 20 answers of 70,000 tokens (more than the cache
 holds, so it lets answers go). The long form is ``MEMORY_CACHE_MIB=8 MEMORY_ANSWERS=40 MEMORY_TOKENS=100000``.
@@ -7,13 +7,22 @@ holds, so it lets answers go). The long form is ``MEMORY_CACHE_MIB=8 MEMORY_ANSW
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from .helpers import within
+from server.appkeys import HEAP_TRIM
+from server.memory import HeapTrim, malloc_trim
+
+from .conftest import GatewayFactory
+from .helpers import ScriptedProvider, registry, within
 from .test_main import new_thread, start_server
 
 CACHE_MAX_BYTES = int(os.environ.get("MEMORY_CACHE_MIB", "6")) * 1024 * 1024
@@ -67,3 +76,112 @@ async def test_long_answers_beyond_the_cache_limit_keep_rss_growth_under_3x_that
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# -- the heap handed back when quiet (server/memory.py) --------------------------------------
+
+
+class Counts:
+    """What a :class:`HeapTrim` looks at, set by the test; its trims counted."""
+
+    def __init__(self) -> None:
+        self.started = self.held = self.running = 0
+        self.trimmed = 0
+
+    def trim(self, pad: int) -> int:
+        assert pad == 0  # keep nothing beyond what is in use
+        self.trimmed += 1
+        return 1
+
+    def watcher(self) -> HeapTrim:
+        return HeapTrim(every_s=60, activity=lambda: self.started, held=lambda: self.held,
+                        running=lambda: self.running, trim=self.trim)
+
+
+async def test_a_quiet_tick_after_work_trims_once_and_a_busy_one_never() -> None:
+    counts = Counts()
+    heap = counts.watcher()
+    heap._tick()
+    assert counts.trimmed == 1  # what the start-up freed
+    heap._tick()
+    assert counts.trimmed == 1  # nothing happened since
+
+    counts.started, counts.held, counts.running = 3, 3, 1
+    heap._tick()
+    counts.started = 5  # more came meanwhile
+    heap._tick()
+    counts.started, counts.running = 6, 0  # the last one started, and all ended, in this tick
+    heap._tick()
+    assert counts.trimmed == 1  # never while flights start or run
+
+    heap._tick()
+    assert counts.trimmed == 2  # the first tick with nothing new
+    heap._tick()
+    assert counts.trimmed == 2
+
+    counts.held = 1  # two answers left the result cache
+    heap._tick()
+    assert counts.trimmed == 3
+    heap._tick()
+    assert counts.trimmed == 3
+
+
+async def test_a_flight_still_running_keeps_the_heap_as_it_is() -> None:
+    counts = Counts()
+    heap = counts.watcher()
+    counts.started = counts.held = counts.running = 1
+    for _ in range(5):
+        heap._tick()
+    assert counts.trimmed == 0
+    counts.running = 0
+    heap._tick()
+    assert counts.trimmed == 1
+
+
+def test_malloc_trim_hands_freed_heap_memory_back_to_the_system() -> None:
+    """What the trim relies on: glibc keeps freed blocks resident until malloc_trim."""
+    if malloc_trim is None:
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+    script = (
+        "import ctypes, sys\n"
+        "from server.memory import malloc_trim\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "def rss():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1])\n"
+        "blocks = [libc.malloc(32 * 1024) for _ in range(3000)]\n"  # below the mmap threshold: on the heap
+        "for b in blocks: ctypes.memset(b, 1, 32 * 1024)\n"
+        "for b in blocks[:-1]: libc.free(b)\n"  # the last one holds the heap's top: no automatic trim
+        "before = rss()\n"
+        "malloc_trim(0)\n"
+        "print(before, rss())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    before, after = (int(v) for v in out.stdout.split())
+    assert before - after > 60 * 1024, out.stdout  # of the ~94 MiB freed, most went back (KiB)
+
+
+async def test_a_quiet_gateway_trims_its_heap_after_its_flights_end(gateway_factory: GatewayFactory) -> None:
+    if malloc_trim is None:
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+    provider = ScriptedProvider()
+    gw = await gateway_factory(providers=registry(provider), trim_idle_s=0.02)
+    heap = gw.app[HEAP_TRIM]
+    await within(_until(lambda: heap.trims >= 1), 5, "the trim after the start-up")
+    thread = await gw.new_thread()
+    pending = asyncio.ensure_future(gw.post(thread, {"content": "hold it", "provider": "scripted"}))
+    call = await within(provider.next_call(), 5, "the upstream call")
+    before = heap.trims
+    await asyncio.sleep(0.2)  # ten ticks with the flight running
+    assert heap.trims == before
+    call.send("done")
+    call.finish()
+    status, _ = await within(pending, 5, "the answer")
+    assert status == 200
+    await within(_until(lambda: heap.trims > before), 5, "a trim once the flight ended")
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    while not done():
+        await asyncio.sleep(0.01)
