@@ -302,9 +302,11 @@ def test_bench_fanout_checks_every_token_of_every_subscriber(tmp_path: Path) -> 
         assert row["load_processes"] == 2
         assert row["lag_measured_from"] == "schedule"
         assert row["attached_before_first_token"] is True  # the upstream held the answer until then
+        share = row["server_kernel_share"]  # None when the run took less than a clock tick
+        assert share is None or 0.0 <= share <= 1.0
     assert {c["key"] for c in section["checks"]} == {
         "fanout_40_complete", "fanout_40_lag_p99_ms", "fanout_40_cpu_per_event_us", "fanout_40_rss_per_subscriber_kib"}
-    assert "| Subscribers" in out.stdout
+    assert "| Subscribers" in out.stdout and "of which in the kernel" in out.stdout
 
 
 # -- tools/fake_openai.py ---------------------------------------------------------------

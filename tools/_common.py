@@ -47,6 +47,7 @@ __all__ = [
     "percentile",
     "pin",
     "proc_cpu_seconds",
+    "proc_cpu_split",
     "proc_rss_bytes",
     "progress",
     "prometheus_samples",
@@ -102,10 +103,17 @@ def proc_cpu_seconds(pid: int) -> float:
     try:
         return time.clock_gettime(((~pid) << 3) | _CPUCLOCK_SCHED)
     except OSError:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-        # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
-        fields = raw[raw.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
+        return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` so far (``/proc/PID/stat``, in clock
+    ticks, usually 10 ms). System time includes what the kernel did inside its system calls,
+    such as delivering its loopback writes to the receiving socket."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
 
 
 def cores_busy_seconds(cores: set[int]) -> float:

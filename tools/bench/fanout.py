@@ -35,6 +35,7 @@ from tools._common import (
     http_open,
     markdown_table,
     percentile,
+    proc_cpu_split,
     progress,
     raise_open_files,
 )
@@ -72,8 +73,10 @@ FANOUT_NOTE = (
     "arrival at a subscriber minus the time the upstream's schedule had it due (CLOCK_MONOTONIC, shared); "
     "spread: minus its earliest arrival at any subscriber. CPU per event: the gateway process's CPU clock from "
     "the moment all subscribers were attached to the end, over deltas and done events delivered. Server core "
-    "busy: that CPU over that time, and every process's on the core (/proc/stat); the kernel's loopback "
-    "delivery of the gateway's writes runs as softirq on the gateway's core and shows only in the second. "
+    "busy: that CPU over that time, and every process's on the core (/proc/stat). Of which in the kernel: the "
+    "gateway's system time over its user and system time (/proc/PID/stat). On loopback a write's delivery to "
+    "the subscriber's socket (its TCP receive, the subscriber's wake-up) runs inside the gateway's write call, "
+    "where a network would do it on the subscriber's machine: it counts as the gateway's system time. "
     "RSS per subscriber: (server RSS with everyone attached, or its peak while streaming) minus idle, over N; "
     "a fresh server per run. Load core busy: the load processes' CPU while the flight streamed, over its "
     "duration. "
@@ -188,6 +191,10 @@ class Measured:
     cpu_end: float
     #: CPU seconds every process used on the server's cores between the same two moments, and the time between
     cores_cpu: float | None
+    #: the server's system CPU seconds between those moments, and its user and system CPU together
+    #: (``/proc/PID/stat``, in clock ticks)
+    sys_cpu: float
+    ticked_cpu: float
     delivery_s: float
     posted: float
     attached_at: float
@@ -232,10 +239,12 @@ def fanout_level(subscribers: int, *, tokens: int, workers: int, fake: ServerPro
             load.send(_job(server, accepted["stream_url"], tokens, len(load.procs)))
             attached_at = max(load.wait_for("attached").values())
             cpu_attached, cores_attached, since = server.cpu_seconds(), _cores_cpu(server), time.monotonic()
+            split_attached = proc_cpu_split(server.pid)
             rss_attached = load.rss_peak = server.rss_bytes()
             _fake(fake, "POST", "/release", {})
             load.wait_for("ended")
             cpu_end, cores_end, until = server.cpu_seconds(), _cores_cpu(server), time.monotonic()
+            split_end = proc_cpu_split(server.pid)
             results = load.wait_for("result")
     call = next((c for c in reversed(_fake(fake, "GET", "/stats?last=5")["recent"]) if c["prompt"] == FANOUT_PROMPT), {})
     return _figures(Measured(
@@ -243,7 +252,8 @@ def fanout_level(subscribers: int, *, tokens: int, workers: int, fake: ServerPro
         rss_idle=rss_idle, rss_attached=rss_attached, rss_peak=load.rss_peak, cpu_start=cpu_start,
         cpu_attached=cpu_attached, cpu_end=cpu_end, posted=posted, attached_at=attached_at,
         cores_cpu=None if cores_attached is None or cores_end is None else cores_end - cores_attached,
-        delivery_s=until - since,
+        delivery_s=until - since, sys_cpu=split_end[1] - split_attached[1],
+        ticked_cpu=sum(split_end) - sum(split_attached),
         first_due=call.get("first_due"), itl_s=FANOUT_ITL_MS / 1000, server_pinned=server.pinned))
 
 
@@ -283,6 +293,9 @@ def _figures(m: Measured) -> dict[str, Any]:
         "events_delivered": delivered,
         "server_cpu_delivery_s": round(delivery_cpu, 4),
         "server_cpu_per_event_us": round(delivery_cpu / delivered * 1e6, 2) if delivered else None,
+        #: the share of that CPU the kernel spent in the server's system calls (its writes, with the
+        #: loopback delivery to the subscriber's socket inside them)
+        "server_kernel_share": round(m.sys_cpu / m.ticked_cpu, 3) if m.ticked_cpu > 0 else None,
         "server_cpu_attach_per_subscriber_us": round((m.cpu_attached - m.cpu_start) / subscribers * 1e6, 1),
         "lag_measured_from": "schedule" if m.first_due is not None else "earliest arrival",
         "lag_p50_ms": _ms(percentile(lags, 50)), "lag_p99_ms": _ms(percentile(lags, 99)),
@@ -354,10 +367,11 @@ def run_fanout(levels: Sequence[int], *, tokens: int, workers: int | None, serve
                        server_cores=server_cores, load_cores=load_cores, repeats=repeats) for subscribers in levels]
     table = markdown_table(
         ["Subscribers", "Load processes", "Received every token", "Events delivered", "Server CPU per event",
-         "Lag p50", "Lag p99", "Lag max", "Spread p99", "Server RSS per subscriber", "Attach time",
+         "... of which in the kernel", "Lag p50", "Lag p99", "Lag max", "Spread p99", "Server RSS per subscriber", "Attach time",
          "Server core busy: gateway / all", "Load core busy"],
         [(r["subscribers"], r["load_processes"], f"{r['subscribers'] - r['failed_subscribers']}/{r['subscribers']}",
-          r["events_delivered"], f"{r['server_cpu_per_event_us']} µs", f"{r['lag_p50_ms']} ms",
+          r["events_delivered"], f"{r['server_cpu_per_event_us']} µs", _share(r["server_kernel_share"]),
+          f"{r['lag_p50_ms']} ms",
           f"{r['lag_p99_ms']} ms", f"{r['lag_max_ms']} ms", f"{r['spread_p99_ms']} ms",
           f"{r['rss_per_subscriber_bytes'] / 1024:.1f} KiB", f"{r['attach_s'] * 1000:.0f} ms",
           f"{_share(r['server_busy'])} / {_share(r['server_core_busy_all'])}", _share(r["load_busy"]))
