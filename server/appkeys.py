@@ -19,8 +19,8 @@ from .registry import FlightRegistry
 from .store import Store
 from .turns import TurnService
 
-__all__ = ["AUTH", "CLOSE_AFTER", "HEAP_TRIM", "LIMITS", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS", "STORE",
-           "TURNS"]
+__all__ = ["AUTH", "CLOSE_AFTER", "HEAP_TRIM", "LIMITS", "METRICS", "PACER", "PROVIDERS", "REGISTRY", "SETTINGS",
+           "STORE", "TURNS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)

@@ -5,8 +5,9 @@ memory of a burst of requests (aiohttp's buffers, SQLite's pages in the store's
 threads) stays resident after they are gone, where nothing will reuse it until
 the next burst. :class:`HeapTrim` calls ``malloc_trim(0)`` on a quiet tick: one
 on which no flight runs and none has started since the tick before, after the
-start-up, after some came and went, or after finished answers left the result cache. Under steady
-load it never runs; a trim takes about a millisecond.
+start-up, after some flights came and went, or after finished answers left the
+result cache. Under steady load it never runs. A trim walks the heap: about a
+millisecond for this server's heap after a burst, in the loop's thread.
 
 On a C library without ``malloc_trim`` (musl, macOS) it does nothing.
 """
