@@ -111,9 +111,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[TURNS] = TurnService(settings=settings, registry=hub, store=store, metrics=app[METRICS],
                              clock=app[CLOCK])
     probing = asyncio.ensure_future(app[PROVIDERS].probe_local())
-    metrics = app[METRICS]
-    trim = app[HEAP_TRIM] = HeapTrim(every_s=settings.trim_idle_s, activity=lambda: hub.registered,
-                                     held=lambda: hub.held, running=lambda: metrics.flights_running)
+    trim = app[HEAP_TRIM] = HeapTrim(every_s=settings.trim_idle_s, registered=lambda: hub.registered,
+                                     running=lambda: hub.running, held=lambda: hub.held)
     trim.start()
     try:
         yield
@@ -127,6 +126,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _on_shutdown(app: web.Application) -> None:
+    if HEAP_TRIM in app:
+        app[HEAP_TRIM].stop()  # what the ending flights free goes with the process
     if REGISTRY in app:
         await app[REGISTRY].shutdown()
 

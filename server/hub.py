@@ -60,6 +60,11 @@ class Hub:
         return len(self._streams)
 
     @property
+    def running(self) -> int:
+        """Flights whose task runs here: leaders, and readers of another instance's flights."""
+        return len(self._live)
+
+    @property
     def closing(self) -> bool:
         return self._closing
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,57 +86,79 @@ class Counts:
     """What a :class:`HeapTrim` looks at, set by the test; its trims counted."""
 
     def __init__(self) -> None:
-        self.started = self.held = self.running = 0
+        self.registered = self.running = self.held = 0
         self.trimmed = 0
+        #: set to hold a trim in its thread until the test lets it go
+        self.hold: threading.Event | None = None
 
     def trim(self, pad: int) -> int:
         assert pad == 0  # keep nothing beyond what is in use
+        if self.hold is not None:
+            assert self.hold.wait(10)
         self.trimmed += 1
         return 1
 
     def watcher(self) -> HeapTrim:
-        return HeapTrim(every_s=60, activity=lambda: self.started, held=lambda: self.held,
-                        running=lambda: self.running, trim=self.trim)
+        return HeapTrim(every_s=3600, registered=lambda: self.registered, running=lambda: self.running,
+                        held=lambda: self.held, trim=self.trim)
+
+
+async def trimmed(heap: HeapTrim) -> bool:
+    """One tick; True if it trimmed (the trim awaited)."""
+    trimming = heap.check()
+    if trimming is None:
+        return False
+    await within(trimming, 10, "the trim")
+    return True
 
 
 async def test_a_quiet_tick_after_work_trims_once_and_a_busy_one_never() -> None:
     counts = Counts()
     heap = counts.watcher()
-    heap._tick()
-    assert counts.trimmed == 1  # what the start-up freed
-    heap._tick()
-    assert counts.trimmed == 1  # nothing happened since
+    assert await trimmed(heap)  # what the start-up freed
+    assert not await trimmed(heap)  # nothing happened since
 
-    counts.started, counts.held, counts.running = 3, 3, 1
-    heap._tick()
-    counts.started = 5  # more came meanwhile
-    heap._tick()
-    counts.started, counts.running = 6, 0  # the last one started, and all ended, in this tick
-    heap._tick()
-    assert counts.trimmed == 1  # never while flights start or run
+    counts.registered, counts.held, counts.running = 3, 3, 1
+    assert not await trimmed(heap)
+    counts.registered = 5  # more came meanwhile
+    assert not await trimmed(heap)
+    counts.registered, counts.running = 6, 0  # the last one came, and all ended, in this tick
+    assert not await trimmed(heap)  # never while flights come or run
 
-    heap._tick()
-    assert counts.trimmed == 2  # the first tick with nothing new
-    heap._tick()
-    assert counts.trimmed == 2
+    assert await trimmed(heap)  # the first tick with nothing new
+    assert not await trimmed(heap)
 
     counts.held = 1  # two answers left the result cache
-    heap._tick()
-    assert counts.trimmed == 3
-    heap._tick()
-    assert counts.trimmed == 3
+    assert await trimmed(heap)
+    assert not await trimmed(heap)
+    assert counts.trimmed == heap.trims == 3
 
 
 async def test_a_flight_still_running_keeps_the_heap_as_it_is() -> None:
     counts = Counts()
     heap = counts.watcher()
-    counts.started = counts.held = counts.running = 1
+    counts.registered = counts.held = counts.running = 1
     for _ in range(5):
-        heap._tick()
-    assert counts.trimmed == 0
+        assert not await trimmed(heap)
     counts.running = 0
-    heap._tick()
+    assert await trimmed(heap)
     assert counts.trimmed == 1
+
+
+async def test_a_trim_under_way_is_not_doubled_and_the_next_quiet_tick_trims_what_came_meanwhile() -> None:
+    counts = Counts()
+    heap = counts.watcher()
+    counts.hold = threading.Event()
+    first = heap.check()
+    assert first is not None
+    await asyncio.sleep(0.05)
+    assert not first.done()  # the loop goes on while the heap is trimmed
+    counts.held = 4  # answers left the cache meanwhile
+    assert heap.check() is None  # one at a time
+    counts.hold.set()
+    await within(first, 10, "the first trim")
+    assert await trimmed(heap)  # what left during the first is trimmed now
+    assert counts.trimmed == 2
 
 
 def test_malloc_trim_hands_freed_heap_memory_back_to_the_system() -> None:
@@ -162,24 +185,57 @@ def test_malloc_trim_hands_freed_heap_memory_back_to_the_system() -> None:
     assert before - after > 60 * 1024, out.stdout  # of the ~94 MiB freed, most went back (KiB)
 
 
-async def test_a_quiet_gateway_trims_its_heap_after_its_flights_end(gateway_factory: GatewayFactory) -> None:
+async def test_a_gateway_trims_when_its_flights_have_ended_and_when_answers_leave_its_cache(
+        gateway_factory: GatewayFactory) -> None:
     if malloc_trim is None:
         pytest.skip("this C library has no malloc_trim (not glibc)")
     provider = ScriptedProvider()
-    gw = await gateway_factory(providers=registry(provider), trim_idle_s=0.02)
+    # ticks by hand: the timer's first one is an hour away
+    gw = await gateway_factory(providers=registry(provider), trim_idle_s=3600, result_ttl_s=0.3)
     heap = gw.app[HEAP_TRIM]
-    await within(_until(lambda: heap.trims >= 1), 5, "the trim after the start-up")
+    assert await trimmed(heap)  # the start-up
+    assert not await trimmed(heap)
+
     thread = await gw.new_thread()
     pending = asyncio.ensure_future(gw.post(thread, {"content": "hold it", "provider": "scripted"}))
     call = await within(provider.next_call(), 5, "the upstream call")
-    before = heap.trims
-    await asyncio.sleep(0.2)  # ten ticks with the flight running
-    assert heap.trims == before
+    assert not await trimmed(heap)  # a flight came
+    assert not await trimmed(heap)  # and runs
     call.send("done")
     call.finish()
     status, _ = await within(pending, 5, "the answer")
     assert status == 200
-    await within(_until(lambda: heap.trims > before), 5, "a trim once the flight ended")
+    assert await trimmed(heap)  # ended: the first quiet tick
+    assert not await trimmed(heap)
+
+    # a flight that comes and goes between two ticks: the next tick sees it came, the one after trims
+    other = await gw.new_thread()
+    pending = asyncio.ensure_future(gw.post(other, {"content": "quick", "provider": "scripted"}))
+    call = await within(provider.next_call(), 5, "the second call")
+    call.send("fast")
+    call.finish()
+    assert (await within(pending, 5, "the second answer"))[0] == 200
+    assert not await trimmed(heap)
+    assert await trimmed(heap)
+
+    kept = gw.hub.held
+    assert kept == 2  # both answers, for the result TTL
+    await within(_until(lambda: gw.hub.held < kept), 5, "the answers to leave the cache")
+    assert await trimmed(heap)
+    assert heap.trims == 4
+
+
+async def test_a_closed_gateway_trims_no_more(gateway_factory: GatewayFactory) -> None:
+    if malloc_trim is None:
+        pytest.skip("this C library has no malloc_trim (not glibc)")
+    gw = await gateway_factory(trim_idle_s=0.01)
+    heap = gw.app[HEAP_TRIM]
+    await within(_until(lambda: heap.trims >= 1), 5, "the trim after the start-up")
+    await gw.close()
+    trims = heap.trims
+    heap._dirty = True  # were it still ticking, the next tick would trim
+    await asyncio.sleep(0.1)
+    assert heap.trims == trims
 
 
 async def _until(done: Callable[[], bool]) -> None:

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from server import redis_pacer
-from server.appkeys import PACER
+from server.appkeys import HEAP_TRIM, PACER
 from server.config import Settings
 from server.errors import UpstreamError
 from server.metrics import Metrics
@@ -524,3 +524,32 @@ async def test_an_answer_that_could_not_be_saved_is_not_replayed_by_another_inst
         async with await within(asking, what="the answer") as resp:
             statuses.append((resp.status, (await resp.json()).get("error", {}).get("type")))
     assert statuses == [(503, "store_error"), (200, None)] and len(provider.calls) == 2
+
+
+async def test_a_mirror_streaming_here_keeps_the_heap_as_it_is_until_it_ends(pair: Pair) -> None:
+    """A flight led elsewhere runs here as its reader: no trim while it streams, one once it ended."""
+    provider = ScriptedProvider()
+    a, b = await pair(provider, trim_idle_s=3600)  # ticks by hand
+    heap = b.app[HEAP_TRIM]
+    started = heap.check()  # the start-up
+    assert started is not None
+    await within(started, 10, "the start-up trim")
+    tid = await a.new_thread()
+    body = {"content": "mirrored", "provider": "scripted"}
+    async with a.open_stream(tid, body) as on_a:
+        call = await provider.next_call()
+        call.send("first ")
+        async with b.open_stream(tid, body) as on_b:
+            await within(on_b.content.readuntil(b"first"), what="B to mirror the first delta")
+            assert b.hub.running == 1  # the mirror's reader
+            assert heap.check() is None  # it came
+            assert heap.check() is None  # it streams
+            call.send("second")
+            call.finish()
+            events = await collect(on_b)
+            assert events[-1].event == "done" and events[-1].json()["message"]["content"] == "first second"
+        await collect(on_a)
+    await wait_until(lambda: b.hub.running == 0, "the mirror's reader to end")
+    ended = heap.check()
+    assert ended is not None
+    await within(ended, 10, "the trim once the mirror ended")

@@ -108,8 +108,9 @@ def proc_cpu_seconds(pid: int) -> float:
 
 def proc_cpu_split(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of process ``pid`` so far (``/proc/PID/stat``, in clock
-    ticks, usually 10 ms). System time includes what the kernel did inside its system calls,
-    such as delivering its loopback writes to the receiving socket."""
+    ticks, usually 10 ms). System time includes what the kernel did inside its system calls;
+    on a kernel without ``CONFIG_IRQ_TIME_ACCOUNTING``, also the softirq work they ran, such as
+    delivering its loopback writes to the receiving socket."""
     raw = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
     fields = raw[raw.rindex(")") + 2:].split()
