@@ -184,6 +184,7 @@ class Lease:
                         return
                     continue
                 # the live edge: subscribe in the same step as the read, so nothing slips between
+                del chunks  # empty: not held while the log pushes
                 self._out = out
                 ended = await log_.subscribe(out, cursor)
                 self._out = None
@@ -316,13 +317,14 @@ class _Attaching:
         if lease is not None and (exc is not None or not self._handed_over):
             lease.release(exc)
 
-    def hand_over(self) -> Callable[[BaseException | None], None]:
+    def hand_over(self) -> Lease:
         """Let the block end without releasing the lease (unless it ends by an exception):
-        the caller calls what this returns (:meth:`Lease.release`) once its stream has
-        ended, with how it ended. Nothing of this object is held meanwhile."""
+        the caller calls :meth:`Lease.release` on what this returns once its stream has
+        ended, with how it ended. Nothing of this object is held meanwhile (nor a bound
+        method: the lease itself is handed over)."""
         assert self._lease is not None
         self._handed_over = True
-        return self._lease.release
+        return self._lease
 
 
 #: Idempotency-Keys remembered at most (the oldest forgotten first)

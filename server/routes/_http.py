@@ -25,7 +25,7 @@ import logging
 import re
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -78,6 +78,12 @@ PING = b": ping\n\n"
 _TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Released(Protocol):
+    """Told how a handed-over stream ended (a listener's lease, :meth:`SSEStream.then`)."""
+
+    def release(self, exc: BaseException | None) -> None: ...
 #: the app's keys (``request.app``, or ``request.config_dict``): a handler that reads several passes it on
 Config = Mapping[Any, Any]
 
@@ -354,7 +360,7 @@ class SSEStream:
     awaited one: it carries the status line and headers.
     """
 
-    __slots__ = ("_chunked", "_done", "_rest", "_timeout", "_transport", "_writer", "response")
+    __slots__ = ("_chunked", "_ending", "_rest", "_timeout", "_transport", "_writer", "response")
 
     #: the last payload framed, and its framing: a flush pushes one payload to every sink
     _memo: tuple[bytes, bytes] = (b"", b"")
@@ -365,9 +371,9 @@ class SSEStream:
         self._transport = request.transport
         self._chunked = request.version >= HttpVersion11
         self._timeout = request.config_dict[SETTINGS].send_timeout_s
-        #: what :meth:`then` handed to the response: the rest of the stream, and its end
+        #: what :meth:`then` handed to the response: the rest of the stream, and who is told its end
         self._rest: Coroutine[Any, Any, None] | None = None
-        self._done: Callable[[BaseException | None], None] | None = None
+        self._ending: Released | None = None
 
     async def write(self, data: bytes) -> None:
         """Write in slices of at most ``HIGH_WATER_BYTES``, each time waiting while the
@@ -398,15 +404,15 @@ class SSEStream:
         transport.write(data)
         return True
 
-    def then(self, rest: Coroutine[Any, Any, None], done: Callable[[BaseException | None], None]) -> web.StreamResponse:
+    def then(self, rest: Coroutine[Any, Any, None], ending: Released) -> web.StreamResponse:
         """The response, for its handler to return at once, with the rest of the stream
         handed to it: aiohttp awaits ``rest`` where it ends the response, after the handler
         and its middlewares have returned, so none of their coroutines stays in memory
-        while the stream lasts; then ``done`` is called with how ``rest`` ended (None:
-        it returned). Call it as the handler returns: nothing may fail between."""
+        while the stream lasts; then ``ending.release`` is called with how ``rest`` ended
+        (None: it returned). Call it as the handler returns: nothing may fail between."""
         response = self.response
         assert isinstance(response, _EventStreamResponse)
-        self._rest, self._done = rest, done
+        self._rest, self._ending = rest, ending
         response.stream = self
         return response
 
@@ -422,20 +428,20 @@ class _EventStreamResponse(web.StreamResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         if (stream := self.stream) is not None:  # run here, not in a coroutine of its own: one frame less
-            rest, done = stream._rest, stream._done
-            stream._rest = stream._done = self.stream = None
+            rest, ending = stream._rest, stream._ending
+            stream._rest = stream._ending = self.stream = None
             del stream
-            assert rest is not None and done is not None
+            assert rest is not None and ending is not None
             try:
                 await rest
             except BaseException as exc:
-                done(exc)
+                ending.release(exc)
                 if isinstance(exc, TimeoutError):
                     # a client that took nothing for the send timeout was dropped (its connection
                     # is closed): for aiohttp a client that left, as from a handler
                     raise ConnectionResetError("the client took nothing for the send timeout") from exc
                 raise
-            done(None)
+            ending.release(None)
         await super().write_eof(data)
 
 
