@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -28,7 +30,7 @@ from server.store import draft_turn
 
 from .engines import PostgresServer
 from .fake_upstream import wait_until
-from .helpers import Gateway, ScriptedProvider, collect, registry, start_gateway, text_of, within
+from .helpers import Gateway, ScriptedCall, ScriptedProvider, collect, registry, start_gateway, text_of, within
 from .redis_engine import RedisServer
 
 Pair = Callable[..., Awaitable[tuple[Gateway, Gateway]]]
@@ -87,24 +89,33 @@ async def test_identical_requests_on_two_instances_make_one_call(pair: Pair) -> 
     assert len(provider.calls) == 1
 
 
-async def test_the_upstream_closes_only_when_the_last_instance_lets_go(pair: Pair) -> None:
-    provider = ScriptedProvider()
-    a, b = await pair(provider)
+@asynccontextmanager
+async def mirrored(a: Gateway, b: Gateway, provider: ScriptedProvider,
+                   content: str) -> AsyncIterator[tuple[ScriptedCall, aiohttp.ClientResponse, aiohttp.ClientResponse]]:
+    """A client of A streams a flight A leads, its first delta sent; a client of B streams the
+    same flight (B's mirror of it) and has read that delta. Both clients leave at the end."""
     tid = await a.new_thread()
-    body = {"content": "long one", "provider": "scripted"}
+    body = {"content": content, "provider": "scripted"}
     async with a.open_stream(tid, body) as on_a:
         call = await provider.next_call()
         call.send("first ")
         async with b.open_stream(tid, body) as on_b:
             await within(on_b.content.readuntil(b"first"), what="B to see the first delta")
-            on_a.close()  # A's only client leaves
-            flight = await a.hub.stream(call_stream(a))
-            await wait_until(lambda: flight.listeners == 0, "A's listener to leave")
-            await asyncio.sleep(a.settings.cancel_grace_s * 3)
-            call.send("second ")
-            await within(on_b.content.readuntil(b"second"), what="B to go on after A left")
-            assert not call.closed.is_set()
-        # B's client leaves too: now the upstream closes
+            yield call, on_a, on_b
+
+
+async def test_the_upstream_closes_only_when_the_last_instance_lets_go(pair: Pair) -> None:
+    provider = ScriptedProvider()
+    a, b = await pair(provider)
+    async with mirrored(a, b, provider, "long one") as (call, on_a, on_b):
+        on_a.close()  # A's only client leaves
+        flight = await a.hub.stream(call_stream(a))
+        await wait_until(lambda: flight.listeners == 0, "A's listener to leave")
+        await asyncio.sleep(a.settings.cancel_grace_s * 3)
+        call.send("second ")
+        await within(on_b.content.readuntil(b"second"), what="B to go on after A left")
+        assert not call.closed.is_set()
+    # B's client leaves too: now the upstream closes
     left = time.perf_counter()
     await within(call.closed.wait(), 2, "the upstream to close")
     assert call.closed_at is not None and call.closed_at - left < 0.3
@@ -534,20 +545,14 @@ async def test_a_mirror_streaming_here_keeps_the_heap_as_it_is_until_it_ends(pai
     started = heap.check()  # the start-up
     assert started is not None
     await within(started, 10, "the start-up trim")
-    tid = await a.new_thread()
-    body = {"content": "mirrored", "provider": "scripted"}
-    async with a.open_stream(tid, body) as on_a:
-        call = await provider.next_call()
-        call.send("first ")
-        async with b.open_stream(tid, body) as on_b:
-            await within(on_b.content.readuntil(b"first"), what="B to mirror the first delta")
-            assert b.hub.running == 1  # the mirror's reader
-            assert heap.check() is None  # it came
-            assert heap.check() is None  # it streams
-            call.send("second")
-            call.finish()
-            events = await collect(on_b)
-            assert events[-1].event == "done" and events[-1].json()["message"]["content"] == "first second"
+    async with mirrored(a, b, provider, "mirrored") as (call, on_a, on_b):
+        assert b.hub.running == 1  # the mirror's reader
+        assert heap.check() is None  # it came
+        assert heap.check() is None  # it streams
+        call.send("second")
+        call.finish()
+        events = await collect(on_b)
+        assert events[-1].event == "done" and events[-1].json()["message"]["content"] == "first second"
         await collect(on_a)
     await wait_until(lambda: b.hub.running == 0, "the mirror's reader to end")
     ended = heap.check()
