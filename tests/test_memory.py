@@ -81,6 +81,8 @@ async def test_long_answers_beyond_the_cache_limit_keep_rss_growth_under_3x_that
 
 # -- the heap handed back when quiet (server/memory.py) --------------------------------------
 
+needs_malloc_trim = pytest.mark.skipif(malloc_trim is None, reason="this C library has no malloc_trim (not glibc)")
+
 
 class Counts:
     """What a :class:`HeapTrim` looks at, set by the test; its trims counted."""
@@ -161,10 +163,9 @@ async def test_a_trim_under_way_is_not_doubled_and_the_next_quiet_tick_trims_wha
     assert counts.trimmed == 2
 
 
+@needs_malloc_trim
 def test_malloc_trim_hands_freed_heap_memory_back_to_the_system() -> None:
     """What the trim relies on: glibc keeps freed blocks resident until malloc_trim."""
-    if malloc_trim is None:
-        pytest.skip("this C library has no malloc_trim (not glibc)")
     script = (
         "import ctypes, sys\n"
         "from server.memory import malloc_trim\n"
@@ -185,10 +186,9 @@ def test_malloc_trim_hands_freed_heap_memory_back_to_the_system() -> None:
     assert before - after > 60 * 1024, out.stdout  # of the ~94 MiB freed, most went back (KiB)
 
 
+@needs_malloc_trim
 async def test_a_gateway_trims_when_its_flights_have_ended_and_when_answers_leave_its_cache(
         gateway_factory: GatewayFactory) -> None:
-    if malloc_trim is None:
-        pytest.skip("this C library has no malloc_trim (not glibc)")
     provider = ScriptedProvider()
     # ticks by hand: the timer's first one is an hour away
     gw = await gateway_factory(providers=registry(provider), trim_idle_s=3600, result_ttl_s=0.3)
@@ -225,9 +225,8 @@ async def test_a_gateway_trims_when_its_flights_have_ended_and_when_answers_leav
     assert heap.trims == 4
 
 
+@needs_malloc_trim
 async def test_a_closed_gateway_trims_no_more(gateway_factory: GatewayFactory) -> None:
-    if malloc_trim is None:
-        pytest.skip("this C library has no malloc_trim (not glibc)")
     gw = await gateway_factory(trim_idle_s=0.01)
     heap = gw.app[HEAP_TRIM]
     await within(_until(lambda: heap.trims >= 1), 5, "the trim after the start-up")

@@ -84,6 +84,8 @@ class Released(Protocol):
     """Told how a handed-over stream ended (a listener's lease, :meth:`SSEStream.then`)."""
 
     def release(self, exc: BaseException | None) -> None: ...
+
+
 #: the app's keys (``request.app``, or ``request.config_dict``): a handler that reads several passes it on
 Config = Mapping[Any, Any]
 

@@ -368,12 +368,11 @@ def run_fanout(levels: Sequence[int], *, tokens: int, workers: int | None, serve
                        server_cores=server_cores, load_cores=load_cores, repeats=repeats) for subscribers in levels]
     table = markdown_table(
         ["Subscribers", "Load processes", "Received every token", "Events delivered", "Server CPU per event",
-         "... of which in the kernel", "Lag p50", "Lag p99", "Lag max", "Spread p99", "Server RSS per subscriber", "Attach time",
-         "Server core busy: gateway / all", "Load core busy"],
+         "... of which in the kernel", "Lag p50", "Lag p99", "Lag max", "Spread p99", "Server RSS per subscriber",
+         "Attach time", "Server core busy: gateway / all", "Load core busy"],
         [(r["subscribers"], r["load_processes"], f"{r['subscribers'] - r['failed_subscribers']}/{r['subscribers']}",
           r["events_delivered"], f"{r['server_cpu_per_event_us']} µs", _share(r["server_kernel_share"]),
-          f"{r['lag_p50_ms']} ms",
-          f"{r['lag_p99_ms']} ms", f"{r['lag_max_ms']} ms", f"{r['spread_p99_ms']} ms",
+          f"{r['lag_p50_ms']} ms", f"{r['lag_p99_ms']} ms", f"{r['lag_max_ms']} ms", f"{r['spread_p99_ms']} ms",
           f"{r['rss_per_subscriber_bytes'] / 1024:.1f} KiB", f"{r['attach_s'] * 1000:.0f} ms",
           f"{_share(r['server_busy'])} / {_share(r['server_core_busy_all'])}", _share(r["load_busy"]))
          for r in rows],
