@@ -25,7 +25,10 @@ order, renews the others, hands every free slot to the next waiter in turn
 (whichever instance it is on), and answers which of this instance's waiters
 now hold one. It calls again every ``POLL_S`` while any waits, at once when a
 newcomer arrives. A waiter handed a slot holds it from that moment (its lapse
-runs), and learns of it at its instance's next call.
+runs), and learns of it at its instance's next call. A waiter that leaves (its
+client went away, or its queue timeout passed) is left out of the polls to come,
+and lets the poll on its way land before it leaves the queue: a poll that reached
+Redis after it would queue it again.
 
 Taking ahead: the flight registry asks for a slot in the same round trip as the
 leadership of a new flight (:meth:`RedisPacer.ahead`, then :meth:`RedisPacer.taken`),
@@ -165,7 +168,7 @@ class _Lane:
     """One provider as this instance sees it: its waiters here and the poller that speaks for them."""
 
     __slots__ = ("limit", "keys", "queues", "running", "waiting", "mean_hold_s", "waiters", "fresh", "poller",
-                 "wake", "granted", "kept")
+                 "wake", "granted", "kept", "leaving", "polling")
 
     def __init__(self, limit: int, keys: list[str], queues: str) -> None:
         self.limit = limit
@@ -183,6 +186,10 @@ class _Lane:
         self.granted: list[tuple[str, float]] = []
         #: waiters that left the queue at their timeout holding a slot: their calls run with it
         self.kept: set[str] = set()
+        #: waiters leaving the queue: no poll speaks for them any more
+        self.leaving: set[str] = set()
+        #: the poll on its way to Redis, done once its answer is taken in
+        self.polling: asyncio.Future[None] | None = None
 
 
 class RedisPacer:
@@ -282,7 +289,7 @@ class RedisPacer:
             async with asyncio.timeout(self.queue_timeout_s):
                 await asyncio.shield(granted)
         except TimeoutError:
-            if not granted.done() and not await self._give_up(lane, member, org):
+            if not await self._give_up(lane, member, org, granted):
                 rounds = math.ceil(lane.waiting / lane.limit)
                 hold = lane.mean_hold_s if lane.mean_hold_s is not None else self.queue_timeout_s
                 raise QueueFull(
@@ -297,7 +304,7 @@ class RedisPacer:
             held = granted.done() and granted.exception() is None
             if not held:
                 try:
-                    held = await asyncio.shield(self._give_up(lane, member, org))
+                    held = await asyncio.shield(self._give_up(lane, member, org, granted))
                 except RegistryUnavailable:
                     held = False
             if held:  # the slot came as the waiter left: give it back
@@ -306,12 +313,26 @@ class RedisPacer:
         finally:
             lane.waiting -= 1
             lane.waiters.pop(member, None)
+            lane.leaving.discard(member)
             if member in lane.fresh:
                 lane.fresh.remove(member)
         return member
 
-    async def _give_up(self, lane: _Lane, member: str, org: str) -> bool:
+    async def _give_up(self, lane: _Lane, member: str, org: str, granted: asyncio.Future[None]) -> bool:
         """Leave the queue; True when the waiter was handed a slot meanwhile (it holds it)."""
+        lane.leaving.add(member)  # no poll after this one renews it (a renewal would queue it anew)
+        polling = lane.polling
+        if polling is not None:
+            # A poll on its way speaks for this waiter. Were the leaving to reach Redis first, that
+            # poll would find it gone from its queue and queue it again: a waiter nobody waits for,
+            # handed the next free slot and holding it for a lease. Let the poll land first.
+            try:
+                async with asyncio.timeout(self.lease_ms / 1000):
+                    await asyncio.shield(polling)
+            except TimeoutError:
+                pass
+        if granted.done():
+            return not granted.cancelled() and granted.exception() is None
         if member in lane.fresh:  # never enqueued: nothing to take back
             return False
         try:
@@ -335,35 +356,22 @@ class RedisPacer:
 
     async def _poll(self, lane: _Lane) -> None:
         """Speak for this instance's waiters until none is left (see the module)."""
+        loop = asyncio.get_running_loop()
         try:
-            while any(not f.done() for _, f in lane.waiters.values()):
+            while any(not f.done() and m not in lane.leaving for m, (_, f) in lane.waiters.items()):
                 lane.wake.clear()
                 fresh, lane.fresh = lane.fresh, []
                 args: list[Any] = []
                 for member, (org, granted) in lane.waiters.items():
-                    if not granted.done():
+                    if not granted.done() and member not in lane.leaving:
                         args += (member, org, "1" if member in fresh else "0")
+                polling = lane.polling = loop.create_future()
                 try:
-                    got = await self._queue(keys=lane.keys, args=[lane.queues, lane.limit, self.lease_ms, *args])
-                except RedisError as exc:
-                    lane.fresh = fresh + lane.fresh  # not enqueued: they never were
-                    error = RegistryUnavailable(
-                        f"the provider slots (Redis) do not answer ({exc.__class__.__name__})")
-                    for _, granted in lane.waiters.values():
-                        if not granted.done():
-                            granted.set_exception(error)
-                    return
-                for member in map(_decode, got):
-                    found = lane.waiters.get(member)
-                    if found is None:
-                        if member in lane.kept:
-                            continue  # it left at its timeout holding this slot, and runs with it
-                        # It left while this call was on its way, and Redis heard of it first: its
-                        # leaving found nothing to take back, then this call queued it anew and
-                        # handed it a slot. Nobody holds that slot: give it back now, not after a lease.
-                        await self._release(lane, member)
-                    elif not found[1].done():
-                        found[1].set_result(None)
+                    if not await self._round(lane, fresh, args):
+                        return
+                finally:
+                    lane.polling = None
+                    polling.set_result(None)
                 if lane.wake.is_set():
                     continue
                 try:
@@ -373,6 +381,31 @@ class RedisPacer:
                     pass
         finally:
             lane.poller = None
+
+    async def _round(self, lane: _Lane, fresh: list[str], args: list[Any]) -> bool:
+        """One poll: the script call, and its answer taken in. False when Redis did not answer (every
+        waiter here is told so)."""
+        try:
+            got = await self._queue(keys=lane.keys, args=[lane.queues, lane.limit, self.lease_ms, *args])
+        except RedisError as exc:
+            lane.fresh = fresh + lane.fresh  # not enqueued: they never were
+            error = RegistryUnavailable(f"the provider slots (Redis) do not answer ({exc.__class__.__name__})")
+            for _, granted in lane.waiters.values():
+                if not granted.done():
+                    granted.set_exception(error)
+            return False
+        for member in map(_decode, got):
+            found = lane.waiters.get(member)
+            if found is None:
+                if member in lane.kept:
+                    continue  # it left at its timeout holding this slot, and runs with it
+                # It left while this call was on its way, and Redis heard of it first: its
+                # leaving found nothing to take back, then this call queued it anew and
+                # handed it a slot. Nobody holds that slot: give it back now, not after a lease.
+                await self._release(lane, member)
+            elif not found[1].done():
+                found[1].set_result(None)
+        return True
 
     async def _keep_alive(self, key: str, member: str) -> None:
         while True:

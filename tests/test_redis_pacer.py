@@ -201,40 +201,88 @@ async def test_a_waiter_behind_a_call_longer_than_the_queue_keys_live_is_still_s
             await pacer.redis.aclose()
 
 
-async def test_a_waiter_that_left_while_its_poll_was_on_its_way_leaves_no_slot_held(
-        pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
-    """The waiter is cancelled while its instance's poll is on its way to Redis; its leaving
-    reaches Redis first (on another connection), then the poll queues it and hands it the slot
-    just freed. That slot must go back at once, not stay with a ghost for a whole lease."""
-    one, _ = pacers()
+class HeldBackPolls:
+    """The pacer's polls wait at the door to Redis until ``go`` is set."""
+
+    def __init__(self, pacer: RedisPacer) -> None:
+        self.pacer, self.real = pacer, pacer._queue
+        self.entered, self.go = asyncio.Event(), asyncio.Event()
+        pacer._queue = self  # type: ignore[assignment]
+
+    async def __call__(self, **kwargs: object) -> object:
+        self.entered.set()
+        await self.go.wait()
+        return await self.real(**kwargs)
+
+    def restore(self) -> None:
+        self.pacer._queue = self.real
+
+
+@pytest.mark.parametrize("leaves", ["cancelled", "timed out"])
+async def test_a_waiter_that_leaves_while_its_poll_is_on_its_way_is_not_queued_again_by_it(
+        leaves: str, pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    """The poll that queues the waiter is on its way when the waiter leaves. Had the leaving
+    reached Redis first, the poll would queue it afterwards: a waiter nobody waits for, handed
+    the next free slot and holding it for a whole lease."""
+    one, two = pacers(queue_timeout_s=0.3 if leaves == "timed out" else 10.0)
     client, prefix = redis
     calls = Calls()
-    calls.start(one, "held", "x")
+    calls.start(two, "held", "x")
     await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
-    real_queue = one._queue
-    entered, go = asyncio.Event(), asyncio.Event()
-
-    async def held_back_queue(**kwargs: object) -> object:
-        entered.set()
-        await go.wait()
-        return await real_queue(**kwargs)
-
-    one._queue = held_back_queue  # type: ignore[assignment]
-    calls.start(one, "ghost", "y")
-    await within(entered.wait(), 5, "the waiter's poll to leave for Redis")
-    calls.tasks[1].cancel()
-    with pytest.raises(asyncio.CancelledError):
+    polls = HeldBackPolls(one)
+    calls.start(one, "leaves", "y")
+    await within(polls.entered.wait(), 5, "the waiter's poll to leave for Redis")
+    lane = one._lanes["prov"]
+    if leaves == "cancelled":
+        calls.tasks[1].cancel()  # its client went away
+    await wait_until(lambda: bool(lane.leaving), "the waiter to begin leaving")
+    polls.go.set()
+    with pytest.raises(asyncio.CancelledError if leaves == "cancelled" else QueueFull):
         await within(calls.tasks[1], 5, "the waiter to leave")
+    polls.restore()
+    assert await client.zcard(f"{prefix}{{slots:prov}}:waiting") == 0
+    assert await client.exists(f"{prefix}{{slots:prov}}:q:y", f"{prefix}{{slots:prov}}:orgs") == 0
+    # the slot the held call gives back goes to the next caller, not to the waiter that left
     calls.finish("held")
     await within(calls.tasks[0], 5, "the held call to end")
-    assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
-    go.set()  # the poll reaches Redis now: the free slot is handed to the member that left
-    lane = one._lanes["prov"]
-    await wait_until(lambda: lane.poller is None, "the poll to finish")
-    assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
-    one._queue = real_queue  # type: ignore[assignment]
-    async with asyncio.timeout(5), one.slot("prov", 1, org="z"):  # the next call takes it at once
+    async with asyncio.timeout(5), one.slot("prov", 1, org="z"):
         assert await client.zcard(f"{prefix}{{slots:prov}}") == 1
+    assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
+
+
+async def test_a_waiter_whose_poll_outlasts_a_lease_and_is_handed_a_slot_after_it_left_gives_it_back(
+        redis_server: RedisServer, redis: tuple[aioredis.Redis, str]) -> None:
+    """A leaving waiter waits a lease at most for its poll on its way, then leaves. Should that
+    poll reach Redis afterwards, it queues the waiter anew and may hand it the slot just freed:
+    nobody holds that slot, so it goes back at once, not after a lease."""
+    client, prefix = redis
+    one = RedisPacer(aioredis.Redis.from_url(redis_server.url, protocol=2), prefix=prefix, lease_s=0.2,
+                     queue_timeout_s=10)
+    calls = Calls()
+    try:
+        calls.start(one, "held", "x")
+        await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
+        polls = HeldBackPolls(one)
+        calls.start(one, "ghost", "y")
+        await within(polls.entered.wait(), 5, "the waiter's poll to leave for Redis")
+        calls.tasks[1].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await within(calls.tasks[1], 5, "the waiter to leave after a lease")
+        calls.finish("held")
+        await within(calls.tasks[0], 5, "the held call to end")
+        assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
+        polls.go.set()  # the poll reaches Redis now: the free slot is handed to the member that left
+        lane = one._lanes["prov"]
+        await wait_until(lambda: lane.poller is None, "the poll to finish")
+        assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
+        polls.restore()
+        async with asyncio.timeout(5), one.slot("prov", 1, org="z"):  # the next call takes it at once
+            assert await client.zcard(f"{prefix}{{slots:prov}}") == 1
+    finally:
+        for task in calls.tasks:
+            task.cancel()
+        await asyncio.gather(*calls.tasks, return_exceptions=True)
+        await one.redis.aclose()
 
 
 async def test_a_slot_that_lapsed_while_its_call_ran_is_reported(
