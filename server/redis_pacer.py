@@ -13,6 +13,7 @@ they share one Redis Cluster slot and the scripts touch only that slot)::
     P{slots:NAME}:orgs     list        the orgs with waiters, in the order of their turns
     P{slots:NAME}:q:ORG    list        the org's waiters, in arrival order
     P{slots:NAME}:waiting  sorted set  every waiter, scored with when it lapses (ms)
+    P{slots:NAME}:left     sorted set  waiters that left the queue, scored with when that is forgotten (ms)
 
 The holder of a slot pushes its lapse forward every quarter lease, so a slot
 whose instance died frees itself after one lease; giving it back removes the
@@ -26,9 +27,9 @@ order, renews the others, hands every free slot to the next waiter in turn
 now hold one. It calls again every ``POLL_S`` while any waits, at once when a
 newcomer arrives. A waiter handed a slot holds it from that moment (its lapse
 runs), and learns of it at its instance's next call. A waiter that leaves (its
-client went away, or its queue timeout passed) is left out of the polls to come,
-and lets the poll on its way land before it leaves the queue: a poll that reached
-Redis after it would queue it again.
+client went away, or its queue timeout passed) is marked as left for four leases:
+its instance's poll may still be on its way (on another connection), and must
+not queue it again when it reaches Redis after the leaving.
 
 Taking ahead: the flight registry asks for a slot in the same round trip as the
 leadership of a new flight (:meth:`RedisPacer.ahead`, then :meth:`RedisPacer.taken`),
@@ -45,6 +46,7 @@ A wait past the queue timeout raises :class:`~server.errors.QueueFull` (503 with
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import secrets
@@ -67,17 +69,19 @@ log = logging.getLogger(__name__)
 #: how often an instance with waiters asks again for slots
 POLL_S = 0.02
 
-# KEYS: holders, orgs, waiting. ARGV: the org queues' key prefix, limit, lease ms, then per waiter of
-# the caller: member, org, 1 (new: enqueue it) | 0 (renew it). Returns the caller's members that hold a
-# slot now.
+# KEYS: holders, orgs, waiting, left. ARGV: the org queues' key prefix, limit, lease ms, then per
+# waiter of the caller: member, org, 1 (new: enqueue it) | 0 (renew it). Returns the caller's members
+# that hold a slot now.
 _QUEUE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit, lease = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 for i = 4, #ARGV, 3 do
   local m, org = ARGV[i], ARGV[i + 1]
-  if not redis.call('ZSCORE', KEYS[1], m) then
+  -- a waiter that left while this call was on its way is not queued again
+  if not redis.call('ZSCORE', KEYS[1], m) and not redis.call('ZSCORE', KEYS[4], m) then
     local q = ARGV[1] .. org
     -- a newcomer, or a waiter its queue lost (it lapsed, or Redis lost the key): in line again
     if ARGV[i + 2] == '1' or not redis.call('LPOS', q, m) then
@@ -116,9 +120,15 @@ end
 return got
 """
 
-# KEYS: holders, orgs, waiting. ARGV: the org queues' key prefix, member, org. The waiter leaves the
-# queue; 1 when it had been handed a slot meanwhile (it holds it), else 0.
+# KEYS: holders, orgs, waiting, left. ARGV: the org queues' key prefix, member, org, lease ms. The
+# waiter leaves the queue, marked as left for four leases; 1 when it had been handed a slot meanwhile
+# (it holds it), else 0.
 _LEAVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local forget = 4 * tonumber(ARGV[4])
+redis.call('ZADD', KEYS[4], now + forget, ARGV[2])
+redis.call('PEXPIRE', KEYS[4], forget)
 local q = ARGV[1] .. ARGV[3]
 redis.call('LREM', q, 0, ARGV[2])
 if redis.call('LLEN', q) == 0 then redis.call('LREM', KEYS[2], 0, ARGV[3]) end
@@ -151,6 +161,11 @@ return n
 """
 
 
+def _holds(granted: asyncio.Future[None]) -> bool:
+    """Whether a waiter was handed a slot (not told that Redis failed)."""
+    return granted.done() and granted.exception() is None
+
+
 def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -168,11 +183,11 @@ class _Lane:
     """One provider as this instance sees it: its waiters here and the poller that speaks for them."""
 
     __slots__ = ("limit", "keys", "queues", "running", "waiting", "mean_hold_s", "waiters", "fresh", "poller",
-                 "wake", "granted", "kept", "leaving", "polling")
+                 "wake", "granted", "kept", "leaving")
 
     def __init__(self, limit: int, keys: list[str], queues: str) -> None:
         self.limit = limit
-        self.keys = keys  # holders, orgs, waiting
+        self.keys = keys  # holders, orgs, waiting, left
         self.queues = queues  # the org queues' key prefix
         self.running = 0
         self.waiting = 0
@@ -186,10 +201,8 @@ class _Lane:
         self.granted: list[tuple[str, float]] = []
         #: waiters that left the queue at their timeout holding a slot: their calls run with it
         self.kept: set[str] = set()
-        #: waiters leaving the queue: no poll speaks for them any more
+        #: waiters leaving the queue: the polls to come no longer speak for them
         self.leaving: set[str] = set()
-        #: the poll on its way to Redis, done once its answer is taken in
-        self.polling: asyncio.Future[None] | None = None
 
 
 class RedisPacer:
@@ -212,7 +225,8 @@ class RedisPacer:
         lane = self._lanes.get(provider)
         if lane is None:
             key = self.key(provider)
-            lane = self._lanes[provider] = _Lane(max(1, limit), [key, f"{key}:orgs", f"{key}:waiting"], f"{key}:q:")
+            lane = self._lanes[provider] = _Lane(max(1, limit), [key, f"{key}:orgs", f"{key}:waiting", f"{key}:left"],
+                                                  f"{key}:q:")
         return lane
 
     @asynccontextmanager
@@ -289,7 +303,8 @@ class RedisPacer:
             async with asyncio.timeout(self.queue_timeout_s):
                 await asyncio.shield(granted)
         except TimeoutError:
-            if not await self._give_up(lane, member, org, granted):
+            lane.leaving.add(member)
+            if not _holds(granted) and not await self._leave_queue(lane, member, org):
                 rounds = math.ceil(lane.waiting / lane.limit)
                 hold = lane.mean_hold_s if lane.mean_hold_s is not None else self.queue_timeout_s
                 raise QueueFull(
@@ -301,10 +316,11 @@ class RedisPacer:
             # handed a slot in the same instant: keep it (a poll that answers late must not give it back)
             lane.kept.add(member)
         except BaseException:
-            held = granted.done() and granted.exception() is None
+            lane.leaving.add(member)
+            held = _holds(granted)
             if not held:
                 try:
-                    held = await asyncio.shield(self._give_up(lane, member, org, granted))
+                    held = await self._leave_queue(lane, member, org)
                 except RegistryUnavailable:
                     held = False
             if held:  # the slot came as the waiter left: give it back
@@ -318,25 +334,26 @@ class RedisPacer:
                 lane.fresh.remove(member)
         return member
 
-    async def _give_up(self, lane: _Lane, member: str, org: str, granted: asyncio.Future[None]) -> bool:
+    async def _leave_queue(self, lane: _Lane, member: str, org: str) -> bool:
+        """:meth:`_give_up`, carried to its end should the waiter be cancelled meanwhile (its client
+        went away): a slot the leaving then finds handed to it is given back."""
+        leaving = asyncio.ensure_future(self._give_up(lane, member, org))
+        try:
+            return await asyncio.shield(leaving)
+        except asyncio.CancelledError:
+            leaving.add_done_callback(functools.partial(self._left_unheard, lane, member))
+            raise
+
+    def _left_unheard(self, lane: _Lane, member: str, leaving: asyncio.Future[bool]) -> None:
+        if not leaving.cancelled() and leaving.exception() is None and leaving.result():
+            self._give_back(lane, member)
+
+    async def _give_up(self, lane: _Lane, member: str, org: str) -> bool:
         """Leave the queue; True when the waiter was handed a slot meanwhile (it holds it)."""
-        lane.leaving.add(member)  # no poll after this one renews it (a renewal would queue it anew)
-        polling = lane.polling
-        if polling is not None:
-            # A poll on its way speaks for this waiter. Were the leaving to reach Redis first, that
-            # poll would find it gone from its queue and queue it again: a waiter nobody waits for,
-            # handed the next free slot and holding it for a lease. Let the poll land first.
-            try:
-                async with asyncio.timeout(self.lease_ms / 1000):
-                    await asyncio.shield(polling)
-            except TimeoutError:
-                pass
-        if granted.done():
-            return not granted.cancelled() and granted.exception() is None
         if member in lane.fresh:  # never enqueued: nothing to take back
             return False
         try:
-            return bool(await self._leave(keys=lane.keys, args=[lane.queues, member, org]))
+            return bool(await self._leave(keys=lane.keys, args=[lane.queues, member, org, self.lease_ms]))
         except RedisError as exc:
             raise RegistryUnavailable(
                 f"the provider slots (Redis) do not answer ({exc.__class__.__name__})") from None
@@ -356,7 +373,6 @@ class RedisPacer:
 
     async def _poll(self, lane: _Lane) -> None:
         """Speak for this instance's waiters until none is left (see the module)."""
-        loop = asyncio.get_running_loop()
         try:
             while any(not f.done() and m not in lane.leaving for m, (_, f) in lane.waiters.items()):
                 lane.wake.clear()
@@ -365,13 +381,27 @@ class RedisPacer:
                 for member, (org, granted) in lane.waiters.items():
                     if not granted.done() and member not in lane.leaving:
                         args += (member, org, "1" if member in fresh else "0")
-                polling = lane.polling = loop.create_future()
                 try:
-                    if not await self._round(lane, fresh, args):
-                        return
-                finally:
-                    lane.polling = None
-                    polling.set_result(None)
+                    got = await self._queue(keys=lane.keys, args=[lane.queues, lane.limit, self.lease_ms, *args])
+                except RedisError as exc:
+                    lane.fresh = fresh + lane.fresh  # not enqueued: they never were
+                    error = RegistryUnavailable(
+                        f"the provider slots (Redis) do not answer ({exc.__class__.__name__})")
+                    for _, granted in lane.waiters.values():
+                        if not granted.done():
+                            granted.set_exception(error)
+                    return
+                for member in map(_decode, got):
+                    found = lane.waiters.get(member)
+                    if found is None:
+                        if member in lane.kept:
+                            continue  # it left at its timeout holding this slot, and runs with it
+                        # It left, and its leaving found it holding this slot and gave it back, or
+                        # could not tell (Redis did not answer): give it back now, not after a lease
+                        # (a second give-back removes nothing).
+                        await self._release(lane, member)
+                    elif not found[1].done():
+                        found[1].set_result(None)
                 if lane.wake.is_set():
                     continue
                 try:
@@ -381,31 +411,6 @@ class RedisPacer:
                     pass
         finally:
             lane.poller = None
-
-    async def _round(self, lane: _Lane, fresh: list[str], args: list[Any]) -> bool:
-        """One poll: the script call, and its answer taken in. False when Redis did not answer (every
-        waiter here is told so)."""
-        try:
-            got = await self._queue(keys=lane.keys, args=[lane.queues, lane.limit, self.lease_ms, *args])
-        except RedisError as exc:
-            lane.fresh = fresh + lane.fresh  # not enqueued: they never were
-            error = RegistryUnavailable(f"the provider slots (Redis) do not answer ({exc.__class__.__name__})")
-            for _, granted in lane.waiters.values():
-                if not granted.done():
-                    granted.set_exception(error)
-            return False
-        for member in map(_decode, got):
-            found = lane.waiters.get(member)
-            if found is None:
-                if member in lane.kept:
-                    continue  # it left at its timeout holding this slot, and runs with it
-                # It left while this call was on its way, and Redis heard of it first: its
-                # leaving found nothing to take back, then this call queued it anew and
-                # handed it a slot. Nobody holds that slot: give it back now, not after a lease.
-                await self._release(lane, member)
-            elif not found[1].done():
-                found[1].set_result(None)
-        return True
 
     async def _keep_alive(self, key: str, member: str) -> None:
         while True:

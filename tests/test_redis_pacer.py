@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server import redis_pacer
-from server.errors import QueueFull
+from server.errors import QueueFull, RegistryUnavailable
 from server.redis_pacer import RedisPacer
 
 from .fake_upstream import wait_until
@@ -29,14 +31,14 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[tuple[aioredis.Redis
 
 @pytest.fixture
 async def pacers(redis_server: RedisServer, redis: tuple[aioredis.Redis, str]) -> AsyncIterator[Pacers]:
-    """``pacers(queue_timeout_s=...)``: two instances' pacers on the test's prefix."""
+    """``pacers(queue_timeout_s=..., lease_s=...)``: two instances' pacers on the test's prefix."""
     clients: list[aioredis.Redis] = []
 
-    def make(queue_timeout_s: float = 10.0) -> tuple[RedisPacer, RedisPacer]:
+    def make(queue_timeout_s: float = 10.0, lease_s: float = 2.0) -> tuple[RedisPacer, RedisPacer]:
         made = []
         for _ in range(2):
             clients.append(aioredis.Redis.from_url(redis_server.url, protocol=2))
-            made.append(RedisPacer(clients[-1], prefix=redis[1], lease_s=2.0, queue_timeout_s=queue_timeout_s))
+            made.append(RedisPacer(clients[-1], prefix=redis[1], lease_s=lease_s, queue_timeout_s=queue_timeout_s))
         return made[0], made[1]
 
     yield make
@@ -201,47 +203,75 @@ async def test_a_waiter_behind_a_call_longer_than_the_queue_keys_live_is_still_s
             await pacer.redis.aclose()
 
 
-class HeldBackPolls:
-    """The pacer's polls wait at the door to Redis until ``go`` is set."""
+class HeldBack:
+    """One of a pacer's scripts (``_queue``, its polls, or ``_leave``) whose first call that
+    ``holds(args)`` waits at the door to Redis until ``go`` is set (or fails, given ``fail``)."""
 
-    def __init__(self, pacer: RedisPacer) -> None:
-        self.pacer, self.real = pacer, pacer._queue
-        self.entered, self.go = asyncio.Event(), asyncio.Event()
-        pacer._queue = self  # type: ignore[assignment]
+    def __init__(self, pacer: RedisPacer, script: str, holds: Callable[[list[Any]], bool],
+                 fail: Exception | None = None) -> None:
+        self.pacer, self.script, self.real = pacer, script, getattr(pacer, script)
+        self.holds, self.fail = holds, fail
+        self.entered, self.go, self.done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        setattr(pacer, script, self)
 
-    async def __call__(self, **kwargs: object) -> object:
+    async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
+        if self.entered.is_set() or not self.holds(args):
+            return await self.real(keys=keys, args=args)
         self.entered.set()
-        await self.go.wait()
-        return await self.real(**kwargs)
+        try:
+            await within(self.go.wait(), 10, f"the test to let the held {self.script} through")
+            if self.fail is not None:
+                raise self.fail
+            return await self.real(keys=keys, args=args)
+        finally:
+            self.done.set()
 
     def restore(self) -> None:
-        self.pacer._queue = self.real
+        setattr(self.pacer, self.script, self.real)
 
 
+def renewing(args: list[Any]) -> bool:
+    """A poll that renews a waiter already queued (its flags: 1 new, 0 renew)."""
+    return "0" in args[5::3]
+
+
+async def handed(redis: tuple[aioredis.Redis, str]) -> None:
+    """Wait until a slot is held (a waiter was handed one)."""
+    client, prefix = redis
+    while await client.zcard(f"{prefix}{{slots:prov}}") == 0:
+        await asyncio.sleep(0.005)
+
+
+async def queue_is_empty(redis: tuple[aioredis.Redis, str]) -> None:
+    client, prefix = redis
+    assert await client.zcard(f"{prefix}{{slots:prov}}:waiting") == 0
+    assert await client.exists(f"{prefix}{{slots:prov}}:orgs") == 0
+    assert not await client.keys(f"{prefix}{{slots:prov}}:q:*")
+
+
+@pytest.mark.parametrize("poll", ["queues it", "renews it"])
 @pytest.mark.parametrize("leaves", ["cancelled", "timed out"])
 async def test_a_waiter_that_leaves_while_its_poll_is_on_its_way_is_not_queued_again_by_it(
-        leaves: str, pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
-    """The poll that queues the waiter is on its way when the waiter leaves. Had the leaving
-    reached Redis first, the poll would queue it afterwards: a waiter nobody waits for, handed
-    the next free slot and holding it for a whole lease."""
-    one, two = pacers(queue_timeout_s=0.3 if leaves == "timed out" else 10.0)
+        leaves: str, poll: str, pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    """The waiter leaves while its instance's poll is on its way to Redis, and its leaving gets
+    there first (another connection). The poll must not queue it again: a waiter nobody waits
+    for would be handed the next free slot and hold it for a whole lease."""
+    one, two = pacers(queue_timeout_s=1.0 if leaves == "timed out" else 10.0)
     client, prefix = redis
     calls = Calls()
     calls.start(two, "held", "x")
     await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
-    polls = HeldBackPolls(one)
+    polls = HeldBack(one, "_queue", renewing if poll == "renews it" else lambda args: True)
     calls.start(one, "leaves", "y")
     await within(polls.entered.wait(), 5, "the waiter's poll to leave for Redis")
-    lane = one._lanes["prov"]
     if leaves == "cancelled":
         calls.tasks[1].cancel()  # its client went away
-    await wait_until(lambda: bool(lane.leaving), "the waiter to begin leaving")
-    polls.go.set()
     with pytest.raises(asyncio.CancelledError if leaves == "cancelled" else QueueFull):
         await within(calls.tasks[1], 5, "the waiter to leave")
+    polls.go.set()  # the poll reaches Redis now
+    await within(polls.done.wait(), 5, "the held poll to be answered")
     polls.restore()
-    assert await client.zcard(f"{prefix}{{slots:prov}}:waiting") == 0
-    assert await client.exists(f"{prefix}{{slots:prov}}:q:y", f"{prefix}{{slots:prov}}:orgs") == 0
+    await queue_is_empty(redis)
     # the slot the held call gives back goes to the next caller, not to the waiter that left
     calls.finish("held")
     await within(calls.tasks[0], 5, "the held call to end")
@@ -250,39 +280,61 @@ async def test_a_waiter_that_leaves_while_its_poll_is_on_its_way_is_not_queued_a
     assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
 
 
-async def test_a_waiter_whose_poll_outlasts_a_lease_and_is_handed_a_slot_after_it_left_gives_it_back(
-        redis_server: RedisServer, redis: tuple[aioredis.Redis, str]) -> None:
-    """A leaving waiter waits a lease at most for its poll on its way, then leaves. Should that
-    poll reach Redis afterwards, it queues the waiter anew and may hand it the slot just freed:
-    nobody holds that slot, so it goes back at once, not after a lease."""
+async def test_waiters_told_that_redis_failed_leave_the_queue(
+        pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    """A poll fails (a connection reset): the waiters it spoke for get a 503, and leave the shared
+    queue, where another instance would hand them the next free slot for a lease."""
+    one, two = pacers()
     client, prefix = redis
-    one = RedisPacer(aioredis.Redis.from_url(redis_server.url, protocol=2), prefix=prefix, lease_s=0.2,
-                     queue_timeout_s=10)
     calls = Calls()
-    try:
-        calls.start(one, "held", "x")
-        await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
-        polls = HeldBackPolls(one)
-        calls.start(one, "ghost", "y")
-        await within(polls.entered.wait(), 5, "the waiter's poll to leave for Redis")
-        calls.tasks[1].cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await within(calls.tasks[1], 5, "the waiter to leave after a lease")
-        calls.finish("held")
-        await within(calls.tasks[0], 5, "the held call to end")
-        assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
-        polls.go.set()  # the poll reaches Redis now: the free slot is handed to the member that left
-        lane = one._lanes["prov"]
-        await wait_until(lambda: lane.poller is None, "the poll to finish")
-        assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
-        polls.restore()
-        async with asyncio.timeout(5), one.slot("prov", 1, org="z"):  # the next call takes it at once
-            assert await client.zcard(f"{prefix}{{slots:prov}}") == 1
-    finally:
-        for task in calls.tasks:
-            task.cancel()
-        await asyncio.gather(*calls.tasks, return_exceptions=True)
-        await one.redis.aclose()
+    calls.start(two, "held", "x")
+    await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
+    polls = HeldBack(one, "_queue", renewing, fail=RedisConnectionError("reset"))
+    calls.start(one, "told", "y")
+    await within(polls.entered.wait(), 5, "the waiter's renewing poll to leave for Redis")
+    polls.go.set()
+    with pytest.raises(RegistryUnavailable):
+        await within(calls.tasks[1], 5, "the waiter to be told")
+    polls.restore()
+    await queue_is_empty(redis)
+    calls.finish("held")
+    await within(calls.tasks[0], 5, "the held call to end")
+    async with asyncio.timeout(5), two.slot("prov", 1, org="z"):
+        assert await client.zcard(f"{prefix}{{slots:prov}}") == 1
+
+
+async def test_a_waiter_cancelled_while_it_leaves_at_its_timeout_still_leaves_and_gives_back_its_slot(
+        pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    """The waiter's queue timeout passes, and its client goes away while its leaving is on its way,
+    by when another instance's poll has handed it the slot. The leaving still happens, and that
+    slot goes back at once: with a 30 s lease, the next waiter would otherwise wait 30 s."""
+    one, two = pacers(queue_timeout_s=0.5, lease_s=30.0)
+    two.queue_timeout_s = 30.0  # only the first waiter times out
+    client, prefix = redis
+    calls = Calls()
+    calls.start(two, "held", "x")
+    await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
+    leaving = HeldBack(one, "_leave", lambda args: True)
+    calls.start(one, "leaves", "y")
+    await queued(redis, 1)
+    calls.start(two, "next", "z")
+    await queued(redis, 2)
+    await within(leaving.entered.wait(), 5, "the waiter to time out and leave")
+    # the slot is freed; the poll of the next waiter's instance hands it to the first in line
+    calls.finish("held")
+    await within(calls.tasks[0], 5, "the held call to end")
+    await within(handed(redis), 5, "the freed slot to be handed to the first waiter in line")
+    assert "next" not in calls.order
+    calls.tasks[1].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await within(calls.tasks[1], 5, "the waiter to be cancelled")
+    leaving.go.set()
+    await wait_until(lambda: "next" in calls.order, "the next waiter to be handed the slot given back")
+    leaving.restore()
+    calls.finish("next")
+    await within(asyncio.gather(*calls.tasks[2:]), 5, "every call to end")
+    assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
+    await queue_is_empty(redis)
 
 
 async def test_a_slot_that_lapsed_while_its_call_ran_is_reported(
