@@ -304,7 +304,7 @@ class RedisPacer:
                 await asyncio.shield(granted)
         except TimeoutError:
             lane.leaving.add(member)
-            if not _holds(granted) and not await self._leave_queue(lane, member, org):
+            if not await self._left_holding(lane, member, org, granted):
                 rounds = math.ceil(lane.waiting / lane.limit)
                 hold = lane.mean_hold_s if lane.mean_hold_s is not None else self.queue_timeout_s
                 raise QueueFull(
@@ -317,12 +317,10 @@ class RedisPacer:
             lane.kept.add(member)
         except BaseException:
             lane.leaving.add(member)
-            held = _holds(granted)
-            if not held:
-                try:
-                    held = await self._leave_queue(lane, member, org)
-                except RegistryUnavailable:
-                    held = False
+            try:
+                held = await self._left_holding(lane, member, org, granted)
+            except RegistryUnavailable:
+                held = False
             if held:  # the slot came as the waiter left: give it back
                 await self._release(lane, member)
             raise
@@ -333,6 +331,17 @@ class RedisPacer:
             if member in lane.fresh:
                 lane.fresh.remove(member)
         return member
+
+    async def _left_holding(self, lane: _Lane, member: str, org: str, granted: asyncio.Future[None]) -> bool:
+        """Leave the queue; True when the waiter holds a slot (it was handed one before it left)."""
+        if _holds(granted):
+            return True
+        try:
+            return await self._leave_queue(lane, member, org)
+        except RegistryUnavailable:
+            if _holds(granted):  # the poll on its way answered meanwhile
+                return True
+            raise
 
     async def _leave_queue(self, lane: _Lane, member: str, org: str) -> bool:
         """:meth:`_give_up`, carried to its end should the waiter be cancelled meanwhile (its client
@@ -384,12 +393,12 @@ class RedisPacer:
                 try:
                     got = await self._queue(keys=lane.keys, args=[lane.queues, lane.limit, self.lease_ms, *args])
                 except RedisError as exc:
-                    lane.fresh = fresh + lane.fresh  # not enqueued: they never were
-                    error = RegistryUnavailable(
-                        f"the provider slots (Redis) do not answer ({exc.__class__.__name__})")
-                    for _, granted in lane.waiters.values():
-                        if not granted.done():
-                            granted.set_exception(error)
+                    # Whether Redis ran the call is unknown (its answer may be what was lost): every
+                    # waiter here is told, and leaves the queue it may have joined.
+                    for member, (_, granted) in lane.waiters.items():
+                        if not granted.done() and member not in lane.leaving:
+                            granted.set_exception(RegistryUnavailable(
+                                f"the provider slots (Redis) do not answer ({exc.__class__.__name__})"))
                     return
                 for member in map(_decode, got):
                     found = lane.waiters.get(member)

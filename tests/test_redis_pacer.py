@@ -205,12 +205,13 @@ async def test_a_waiter_behind_a_call_longer_than_the_queue_keys_live_is_still_s
 
 class HeldBack:
     """One of a pacer's scripts (``_queue``, its polls, or ``_leave``) whose first call that
-    ``holds(args)`` waits at the door to Redis until ``go`` is set (or fails, given ``fail``)."""
+    ``holds(args)`` waits at the door to Redis until ``go`` is set. Given ``fail``, it then fails
+    instead of reaching Redis, or once Redis ran it (its answer lost) when ``ran``."""
 
     def __init__(self, pacer: RedisPacer, script: str, holds: Callable[[list[Any]], bool],
-                 fail: Exception | None = None) -> None:
+                 fail: Exception | None = None, ran: bool = False) -> None:
         self.pacer, self.script, self.real = pacer, script, getattr(pacer, script)
-        self.holds, self.fail = holds, fail
+        self.holds, self.fail, self.ran = holds, fail, ran
         self.entered, self.go, self.done = asyncio.Event(), asyncio.Event(), asyncio.Event()
         setattr(pacer, script, self)
 
@@ -220,9 +221,11 @@ class HeldBack:
         self.entered.set()
         try:
             await within(self.go.wait(), 10, f"the test to let the held {self.script} through")
-            if self.fail is not None:
-                raise self.fail
-            return await self.real(keys=keys, args=args)
+            if self.fail is None:
+                return await self.real(keys=keys, args=args)
+            if self.ran:
+                await self.real(keys=keys, args=args)
+            raise self.fail
         finally:
             self.done.set()
 
@@ -280,18 +283,22 @@ async def test_a_waiter_that_leaves_while_its_poll_is_on_its_way_is_not_queued_a
     assert await client.zcard(f"{prefix}{{slots:prov}}") == 0
 
 
+@pytest.mark.parametrize("failed", ["renewing it, before Redis", "queueing it, after Redis ran it"])
 async def test_waiters_told_that_redis_failed_leave_the_queue(
-        pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
-    """A poll fails (a connection reset): the waiters it spoke for get a 503, and leave the shared
-    queue, where another instance would hand them the next free slot for a lease."""
+        failed: str, pacers: Pacers, redis: tuple[aioredis.Redis, str]) -> None:
+    """A poll fails (a connection reset), before it reached Redis or after Redis ran it and queued
+    the waiter: the waiters it spoke for get a 503, and leave the shared queue, where another
+    instance would hand them the next free slot for a lease."""
     one, two = pacers()
     client, prefix = redis
     calls = Calls()
     calls.start(two, "held", "x")
     await wait_until(lambda: calls.order == ["held"], "the first call to take the only slot")
-    polls = HeldBack(one, "_queue", renewing, fail=RedisConnectionError("reset"))
+    ran = failed.endswith("ran it")
+    polls = HeldBack(one, "_queue", (lambda args: True) if ran else renewing,
+                     fail=RedisConnectionError("reset"), ran=ran)
     calls.start(one, "told", "y")
-    await within(polls.entered.wait(), 5, "the waiter's renewing poll to leave for Redis")
+    await within(polls.entered.wait(), 5, "the waiter's poll to leave for Redis")
     polls.go.set()
     with pytest.raises(RegistryUnavailable):
         await within(calls.tasks[1], 5, "the waiter to be told")
