@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from server import redis_pacer
 from server.errors import QueueFull, RegistryUnavailable
 from server.redis_pacer import RedisPacer
+from tools import fuzz_pacer
 
 from .fake_upstream import wait_until
 from .helpers import within
@@ -398,3 +399,19 @@ async def test_a_waiter_that_timed_out_but_kept_its_slot_is_not_robbed_of_it_by_
     assert await client.zcard(f"{prefix}{{slots:prov}}") == 1  # "kept" still holds its slot
     calls.finish("kept")
     await within(asyncio.gather(*calls.tasks), 5, "every call to end")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["healthy Redis", "failing polls"])
+async def test_many_callers_on_two_instances_never_exceed_the_limit_and_leave_nothing_behind(
+        fail: bool, redis_server: RedisServer) -> None:
+    """The fuzz's SHORT FORM (``python -m tools.fuzz_pacer --seeds 20 --calls 600 [--fail]``): random
+    orgs, queue timeouts, cancels and slots taken ahead; every script call delayed at random around
+    Redis; with failing polls, some fail before Redis ran them and some after."""
+    report = await within(fuzz_pacer.run(7, calls=200, fail=fail, redis_url=redis_server.url,
+                                         prefix=redis_server.new_prefix()), 90, "the fuzz run")
+    assert report.broken == [], report.line()
+    outcomes = report.outcomes
+    assert outcomes["served"] > 0 and outcomes["queue_full"] > 0 and outcomes["cancelled"] > 0, outcomes
+    assert report.most_inside == fuzz_pacer.LIMIT  # the limit was reached, not just kept
+    if fail:
+        assert outcomes["polls_failed"] > 0 and outcomes["redis_failed"] > 0, outcomes
