@@ -181,9 +181,11 @@ async def test_a_slot_asked_for_ahead_never_overtakes_a_waiter_of_another_instan
 async def test_a_waiter_behind_a_call_longer_than_the_queue_keys_live_is_still_served(
         redis_server: RedisServer, redis: tuple[aioredis.Redis, str]) -> None:
     client, prefix = redis
-    # lease 0.2 s: a queue key nobody renewed would lapse after 4 leases, well within this call
-    pacers = [RedisPacer(aioredis.Redis.from_url(redis_server.url, protocol=2), prefix=prefix, lease_s=0.2,
-                         queue_timeout_s=10) for _ in range(2)]
+    # The waiter's instance has a 0.2 s lease: a queue key nobody renewed would lapse after 4 leases,
+    # well within the long call. The long call's has a 30 s one, so its slot cannot lapse meanwhile
+    # should its beats be late on a loaded machine.
+    pacers = [RedisPacer(aioredis.Redis.from_url(redis_server.url, protocol=2), prefix=prefix, lease_s=lease_s,
+                         queue_timeout_s=10) for lease_s in (30.0, 0.2)]
     calls = Calls()
     try:
         calls.start(pacers[0], "long", "x")
