@@ -303,7 +303,6 @@ class RedisPacer:
             async with asyncio.timeout(self.queue_timeout_s):
                 await asyncio.shield(granted)
         except TimeoutError:
-            lane.leaving.add(member)
             if not await self._left_holding(lane, member, org, granted):
                 rounds = math.ceil(lane.waiting / lane.limit)
                 hold = lane.mean_hold_s if lane.mean_hold_s is not None else self.queue_timeout_s
@@ -316,7 +315,6 @@ class RedisPacer:
             # handed a slot in the same instant: keep it (a poll that answers late must not give it back)
             lane.kept.add(member)
         except BaseException:
-            lane.leaving.add(member)
             try:
                 held = await self._left_holding(lane, member, org, granted)
             except RegistryUnavailable:
@@ -334,6 +332,7 @@ class RedisPacer:
 
     async def _left_holding(self, lane: _Lane, member: str, org: str, granted: asyncio.Future[None]) -> bool:
         """Leave the queue; True when the waiter holds a slot (it was handed one before it left)."""
+        lane.leaving.add(member)  # the polls to come no longer speak for it
         if _holds(granted):
             return True
         try:

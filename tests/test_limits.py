@@ -90,8 +90,8 @@ async def test_a_body_over_the_limit_is_413_naming_it(gateway_factory) -> None:
 
 
 async def test_a_victims_first_request_is_served_while_a_hog_has_100_queued(gateway_factory) -> None:
-    """Four slots; the hog org fills them and queues 100 more. The victim's request takes the
-    first slot that frees (round-robin), not a place behind the hog's backlog."""
+    """Four slots; the hog org fills them and queues 100 more. The victim's request takes a slot
+    at its org's turn (the first or second to free, round-robin), not a place behind the backlog."""
     provider = ScriptedProvider(max_concurrency=4)
     gw = await gateway_factory(providers=registry(provider), attach_timeout_s=60, queue_timeout_s=60,
                                org_max_flights=1000)

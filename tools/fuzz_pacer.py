@@ -174,9 +174,9 @@ async def run(seed: int, *, calls: int, fail: bool, redis_url: str, prefix: str 
         }
         for n, pacer in enumerate(pacers):
             for name, lane in pacer._lanes.items():
-                kept = {"running": lane.running, "waiting": lane.waiting, "waiters": len(lane.waiters),
-                        "kept": len(lane.kept), "leaving": len(lane.leaving), "fresh": len(lane.fresh)}
-                report.left_here += [f"instance {n}, {name}: {v} {k} left" for k, v in kept.items() if v]
+                state = {"running": lane.running, "waiting": lane.waiting, "waiters": len(lane.waiters),
+                         "kept": len(lane.kept), "leaving": len(lane.leaving), "fresh": len(lane.fresh)}
+                report.left_here += [f"instance {n}, {name}: {v} {k} left" for k, v in state.items() if v]
     finally:
         keys = await admin.keys(f"{prefix}*")
         if keys:
